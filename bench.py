@@ -40,12 +40,164 @@ def timed(fn, repeat=3, warmup=1):
 # ----- stage benches (each: def bench_<stage>(args) -> list of (stage, what, value, unit)) -----------------
 
 # ===== depth =====
+def bench_depth(args, size=(192, 640), batch=12, arch="resnet18", repeat=3):
+    """Training s/step (frames 0 -1 1, 4 scales, Adam) fp32 and AMP, networks alone, and predict images/s.
+
+    Random frames stand in for video: the step's cost does not depend on the pixel values. Monodepth2's own
+    step at these settings on the 2-core reference machine: 12.3 s (networks alone 6.6 s).
+    """
+    import depth
+    device = torch.device(args.device)
+    H, W = size
+    torch.manual_seed(0)
+    depth_net, pose_net = depth.DepthNet(arch).to(device).train(), depth.PoseNet(arch).to(device).train()
+    optimizer = torch.optim.Adam(list(depth_net.parameters()) + list(pose_net.parameters()), lr=1e-4)
+    frames = torch.rand(batch, 3, 3, H, W)
+    batch_dict = {"frames": frames, "aug": frames, "intrinsics": torch.tensor([[0.58, 1.92, 0.5, 0.5]] * batch)}
+    train_args = depth.get_args_parser().parse_args(["train", "--data", ".", "--work", "."])
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    rows = []
+    for amp in (None, depth.amp_dtype_for(device, False)):
+        scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+
+        def step():
+            depth.train_step(depth_net, pose_net, optimizer, scaler, batch_dict, train_args, amp)
+            sync()
+        label = "fp32" if amp is None else f"autocast {str(amp).replace('torch.', '')}"
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        rows.append(("depth", f"train step {H}x{W} b{batch} {arch} ({label})", timed(step, repeat), "s/step"))
+        if device.type == "cuda":
+            rows.append(("depth", f"train peak memory ({label})", torch.cuda.max_memory_allocated() / 2 ** 30, "GiB"))
+
+    def networks_only():
+        x = frames.to(device)
+        disps = depth_net(x[:, 0])
+        aa, tr = pose_net(torch.cat([x[:, 1], x[:, 0]]), torch.cat([x[:, 0], x[:, 2]]))
+        (sum(d.mean() for d in disps) + aa.mean() + tr.mean()).backward()
+        sync()
+    rows.append(("depth", f"networks fwd+bwd alone {H}x{W} b{batch} (fp32)", timed(networks_only, repeat), "s/step"))
+    depth_net.eval()
+    images = frames[:, 0].to(device)
+    for amp in (None, depth.amp_dtype_for(device, False)):
+        def forward():
+            with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                depth_net(images)
+            sync()
+        label = "fp32" if amp is None else f"autocast {str(amp).replace('torch.', '')}"
+        rows.append(("depth", f"predict {H}x{W} b{batch} ({label})", batch / timed(forward, repeat), "images/s"))
+    return rows
+
 
 # ===== group =====
+def bench_group(args):
+    """group.py for one 384 x 768 image with 10000 superpixels: reading the inputs (image, stereo disparity,
+    camera JSON) to the saved .npy, single process (SLIC, InfoMap and numpy run on one core here; run with
+    OMP_NUM_THREADS=1 to be sure). Median of 3 after a warm-up; phases from the same runs."""
+    import shutil
+    import tempfile
+
+    import group
+    import toycity
+    data = args.data
+    if not os.path.exists(os.path.join(data, ".complete")):
+        toycity.render_dataset(data, size=(384, 768), train_sequences=2, val_sequences=1, frames=3, seed=0)
+    work = tempfile.mkdtemp(prefix="bench_group_")
+    rows = []
+    try:
+        for what, extra in [("", []), (", SLIC 5 iterations (ablation)", ["--slic-iterations", "5"]),
+                            (", InfoMap preferred modules 10 (released)", ["--preferred-modules", "10"])]:
+            a = group.get_args_parser().parse_args(["--work", work, "--data", data, "--split", "val", "--stereo",
+                                                    "--size", "384", "768", "--overwrite", *extra])
+            os.makedirs(os.path.join(work, "regions"), exist_ok=True)
+            item = group.list_items(a)[0]
+            phases = []
+
+            def once():
+                phases.append(group.process_one(item, a)[2])
+            seconds = timed(once, repeat=3)
+            rows.append(("group", f"one 384x768 image, 10000 superpixels, read -> .npy{what}", seconds, "s"))
+            if not extra:
+                for phase in ("io", "slic", "graph", "infomap", "merging"):
+                    value = sorted(p.get(phase, 0.0) for p in phases[1:])[1]
+                    rows.append(("group", f"  phase {phase} (median)", value, "s"))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return rows
+
 
 # ===== copypaste =====
 
 # ===== swav_dense =====
+def bench_swav_dense(args, size=(128, 256), mix=8, arch="resnet50", num_prototypes=1000, pixel_samples=4000,
+                     region_samples=7200, repeat=3):
+    """Training s/step of swav_dense.py at the reference setting (one sample of 2M = 16 canvases at 128 x 256,
+    ResNet-50, K 1000, 4000 pixel and 7200 region samples per canvas, fp32), the network's forward + backward
+    alone (trivial loss, same SGD step) and their difference (sampling, Sinkhorn, loss and their backward).
+
+    The sample is built by copypaste.build_sample from the toy city's annotated frames (ground-truth disparity,
+    instance ids as regions), then augmented per canvas. The authors' released step at this setting on the
+    2-core reference machine: 12.1 s, network alone 2.8 s, everything else 9.3 s.
+    """
+    import copypaste
+    import depth
+    import numpy as np
+    import swav_dense
+    import toycity
+    from PIL import Image
+    data = args.data
+    if not os.path.exists(os.path.join(data, ".complete")):
+        toycity.render_dataset(data, size=(384, 768), train_sequences=2, val_sequences=1, frames=3, seed=0)
+    paths = depth.list_split_images(data, "train") + depth.list_split_images(data, "val")
+    images, disps, regions = [], [], []
+    for j in range(mix):
+        path = paths[j % len(paths)]
+        stem, split = depth.image_stem(path), "train" if f"{os.sep}train{os.sep}" in path else "val"
+        images.append(np.array(Image.open(path).convert("RGB")))
+        d = depth.read_disparity_png(depth.split_file(data, "disparity", split, stem, "disparity.png"))
+        disps.append(np.maximum(d, d[d > 0].min()) / d.max())
+        inst = np.array(Image.open(depth.split_file(data, "gtFine", split, stem, "gtFine_instanceIds.png")))
+        regions.append(np.unique(inst, return_inverse=True)[1].reshape(inst.shape))
+    sample = copypaste.build_sample(images, disps, regions, [f"s{j}" for j in range(mix)], size=size,
+                                    generator=torch.Generator().manual_seed(0))
+    batch = [swav_dense.augment_sample(sample, torch.Generator().manual_seed(1))]
+    device = torch.device(args.device)
+    train_args = swav_dense.get_args_parser().parse_args(
+        ["--work", ".", "--arch", arch, "--num-prototypes", str(num_prototypes), "--pixel-samples",
+         str(pixel_samples), "--region-samples", str(region_samples), "--no-amp"])
+    torch.manual_seed(0)
+    model = swav_dense.build_model(arch, num_prototypes).to(device).train()
+    optimizer = torch.optim.SGD(swav_dense.parameter_groups(model), lr=1e-4, momentum=0.9, weight_decay=1e-4)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    workspace = swav_dense.Workspace()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    counts = {}
+
+    def step():
+        gen = torch.Generator().manual_seed(2)
+        swav_dense.train_step(model, model, batch, train_args, device, None, scaler, optimizer, workspace, gen)
+        sync()
+
+    def network_only():
+        x = batch[0]["images"].to(device)
+        model.normalize_prototypes()
+        optimizer.zero_grad(set_to_none=True)
+        model(x).float().mean().backward()
+        optimizer.step()
+        sync()
+    pos = swav_dense.batch_positives([{k: v.to(device) for k, v in batch[0].items()}], pixel_samples, region_samples,
+                                     torch.Generator().manual_seed(2))
+    counts = {k: v[2].numel() for k, v in pos.items()}
+    whole = timed(step, repeat)
+    net = timed(network_only, repeat)
+    H, W = size
+    what = f"{2 * mix}x{H}x{W} {arch} K{num_prototypes} ({pixel_samples}+{region_samples})/canvas fp32"
+    return [("swav_dense", f"train step, {what}", whole, "s/step"),
+            ("swav_dense", "  network fwd+bwd+SGD alone (trivial loss)", net, "s/step"),
+            ("swav_dense", "  outside the network (sampling, Sinkhorn, loss)", whole - net, "s/step"),
+            ("swav_dense", "  samples in the loss (pixel-level)", counts.get("pixel", 0), "points"),
+            ("swav_dense", "  samples in the loss (region-level)", counts.get("region", 0), "points")]
+
 
 # ===== cluster =====
 

@@ -18,6 +18,11 @@ if [ "$preset" = "toy" ]; then
   [ -f "$DATA/.complete" ] || $PY toycity.py --out "$DATA"
   # ===== depth (toy) =====
   # ===== group (toy) =====
+  need group.py   # stage 2: depth regions of the annotated frames from WORK/disp (2500 superpixels at 192 x 384 =
+  for split in train val; do   # the paper's superpixel size), then covering / purity against gtFine
+    $PY group.py --work "$WORK" --data "$DATA" --split "$split" --size 192 384 --segments 2500 --workers 2
+  done
+  $PY group.py --eval --work "$WORK" --data "$DATA" --split val
   # ===== copypaste (toy) =====
   # ===== swav_dense (toy) =====
   # ===== cluster (toy) =====
@@ -28,6 +33,11 @@ elif [ "$preset" = "cityscapes" ]; then
   WORK="${WORK:-runs/cityscapes}"
   # ===== depth (cityscapes) =====
   # ===== group (cityscapes) =====
+  need group.py   # stage 2 at paper scale: 384 x 768, 10000 superpixels, the camera JSON's intrinsics
+  for split in train val; do
+    $PY group.py --work "$WORK" --data "$DATA" --split "$split" --size 384 768 --workers "$(nproc)"
+  done
+  $PY group.py --eval --work "$WORK" --data "$DATA" --split val
   # ===== copypaste (cityscapes) =====
   # ===== swav_dense (cityscapes) =====
   # ===== cluster (cityscapes) =====

@@ -188,22 +188,1091 @@ def test_toycity_same_seed_same_files(tiny_city, tmp_path):
 # group.py
 # ==========================================================================================================
 
+def _group_box_on_plane(H=128, W=256, cam_height=1.5, box=(-0.3, 0.3, 1.2, 1.6, 0.5)):
+    """Exact ray casting: a camera looking down at a level ground plane (principal point above the image,
+    cy < 0), a box (x0, x1, z0, z1, height) standing on it. Returns image, disparity, intrinsics, masks."""
+    fx, fy, cx, cy = 0.55, 1.1, 0.5, -1.0
+    dx, dy = np.meshgrid((np.arange(W) - cx * W) / (fx * W), (np.arange(H) - cy * H) / (fy * H))  # pixel ids
+    x0, x1, z0, z1, height = box
+    top = cam_height - height                      # camera y is down: the box top is at y = top
+    t = np.full((H, W), np.inf)
+    front = (z0 * dx >= x0) & (z0 * dx <= x1) & (z0 * dy >= top) & (z0 * dy <= cam_height)
+    t[front] = z0
+    t_top = top / dy
+    upper = (t_top * dx >= x0) & (t_top * dx <= x1) & (t_top >= z0) & (t_top <= z1) & (t_top < t)
+    t[upper] = t_top[upper]
+    box_mask = front | upper
+    ground = ~box_mask                              # every other ray hits the ground (dy > 0 everywhere)
+    t[ground] = cam_height / dy[ground]
+    image = np.where(box_mask[..., None], [0.8, 0.2, 0.2], [0.5, 0.5, 0.5]).astype(np.float32)
+    return image, (1.0 / t).astype(np.float32), (fx, fy, cx, cy), ground, box_mask
+
+
+def test_group_adjacency_equals_brute_force():
+    import group
+    rng = np.random.default_rng(0)
+    for trial in range(5):
+        labels = rng.integers(0, 6, size=(4, 5)).repeat(3, 0).repeat(2, 1)[:11, :9]
+        labels = group.relabel_contiguous(labels + 6 * rng.integers(0, 2, size=labels.shape))
+        expected = set()
+        h, w = labels.shape
+        for r in range(h):
+            for c in range(w):
+                for rr, cc in ((r + 1, c), (r, c + 1)):
+                    if rr < h and cc < w and labels[r, c] != labels[rr, cc]:
+                        a, b = sorted((int(labels[r, c]), int(labels[rr, cc])))
+                        expected.add((a, b))
+        edges = group.region_adjacency(labels)
+        assert edges.dtype == np.int64 and edges.shape[1] == 2
+        assert [tuple(e) for e in edges.tolist()] == sorted(expected)
+
+
+def test_group_occlusion_distance_is_scale_invariant():
+    import group
+    image, disparity, intrinsics, _, _ = _group_box_on_plane(64, 128)
+    labels = group.slic_superpixels(image, 200)
+    edges = group.region_adjacency(labels)
+    depth = 1.0 / disparity
+    for normalise in (True, False):
+        out = []
+        for scale in (1.0, 7.3):
+            centres = group.superpixel_means(labels, group.back_project(depth * scale, intrinsics, normalise))
+            out.append(group.occlusion_distance(centres[edges[:, 0]], centres[edges[:, 1]]))
+        np.testing.assert_allclose(out[0], out[1], rtol=1e-4)
+    # disparity of any scale gives the same depth map up to scale (divided by its maximum)
+    np.testing.assert_allclose(group.disparity_to_depth(disparity), group.disparity_to_depth(disparity * 40), rtol=1e-6)
+
+
+def test_group_normals_of_level_plane_and_walls():
+    import group
+    from scipy.ndimage import binary_dilation
+    image, disparity, intrinsics, ground, box = _group_box_on_plane()
+    depth = 1.0 / disparity
+    H, W = depth.shape
+    cols = (np.arange(W) - 0.5 * W) / (0.55 * W)
+    side = np.broadcast_to(-2.0 / np.minimum(cols, -0.05), (H, W))   # side wall x = -2 (left part)
+    near_box = binary_dilation(box, iterations=3)
+    front = box & (np.abs(depth - 1.2) < 1e-6)
+    front_inner = front & ~binary_dilation(~front, iterations=3)
+    for normalise in (True, False):   # per-axis scaling keeps level planes level and walls vertical
+        grads = group.point_gradients(group.back_project(depth, intrinsics, normalise))
+        n = group.normals_from_gradients(np.moveaxis(grads[0], 0, -1), np.moveaxis(grads[1], 0, -1))
+        assert np.all(n[ground & ~near_box][:, 1] > 0.999)           # level ground: up
+        assert np.all(np.abs(n[front_inner][:, 1]) < 1e-3)           # the box's front face: horizontal
+        assert np.all(n[front_inner][:, 2] < -0.999)                 # ... facing the camera
+        grads = group.point_gradients(group.back_project(side, intrinsics, normalise))
+        n = group.normals_from_gradients(np.moveaxis(grads[0], 0, -1), np.moveaxis(grads[1], 0, -1))
+        inner = n[2:-2, 2:int(0.5 * W - 0.05 * 0.55 * W) - 2]
+        assert np.all(np.abs(inner[..., 1]) < 1e-3) and np.all(np.abs(inner[..., 0]) > 0.999)   # side wall
+
+
+def test_group_boundary_probability_grows_with_occlusion_distance():
+    import group
+    d = np.linspace(0, 1, 101)
+    w = group.boundary_probability(d, np.zeros_like(d))
+    assert np.all(np.diff(w) >= 0) and np.all(np.diff(w[:30]) > 0) and 0 < w[0] < 0.02 and w[-1] > 0.99
+    assert abs(w[0] - 1 / (1 + np.exp(4))) < 1e-12                          # sigmoid(b), b = -4
+    assert np.all(group.boundary_probability(d, np.ones_like(d), w_sup=2.5)[:30] > w[:30])   # Eqn 2 adds to it
+    # Eqn 2: only a level lower superpixel below the principal row, steeper than the upper one, counts
+    assert group.support_distance(1.0, 0.0, -2.0) == 4.0
+    assert group.support_distance(1.0, 0.0, 2.0) == 0.0
+    assert group.support_distance(0.0, 1.0, -2.0) == 0.0
+
+
+def test_group_box_on_plane_gives_box_and_ground_regions():
+    import group
+    image, disparity, intrinsics, ground, box = _group_box_on_plane()
+    # Eqn 2 switched on (the released alternative weights): the support boundary separates the box
+    regions = group.group_depth(image, disparity, intrinsics, n_segments=1200, w_ocln=36.0, w_sup=2.5)
+    main = np.bincount(regions[ground]).argmax()
+    assert (regions[ground] == main).mean() > 0.97            # the ground is one region
+    assert (regions[box] == main).mean() < 0.05               # the box is not part of it
+    # the released default (occlusion term only) keeps the ground as one region too
+    regions = group.group_depth(image, disparity, intrinsics, n_segments=1200)
+    assert (regions[ground] == np.bincount(regions[ground]).argmax()).mean() > 0.97
+
+
+def test_group_ids_contiguous_and_deterministic():
+    import group
+    image, disparity, intrinsics, _, _ = _group_box_on_plane(64, 128)
+    rng = np.random.default_rng(0)
+    image = np.clip(image + 0.05 * rng.standard_normal(image.shape), 0, 1).astype(np.float32)
+    a = group.group_depth(image, disparity, intrinsics, n_segments=300, seed=5)
+    b = group.group_depth(image, disparity, intrinsics, n_segments=300, seed=5)
+    assert a.dtype == np.int32 and a.shape == (64, 128)
+    assert np.array_equal(a, b)
+    assert np.array_equal(np.unique(a), np.arange(a.max() + 1))
+    # the merging on a hand-made graph: two weak pairs joined by a strong edge stay two regions
+    edges = np.array([[0, 1], [1, 2], [2, 3]])
+    weights = np.array([0.02, 0.99, 0.02])
+    regions = group.iterative_infomap(4, edges, weights)
+    assert regions[0] == regions[1] and regions[2] == regions[3] and regions[1] != regions[2]
+    assert sorted(set(regions.tolist())) == [0, 1]
+
+
+def test_group_segment_scores_hand_worked():
+    import group
+    gt = np.array([[0, 0, 1, 1]])
+    scores = group.segment_scores(np.array([[0, 0, 0, 1]]), gt)
+    assert scores["purity"] == 0.75 and scores["regions"] == 2
+    assert abs(scores["covering"] - (2 * (2 / 3) + 2 * 0.5) / 4) < 1e-12
+    assert group.segment_scores(gt, gt) == {"covering": 1.0, "purity": 1.0, "regions": 2}
+    split = group.connected_regions(np.array([[3, 3, 5, 3]]))   # two pieces of id 3 -> two regions
+    assert split.tolist() == [[0, 0, 1, 2]]
+
+
+def test_group_clear_errors_missing_disparity_and_aspect(tmp_path):
+    import group
+    from PIL import Image
+    Image.fromarray(np.zeros((32, 64, 3), np.uint8)).save(tmp_path / "frame.png")
+    args = group.get_args_parser().parse_args(["--work", str(tmp_path / "work"), "--images",
+                                               str(tmp_path / "*.png"), "--size", "32", "64"])
+    os.makedirs(tmp_path / "work" / "regions")
+    item = group.list_items(args)[0]
+    with pytest.raises(FileNotFoundError, match="depth.py predict"):
+        group.process_one(item, args)
+    os.makedirs(tmp_path / "work" / "disp")
+    np.save(tmp_path / "work" / "disp" / "frame.npy", np.ones((32, 32), np.float32))
+    with pytest.raises(ValueError, match="aspect"):
+        group.process_one(item, args)
+    np.save(tmp_path / "work" / "disp" / "frame.npy", np.ones((16, 32), np.float32))   # same aspect: fine
+    assert group.process_one(item, args)[1] >= 1
+    assert np.load(tmp_path / "work" / "regions" / "frame.npy").shape == (32, 64)
+
+
+def test_group_cli_end_to_end(tiny_city, tmp_path, capsys):
+    import depth
+    work = tmp_path / "work"
+    common = ["--data", tiny_city, "--size", *TINY["size"]]
+    run_cli("group.py", "--work", work, "--split", "train", "--stereo", "--segments", "300", "--preview",
+            "--workers", "2", "--profile", *common)
+    stems = [depth.image_stem(p) for p in depth.list_split_images(tiny_city, "train")]
+    for stem in stems:
+        regions = np.load(work / "regions" / f"{stem}.npy")
+        assert regions.dtype == np.int32 and regions.shape == TINY["size"]
+        assert np.array_equal(np.unique(regions), np.arange(regions.max() + 1))
+        assert os.path.exists(work / "regions" / "preview" / f"{stem}.png")
+    before = {s: os.path.getmtime(work / "regions" / f"{s}.npy") for s in stems}
+    import group   # the same command lines in-process (saves interpreter starts)
+    group.run(group.get_args_parser().parse_args(["--work", str(work), "--split", "train", "--stereo", "--shard",
+                                                  "1/2", *map(str, common)]))
+    assert "0 to do" in capsys.readouterr().out
+    assert before == {s: os.path.getmtime(work / "regions" / f"{s}.npy") for s in stems}
+    # ground-truth proposals: perfect scores at the ground truth's own resolution
+    gt_work = tmp_path / "gt"
+    group.run(group.get_args_parser().parse_args(["--work", str(gt_work), "--split", "val", "--method", "gt",
+                                                  *map(str, common)]))
+    run_cli("group.py", "--eval", "--work", gt_work, "--split", "val", *common)
+    import json
+    with open(gt_work / "regions" / "eval.json") as f:
+        scores = json.load(f)
+    assert scores["images"] == len(depth.list_split_images(tiny_city, "val"))
+    assert scores["purity"] == 1.0 and scores["covering"] == 1.0 and scores["regions_per_image"] > 3
+
 # ==========================================================================================================
 # copypaste.py
 # ==========================================================================================================
+def _copypaste_synthetic(M, H=64, W=128, seed=0, num_regions=10):
+    """M synthetic sources: coordinate-ramp images (R = column, G = row, B = source), Voronoi regions, one
+    random disparity per region (so pastes land in front of some things and behind others)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:H, 0:W]
+    images, disps, regions = [], [], []
+    for j in range(M):
+        ramp = np.stack([xx * 255.0 / (W - 1), yy * 255.0 / (H - 1), np.full((H, W), 20.0 + 200.0 * j / max(M, 1))])
+        images.append(torch.from_numpy(np.round(ramp).astype(np.uint8)))
+        pts = rng.uniform([0, 0], [H, W], size=(num_regions, 2))
+        reg = ((yy[..., None] - pts[:, 0]) ** 2 + (xx[..., None] - pts[:, 1]) ** 2).argmin(-1).astype(np.int32)
+        regions.append(reg)
+        disps.append(rng.uniform(0.05, 1.0, num_regions).astype(np.float32)[reg])
+    return images, disps, regions
+
+
+def _copypaste_build(M=4, paste_times=(2, 4), seed=0, H=64, W=128, photometric=False, **kw):
+    import copypaste
+    images, disps, regions = _copypaste_synthetic(M, H, W, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    sample = copypaste.build_sample(images, disps, regions, [f"s{j}" for j in range(M)], paste_times=paste_times,
+                                    generator=g, photometric=photometric, **kw)
+    return sample, images, disps, regions
+
+
+def _copypaste_erode(mask, radius):
+    """Pixels whose (2 radius + 1)^2 neighbourhood lies inside mask (bool (H, W) tensor)."""
+    k = 2 * radius + 1
+    return -torch.nn.functional.max_pool2d(-mask[None, None].float(), k, 1, radius)[0, 0] > 0.5
+
+
+def _copypaste_pixel_grid(H, W):
+    ys, xs = torch.meshgrid(torch.arange(H, dtype=torch.float64), torch.arange(W, dtype=torch.float64), indexing="ij")
+    return torch.stack([(2 * xs + 1) / W - 1, (2 * ys + 1) / H - 1, torch.ones_like(xs)], -1)  # (H, W, 3)
+
+
+@pytest.mark.parametrize("M,paste_times", [(4, (2, 4)), (2, (1, 3))])
+def test_copypaste_pasted_pixels_come_from_their_transform(M, paste_times):
+    """--no-photometric: every visible, non-edge pixel of every copy equals the source pixel its matrix maps it
+    from (bilinear tolerance); every labelled pixel maps back into its own region; slots 0/1 are exact copies."""
+    H, W = 64, 128
+    sample, images, disps, regions = _copypaste_build(M, paste_times, seed=1, H=H, W=W)
+    T, labels, A, canvas_of = sample["slots"], sample["labels"].long(), sample["transforms"].double(), sample["canvas_of"]
+    offsets = np.concatenate([[0], np.cumsum([r.max() + 1 for r in regions])])
+    grid = _copypaste_pixel_grid(H, W)
+    checked = 0
+    for c in range(2 * M):
+        canvas = sample["images"][c].double()
+        for value in labels[c].unique().tolist():
+            r, s = divmod(value, T)
+            assert canvas_of[r, s] == c, "a label on a canvas that does not hold that slot"
+            j = int(np.searchsorted(offsets, r, side="right") - 1)
+            where = labels[c] == value
+            # map the canvas pixels back to the source: p = A^-1 g
+            p = grid[where] @ torch.linalg.inv(A[r, s]).T
+            inside = torch.zeros(len(p), dtype=torch.bool)
+            for du, dv in ((-1e-4, -1e-4), (-1e-4, 1e-4), (1e-4, -1e-4), (1e-4, 1e-4)):  # float32 ties at pixel edges
+                col = torch.floor((p[:, 0] + 1) * W / 2 + du).long().clamp(0, W - 1)
+                row = torch.floor((p[:, 1] + 1) * H / 2 + dv).long().clamp(0, H - 1)
+                inside |= torch.from_numpy(regions[j])[row, col] == r - offsets[j]
+            assert inside.all(), (r, s, inside.float().mean())
+            if s < 2:
+                assert torch.equal(A[r, s], torch.eye(3, dtype=torch.float64)) and c == j + M * s
+                away = _copypaste_erode(where, 1)  # the soft mask of a neighbouring copy reaches 1 px
+                assert torch.equal(sample["images"][c][:, away], images[j][:, away])
+                continue
+            interior = _copypaste_erode(where, 2)
+            if interior.sum() == 0:
+                continue
+            p = grid[interior] @ torch.linalg.inv(A[r, s]).T
+            src = torch.nn.functional.grid_sample(images[j][None].double(), p[None, None, :, :2], mode="bilinear",
+                                                  padding_mode="border", align_corners=False)[0, :, 0]
+            err = (src - canvas[:, interior]).abs()
+            # uint8 rounding + resampling: < 1 grey level; a quarter-pixel shift would already cost 1 (G: 4/px)
+            assert err.max() < 1.0 and err.mean() < 0.35, (r, s, err.max(), err.mean())
+            checked += int(interior.sum())
+    assert checked > 500
+
+
+def test_copypaste_label_only_where_slot_visible_and_depthmix():
+    """Nothing is pasted where the canvas is nearer: a source whose left half is nearer than any possible copy
+    keeps that half unchanged and labelled as itself (source 0 is one region, so it is never pasted itself),
+    but for a fringe of a few columns at the boundary: the soft mask blends the disparity of far copies into
+    the pixel beside them, which a later copy may then cover."""
+    import copypaste
+    M, H, W = 4, 64, 128
+    images, disps, regions = _copypaste_synthetic(M, H, W, seed=2)
+    for j in range(1, M):
+        disps[j] = np.minimum(disps[j], 0.45)  # scaled by s <= 2: never above 0.9
+    disps[0] = np.where(np.arange(W)[None, :] < W // 2, 1.0, 0.0).repeat(H, 0).astype(np.float32)
+    regions[0] = np.zeros((H, W), np.int32)
+    g = torch.Generator().manual_seed(0)
+    sample = copypaste.build_sample(images, disps, regions, list("abcd"), generator=g, photometric=False)
+    T = sample["slots"]
+    for c in (0, M):
+        lab = sample["labels"][c].long()
+        left = lab[:, : W // 2 - 4]
+        assert torch.equal(left % T, torch.full_like(left, c // M)), "a copy landed where the canvas was nearer"
+        assert torch.equal(sample["images"][c][:, :, : W // 2 - 5], images[0][:, :, : W // 2 - 5])
+        assert ((lab[:, W // 2:] % T) >= 2).any(), "nothing pasted on the far half"
+
+
+def test_copypaste_depthmix_sees_earlier_pastes():
+    """paste_depthmix: a second copy, nearer than the background but farther than a first copy, goes only where
+    the first one is not; labels on the hard mask; the soft mask blends only one pixel beyond it."""
+    import copypaste
+    H, W = 20, 30
+    canvas = torch.zeros(4, H, W)  # colour, then disparity
+    canvas[3] = 0.1
+    lab = torch.zeros(H, W, dtype=torch.int32)
+    ones = torch.ones(10, 10, dtype=torch.bool)
+    first = torch.cat([torch.ones(3, 10, 10), torch.full((1, 10, 10), 0.9)])
+    second = torch.full((4, 10, 10), 0.5)
+    assert copypaste.paste_depthmix(canvas, lab, first, ones, 5, 5, 7) == 100
+    assert copypaste.paste_depthmix(canvas, lab, second, ones, 5, 10, 9) == 50
+    assert (lab[5:15, 5:15] == 7).all() and (lab[5:15, 15:20] == 9).all() and (lab == 0).sum() == H * W - 150
+    assert torch.allclose(canvas[:3, 5:15, 5:14], torch.ones(3, 10, 9), atol=1e-6)  # the near copy stays
+    assert torch.allclose(canvas[:3, 6:14, 16:20], torch.full((3, 8, 4), 0.5), atol=1e-6)
+    assert (canvas[:3, :5] == 0).all() and (canvas[:3, :, :5] == 0).all() and (canvas[:3, 15:] == 0).all()
+    # a copy entirely behind the canvas changes nothing; one off the canvas neither
+    before = canvas.clone()
+    assert copypaste.paste_depthmix(canvas, lab, torch.full((4, 4, 4), 0.01), ones[:4, :4], 0, 0, 11) == 0
+    assert copypaste.paste_depthmix(canvas, lab, first, ones, H, -3, 13) == 0
+    assert torch.equal(canvas, before) and not (lab == 11).any()
+
+
+@pytest.mark.parametrize("M,paste_times", [(2, (0, 0)), (2, (2, 4)), (4, (1, 0)), (8, (2, 4)), (3, (3, 1))])
+def test_copypaste_slots_shapes_identity_unused(M, paste_times):
+    """M in {0 (= --paste-times 0 0), 2, 4, 8}, any e1, e2: shapes and dtypes, slots 0/1 identity on canvases
+    j and M + j, unused slots -1 (with an identity matrix), pasted slots on their round's canvases."""
+    H, W = 48, 96
+    sample, images, _, regions = _copypaste_build(M, paste_times, seed=3, H=H, W=W)
+    T = 2 + sum(paste_times)
+    R = sum(int(r.max()) + 1 for r in regions)
+    assert sample["slots"] == T and sample["sources"] == [f"s{j}" for j in range(M)]
+    assert sample["images"].dtype == torch.uint8 and sample["images"].shape == (2 * M, 3, H, W)
+    assert sample["labels"].dtype == torch.int32 and sample["labels"].shape == (2 * M, H, W)
+    assert sample["transforms"].dtype == torch.float32 and sample["transforms"].shape == (R, T, 3, 3)
+    assert sample["canvas_of"].dtype == torch.int64 and sample["canvas_of"].shape == (R, T)
+    co, A = sample["canvas_of"], sample["transforms"]
+    source = torch.from_numpy(np.repeat(np.arange(M), [int(r.max()) + 1 for r in regions]))
+    assert torch.equal(co[:, 0], source) and torch.equal(co[:, 1], source + M)
+    assert torch.equal(A[:, :2], torch.eye(3).expand(R, 2, 3, 3))
+    e1 = paste_times[0]
+    assert ((co[:, 2:2 + e1] == -1) | ((co[:, 2:2 + e1] >= 0) & (co[:, 2:2 + e1] < M))).all()
+    assert ((co[:, 2 + e1:] == -1) | (co[:, 2 + e1:] >= M)).all()
+    assert torch.equal(A[co == -1], torch.eye(3).expand(int((co == -1).sum()), 3, 3))
+    if sum(paste_times) == 0:  # the M = 0 row: every canvas is its source
+        assert torch.equal(sample["images"], torch.stack(images * 2))
+    else:
+        assert (co[:, 2:] >= 0).any()
+    assert sample["labels"].min() >= 0 and sample["labels"].max() < R * T
+
+
+def test_copypaste_same_seed_same_sample():
+    a = _copypaste_build(4, (2, 4), seed=5, photometric=True)[0]
+    b = _copypaste_build(4, (2, 4), seed=5, photometric=True)[0]
+    for k in ("images", "labels", "transforms", "canvas_of"):
+        assert torch.equal(a[k], b[k]), k
+    import copypaste
+    images, disps, regions = _copypaste_synthetic(4, 64, 128, seed=5)
+    c = copypaste.build_sample(images, disps, regions, list("abcd"), generator=torch.Generator().manual_seed(6))
+    assert not torch.equal(a["labels"], c["labels"])
+
+
+def test_copypaste_augment_canvas_matrix_is_exact():
+    """augment_canvas: G sends a pixel exactly where it went (an image of its own coordinates), and the
+    geometry does not depend on the photometric switch."""
+    import copypaste
+    H, W = 64, 128
+    ys, xs = torch.meshgrid(torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32), indexing="ij")
+    coords = torch.stack([xs / (W - 1), ys / (H - 1), torch.zeros_like(xs)])  # float image in [0, 1]
+    mean, std = torch.tensor(copypaste.IMAGENET_MEAN)[:, None, None], torch.tensor(copypaste.IMAGENET_STD)[:, None, None]
+    grid = _copypaste_pixel_grid(H, W)
+    flips = set()
+    for seed in range(8):
+        out, G = copypaste.augment_canvas(coords, torch.Generator().manual_seed(seed), photometric=False)
+        _, G2 = copypaste.augment_canvas(coords, torch.Generator().manual_seed(seed), photometric=True)
+        assert out.shape == (3, H, W) and out.dtype == torch.float32 and G.dtype == torch.float32
+        assert torch.equal(G, G2)
+        value = out * std + mean  # the source coordinates this output pixel shows
+        src = grid @ torch.linalg.inv(G.double()).T  # G^-1 g: where each output pixel came from
+        col = ((src[..., 0] + 1) * W / 2 - 0.5) / (W - 1)
+        row = ((src[..., 1] + 1) * H / 2 - 0.5) / (H - 1)
+        inner = (col > 1 / W) & (col < 1 - 1 / W) & (row > 1 / H) & (row < 1 - 1 / H)  # away from clamped borders
+        assert (value[0][inner] - col[inner]).abs().max() < 1e-3 and (value[1][inner] - row[inner]).abs().max() < 1e-3
+        flips.add(bool(G[0, 0] < 0))
+        assert 1 <= abs(float(G[0, 0])) <= 2 and 1 <= float(G[1, 1]) <= 2  # enlarged, never shrunk
+    assert flips == {True, False}
+    out, _ = copypaste.augment_canvas(torch.zeros(3, H, W, dtype=torch.uint8) + 128, torch.Generator().manual_seed(0))
+    assert out.shape == (3, H, W) and torch.isfinite(out).all()
+
+
+def test_copypaste_size_mismatch_and_single_region(tmp_path):
+    """Documented handling: a region map at another resolution is resized nearest (same sample as the map
+    upsampled beforehand); a wrong aspect ratio stops loading with an error naming the file; a single-region
+    source keeps slots 0/1 and has all pasted slots unused."""
+    import copypaste
+    M, H, W = 2, 64, 128
+    images, disps, regions = _copypaste_synthetic(M, H, W, seed=7)
+    small = [r[::2, ::2] for r in regions]
+    big = [np.repeat(np.repeat(r, 2, 0), 2, 1) for r in small]
+    a = copypaste.build_sample(images, disps, small, ["a", "b"], generator=torch.Generator().manual_seed(0))
+    b = copypaste.build_sample(images, disps, big, ["a", "b"], generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a["labels"], b["labels"]) and torch.equal(a["images"], b["images"])
+    # single region: one region, never pasted (it covers the canvas), slots 0/1 on its canvases
+    regions[1] = np.zeros((H, W), np.int32)
+    s = copypaste.build_sample(images, disps, regions, ["a", "b"], generator=torch.Generator().manual_seed(0),
+                               photometric=False)
+    R0 = int(regions[0].max()) + 1
+    assert s["canvas_of"].shape[0] == R0 + 1
+    assert s["canvas_of"][R0].tolist() == [1, 3] + [-1] * (s["slots"] - 2)
+    # the loader: wrong aspect ratio is an error naming the file; missing inputs name the command
+    from PIL import Image
+    Image.fromarray(images[0].permute(1, 2, 0).numpy()).save(tmp_path / "x.png")
+    np.save(tmp_path / "d.npy", disps[0])
+    np.save(tmp_path / "r.npy", np.zeros((H, H), np.int32))
+    with pytest.raises(ValueError, match="r.npy"):
+        copypaste.load_source(str(tmp_path / "x.png"), str(tmp_path / "d.npy"), str(tmp_path / "r.npy"), (H, W))
+    with pytest.raises(FileNotFoundError, match="group.py"):
+        copypaste.load_source(str(tmp_path / "x.png"), str(tmp_path / "d.npy"), str(tmp_path / "no.npy"), (H, W))
+    np.save(tmp_path / "r.npy", small[0])
+    _, _, reg = copypaste.load_source(str(tmp_path / "x.png"), str(tmp_path / "d.npy"), str(tmp_path / "r.npy"), (H, W))
+    assert reg.shape == (H, W) and reg.max() + 1 == len(np.unique(small[0]))
+
+
+def _copypaste_inputs(data, work, split="train"):
+    """WORK/disp and WORK/regions for a toy-city split from its ground truth (no other stage needed):
+    regions = gtFine instance ids made contiguous, disparity = the disparity PNG scaled to (0, 1]."""
+    import depth
+    from PIL import Image
+    os.makedirs(os.path.join(work, "disp"), exist_ok=True)
+    os.makedirs(os.path.join(work, "regions"), exist_ok=True)
+    for path in depth.list_split_images(data, split):
+        stem = depth.image_stem(path)
+        inst = np.asarray(Image.open(depth.split_file(data, "gtFine", split, stem, "gtFine_instanceIds.png")))
+        np.save(os.path.join(work, "regions", f"{stem}.npy"), np.unique(inst, return_inverse=True)[1]
+                .reshape(inst.shape).astype(np.int32))
+        d = depth.read_disparity_png(depth.split_file(data, "disparity", split, stem, "disparity.png"))
+        np.save(os.path.join(work, "disp", f"{stem}.npy"), (d / max(d.max(), 1e-6)).astype(np.float32))
+
+
+def test_copypaste_cli_end_to_end(tiny_city, tmp_path):
+    """The command on the tiny toy city: epochs of samples (workers 2), previews, skip on rerun, the same
+    samples as the on-the-fly dataset, a clear error when the inputs of the earlier stages are missing."""
+    import glob
+    import copypaste
+    work = str(tmp_path / "work")
+    _copypaste_inputs(tiny_city, work)
+    args = ["copypaste.py", "--work", work, "--data", tiny_city, "--split", "train", "--size", "64", "128",
+            "--mix", "2", "--paste-times", "1", "2", "--epochs", "2", "--preview", "1", "--seed", "3"]
+    run_cli(*args, "--workers", "2")
+    files = sorted(glob.glob(os.path.join(work, "samples", "epoch_*", "*.pt")))
+    assert [os.path.relpath(f, work) for f in files] == [f"samples/epoch_00{e}/000000.pt" for e in (0, 1)]
+    assert os.path.exists(os.path.join(work, "samples", "preview", "000000.png"))
+    sample = torch.load(files[0], weights_only=True)
+    assert sample["images"].shape == (4, 3, 64, 128) and sample["slots"] == 5
+    dataset = copypaste.CopyPasteDataset(copypaste.list_images(tiny_city, "train")[0], os.path.join(work, "disp"),
+                                         os.path.join(work, "regions"), mix=2, paste_times=(1, 2), size=(64, 128),
+                                         seed=3)
+    dataset.set_epoch(1)
+    fly = dataset[0]
+    saved = copypaste.load_sample(files[1])
+    for k in ("images", "labels", "transforms", "canvas_of"):
+        assert torch.equal(fly[k], saved[k]), k
+    assert not torch.equal(sample["labels"], saved["labels"]) or not torch.equal(sample["images"], saved["images"])
+    mtime = os.path.getmtime(files[0])
+    out = run_cli(*args)
+    assert "skipped 2" in out.stdout and os.path.getmtime(files[0]) == mtime
+    os.remove(glob.glob(os.path.join(work, "disp", "*.npy"))[0])
+    proc = subprocess.run([sys.executable, "copypaste.py", *args[1:], "--overwrite"], cwd=HERE, capture_output=True,
+                          text=True)
+    assert proc.returncode != 0 and "depth.py predict" in proc.stderr
+
 
 # ==========================================================================================================
 # swav_dense.py
 # ==========================================================================================================
+import json  # noqa: E402  (swav_dense section)
+import math  # noqa: E402
+
+def _swav_translation(dy, dx, height, width):
+    """Normalised-coordinate matrix of a shift by (dy, dx) pixels."""
+    return torch.tensor([[1.0, 0, 2.0 * dx / width], [0, 1.0, 2.0 * dy / height], [0, 0, 1.0]])
+
+
+def _swav_occlusion_sample():
+    """M = 1, T = 3, 8 x 16 canvases. Source: background 0, region 1 rows 1-2 cols 1-4, region 2 rows 5-6
+    cols 9-12. Region 1's slot 2 is pasted on canvas 0 shifted by (4, 6) px (rows 5-6, cols 7-10), on top of
+    region 2's slot 0, which stays visible only at cols 11-12. Canvas 1's augmentation is a horizontal flip."""
+    height, width, slots = 8, 16, 3
+    source = np.zeros((height, width), np.int64)
+    source[1:3, 1:5] = 1
+    source[5:7, 9:13] = 2
+    labels = np.stack([source * slots + 0, source * slots + 1])
+    labels[0, 5:7, 7:11] = 1 * slots + 2
+    shifts = {(r, s): (0, 0) for r in range(3) for s in range(2)}
+    shifts[(1, 2)] = (4, 6)
+    transforms = torch.zeros(3, slots, 3, 3)
+    canvas_of = torch.full((3, slots), -1, dtype=torch.int64)
+    for (r, s), (dy, dx) in shifts.items():
+        transforms[r, s] = _swav_translation(dy, dx, height, width)
+        canvas_of[r, s] = 0 if s in (0, 2) else 1
+    augment = torch.stack([torch.eye(3), torch.diag(torch.tensor([-1.0, 1.0, 1.0]))])
+    return dict(labels=torch.from_numpy(labels).int(), transforms=transforms, canvas_of=canvas_of,
+                augment=augment), shifts
+
+
+def _swav_expected_group(sample, shifts, canvas, row, col_aug):
+    """Integer-pixel reference: the (canvas, row, augmented column) copies visible of a point, or None."""
+    labels = sample["labels"].numpy()
+    _, height, width = labels.shape
+    slots = sample["transforms"].shape[1]
+    flip = lambda c, col: width - 1 - col if c == 1 else col  # canvas 1 is flipped (its own inverse)
+    label = labels[canvas, row, flip(canvas, col_aug)]
+    r, s = divmod(int(label), slots)
+    src_row, src_col = row - shifts[(r, s)][0], flip(canvas, col_aug) - shifts[(r, s)][1]
+    found = set()
+    for s2 in range(slots):
+        c2 = int(sample["canvas_of"][r, s2])
+        if c2 < 0:
+            continue
+        row2, col2 = src_row + shifts[(r, s2)][0], src_col + shifts[(r, s2)][1]
+        if 0 <= row2 < height and 0 <= col2 < width and labels[c2, row2, col2] == r * slots + s2:
+            found.add((c2, row2, flip(c2, col2)))
+    return found if len(found) >= 2 else None
+
+
+def _swav_pixel(points, height, width):
+    return np.floor((points.numpy() + 1) * np.array([width, height]) / 2).astype(int)  # (N, 2) col, row
+
+
+def test_swav_dense_pixel_positives_exact_and_occlusion():
+    import swav_dense
+    sample, shifts = _swav_occlusion_sample()
+    points, canvas, group, num_groups = swav_dense.pixel_positives(
+        sample["labels"], sample["transforms"], sample["canvas_of"], sample["augment"], 300,
+        torch.Generator().manual_seed(3))
+    # the same seeds, replayed through the integer-pixel reference
+    seeds = swav_dense.uniform_points(2, 300, torch.Generator().manual_seed(3))
+    expected = []
+    for c in range(2):
+        for col, row in _swav_pixel(seeds[c], 8, 16):
+            e = _swav_expected_group(sample, shifts, c, row, col)
+            if e is not None:
+                expected.append(e)
+    cols_rows = _swav_pixel(points, 8, 16)
+    got = [set() for _ in range(num_groups)]
+    for (col, row), c, g in zip(cols_rows, canvas.tolist(), group.tolist()):
+        got[g].add((c, row, col))
+    assert got == expected
+    assert any(len(e) == 3 for e in expected)  # region 1: all three copies visible
+    # occluded copies never appear: region 2's slot 0 behind the paste, the background under it
+    labels = sample["labels"]
+    for (col, row), c in zip(cols_rows, canvas.tolist()):
+        assert not (c == 0 and row in (5, 6) and 7 <= col <= 10 and labels[0, row, col] != 5)
+    rejected = sum(1 for c in range(2) for col, row in _swav_pixel(seeds[c], 8, 16)
+                   if _swav_expected_group(sample, shifts, c, row, col) is None)
+    assert rejected > 0 and num_groups == 600 - rejected
+    # the corresponding points are bilinear-exact: sampling a map of source coordinates agrees per group
+    assert torch.isfinite(points).all() and points.abs().max() <= 1
+
+
+def test_swav_dense_region_positives_use_T_and_offset_batches():
+    import swav_dense
+    sample, _ = _swav_occlusion_sample()  # T = 3 slots, M = 1 (label // M would be the label itself)
+    gen = torch.Generator().manual_seed(0)
+    points, canvas, group, _ = swav_dense.region_positives(sample["labels"], sample["augment"], 3, 500, gen)
+    cols_rows = _swav_pixel(points, 8, 16)
+    labels = sample["labels"].numpy()
+    for (col, row), c, g in zip(cols_rows, canvas.tolist(), group.tolist()):
+        col = 15 - col if c == 1 else col
+        assert g == labels[c, row, col] // 3
+    assert set(group.tolist()) == {0, 1, 2}
+    # two samples in one batch: canvases and region ids of the second are offset (3 regions, 2 canvases)
+    pos = swav_dense.batch_positives([sample, sample], 50, 400, torch.Generator().manual_seed(1))
+    _, canvas, group, num = pos["region"]
+    assert num == 6 and set(group[canvas >= 2].tolist()) == {3, 4, 5} and set(group[canvas < 2].tolist()) == {0, 1, 2}
+    _, canvas, group, num = pos["pixel"]
+    first = group[canvas < 2]
+    assert first.max() < group[canvas >= 2].min() and group.max() == num - 1
+
+
+def _swav_sinkhorn_reference(scores, eps, iters):
+    """SwAV's K x B layout, float64."""
+    q = torch.exp(scores.double() / eps).t()
+    q /= q.sum()
+    k, b = q.shape
+    for _ in range(iters):
+        q /= q.sum(1, keepdim=True)
+        q /= k
+        q /= q.sum(0, keepdim=True)
+        q /= b
+    return (q * b).t()
+
+
+def test_swav_dense_sinkhorn_sums_and_float64_reference():
+    import swav_dense
+    torch.manual_seed(0)
+    scores = torch.nn.functional.normalize(torch.randn(500, 40), dim=1) @ \
+        torch.nn.functional.normalize(torch.randn(40, 40), dim=0)
+    q = swav_dense.sinkhorn(scores, 0.05, 3)
+    assert q.dtype == torch.float32
+    torch.testing.assert_close(q.double(), _swav_sinkhorn_reference(scores, 0.05, 3), rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(q.sum(1), torch.ones(500))  # each sample's code sums to 1 (SwAV: columns)
+    torch.testing.assert_close(q.sum(0), torch.full((40,), 500 / 40), rtol=0.25, atol=0)  # prototypes ~ B/K
+    q = swav_dense.sinkhorn(scores, 0.05, 200)  # converged: equipartition
+    torch.testing.assert_close(q.sum(0), torch.full((40,), 500 / 40), rtol=1e-3, atol=0)
+    out = torch.empty(500, 40)  # in place in a given buffer
+    assert swav_dense.sinkhorn(scores, 0.05, 3, out=out).data_ptr() == out.data_ptr()
+
+
+def test_swav_dense_group_mean_codes_hand_worked():
+    import swav_dense
+    codes = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0.5, 0.5, 0], [0, 0, 1]])
+    group = torch.tensor([0, 0, 1, 0])
+    means = swav_dense.group_mean_codes(codes, group, 3)
+    torch.testing.assert_close(means, torch.tensor([[1 / 3, 1 / 3, 1 / 3], [0.5, 0.5, 0], [0, 0, 0]]))
+    torch.testing.assert_close(means[group][1], torch.tensor([1 / 3, 1 / 3, 1 / 3]))
+
+
+def test_swav_dense_loss_hand_worked_and_fused_equals_textbook():
+    import swav_dense
+    scores = torch.tensor([[1.0, 0, 0], [0, 0, 0]])
+    targets = torch.tensor([[1.0, 0, 0], [0, 0.5, 0.5]])
+    # row 0: -log(e^10 / (e^10 + 2)); row 1: -(0.5 log 1/3 + 0.5 log 1/3) = log 3
+    expected = (math.log(1 + 2 * math.exp(-10)) + math.log(3)) / 2
+    assert abs(swav_dense.swav_cross_entropy(scores, targets, 0.1).item() - expected) < 1e-6
+    torch.manual_seed(0)
+    z = torch.nn.functional.normalize(torch.randn(300, 8), dim=1).requires_grad_()
+    c = torch.nn.functional.normalize(torch.randn(20, 8), dim=1).requires_grad_()
+    group = torch.randint(0, 40, (300,))
+    loss = swav_dense.grouped_swav_loss(z, c, group, 40, workspace=swav_dense.Workspace())
+    gz, gc = torch.autograd.grad(loss, (z, c))
+    s = z @ c.t()
+    ref = swav_dense.swav_cross_entropy(s, swav_dense.group_mean_codes(swav_dense.sinkhorn(s), group, 40)[group])
+    rz, rc = torch.autograd.grad(ref, (z, c))
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(gz, rz, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(gc, rc, rtol=1e-4, atol=1e-6)
+    # Eqn 7 weights: lam 1 and 0 use one level only
+    feats = torch.randn(2, 8, 4, 8, requires_grad=True)
+    sample, _ = _swav_occlusion_sample()
+    pos = swav_dense.batch_positives([sample], 50, 50, torch.Generator().manual_seed(0))
+    total, parts = swav_dense.dense_swav_loss(feats, pos, c.detach(), lam=0.5)
+    torch.testing.assert_close(total, 0.5 * parts["pixel"] + 0.5 * parts["region"])
+    total, parts = swav_dense.dense_swav_loss(feats, {"pixel": pos["pixel"]}, c.detach(), lam=1.0)
+    torch.testing.assert_close(total, parts["pixel"])
+
+
+def test_swav_dense_feature_function_shapes_and_model_file(tmp_path):
+    import swav_dense
+    model = swav_dense.build_model("resnet18", num_prototypes=10)
+    assert {"backbone", "fpn", "head", "projector", "prototypes"} <= {n for n, _ in model.named_children()}
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        assert model.semantic_features(x).shape == (2, 128, 16, 24)
+        assert model(x).shape == (2, 128, 16, 24)
+        z, scores = swav_dense.dense_projections(model, x)
+    assert z.shape == (2, 128, 16, 24) and scores.shape == (2, 10, 16, 24)
+    torch.testing.assert_close(z.norm(dim=1), torch.ones(2, 16, 24))
+    assert scores.abs().max() <= 1 + 1e-5
+    path = str(tmp_path / "model.pt")
+    torch.save({"arch": "resnet18", "model": model.state_dict(), "args": {}, "num_prototypes": 10}, path)
+    loaded, ckpt = swav_dense.load_model(path)
+    with torch.no_grad():
+        torch.testing.assert_close(swav_dense.dense_projections(loaded.eval(), x)[1],
+                                   swav_dense.dense_projections(model.eval(), x)[1])
+    with pytest.raises(FileNotFoundError, match="swav_dense.py"):
+        swav_dense.load_model(str(tmp_path / "missing.pt"))
+    with pytest.raises(FileNotFoundError, match="backbone-weights"):
+        swav_dense.load_backbone_weights(model, str(tmp_path / "missing.pth"))
+    import torchvision
+    torch.save(torchvision.models.resnet18().state_dict(), str(tmp_path / "r18.pth"))
+    swav_dense.load_backbone_weights(model, str(tmp_path / "r18.pth"))
+
+
+def _swav_write_block_samples(work, count=2, mix=2, size=(32, 64), seed=0):
+    """Samples in the DESIGN.md format without pasting (T = 2): each source a grid of coloured blocks."""
+    gen = torch.Generator().manual_seed(seed)
+    height, width = size
+    folder = os.path.join(work, "samples", "epoch_000")
+    os.makedirs(folder, exist_ok=True)
+    for k in range(count):
+        images, labels, offset = [], [], 0
+        for _ in range(mix):
+            regions = (torch.arange(height)[:, None] // 8) * (width // 16) + torch.arange(width)[None] // 16
+            colours = torch.randint(0, 256, (int(regions.max()) + 1, 3), generator=gen)
+            images.append(colours[regions].permute(2, 0, 1).to(torch.uint8))
+            labels.append(regions + offset)
+            offset += int(regions.max()) + 1
+        labels = torch.stack(labels)
+        sample = {"images": torch.stack(images * 2), "labels": torch.cat([labels * 2, labels * 2 + 1]).int(),
+                  "transforms": torch.eye(3).repeat(offset, 2, 1, 1),
+                  "canvas_of": torch.stack([torch.arange(offset) // (offset // mix),
+                                            torch.arange(offset) // (offset // mix) + mix], 1),
+                  "slots": 2, "sources": [f"s{j}" for j in range(mix)]}
+        torch.save(sample, os.path.join(folder, f"{k:06d}.pt"))
+
+
+SWAV_TINY = ["--arch", "resnet18", "--num-prototypes", "16", "--pixel-samples", "64", "--region-samples", "64",
+             "--workers", "0", "--device", "cpu", "--no-progress", "--log-every", "1"]
+
+
+def test_swav_dense_cli_amp_step_finite(tmp_path):
+    _swav_write_block_samples(str(tmp_path))
+    proc = run_cli("swav_dense.py", "--work", tmp_path, "--steps", "2", *SWAV_TINY)
+    assert "amp torch.bfloat16" in proc.stdout  # CPU AMP is bf16 autocast
+    records = [json.loads(line) for line in open(tmp_path / "swav" / "log.jsonl")]
+    assert len(records) == 2 and all(math.isfinite(r["loss"]) for r in records)
+    import swav_dense
+    model, ckpt = swav_dense.load_model(str(tmp_path / "swav" / "model.pt"))
+    assert ckpt["arch"] == "resnet18" and model.prototypes.weight.shape[0] == 16
+    final = swav_dense.run(swav_dense.get_args_parser().parse_args(["--work", str(tmp_path), *SWAV_TINY]))
+    assert final.endswith("model.pt") and len(open(tmp_path / "swav" / "log.jsonl").readlines()) == 2  # skipped
+
+
+def test_swav_dense_resume_equals_straight_run(tmp_path):
+    import swav_dense
+    _swav_write_block_samples(str(tmp_path / "a"), count=2)
+    _swav_write_block_samples(str(tmp_path / "b"), count=2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        common = ["--steps", "6", "--no-amp", "--checkpoint-every", "0", *SWAV_TINY]
+        parser = swav_dense.get_args_parser()
+        swav_dense.run(parser.parse_args(["--work", str(tmp_path / "a"), *common]))
+        swav_dense.run(parser.parse_args(["--work", str(tmp_path / "b"), "--stop-after", "3", *common]))
+        assert not os.path.exists(tmp_path / "b" / "swav" / "model.pt")
+        swav_dense.run(parser.parse_args(["--work", str(tmp_path / "b"), "--resume", *common]))
+    finally:
+        torch.set_num_threads(threads)
+    a = torch.load(tmp_path / "a" / "swav" / "model.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "b" / "swav" / "model.pt", weights_only=True)["model"]
+    for key in a:
+        torch.testing.assert_close(a[key].float(), b[key].float(), rtol=0, atol=1e-6, msg=key)
+    losses = lambda w: [json.loads(l)["loss"] for l in open(tmp_path / w / "swav" / "log.jsonl")]
+    assert losses("a") == losses("b")
+
+
+def _swav_tiny_city_samples(city, work, count=4, mix=2):
+    """Copy-paste samples of the tiny toy city built with copypaste.build_sample from ground truth
+    (disparity PNGs, instance ids as regions)."""
+    import copypaste
+    import depth
+    from PIL import Image
+    paths = depth.list_split_images(city, "train") + depth.list_split_images(city, "val")
+    sources = []
+    for path in paths:
+        stem = depth.image_stem(path)
+        split = "train" if "/train/" in path else "val"
+        image = np.array(Image.open(path).convert("RGB"))
+        disp = depth.read_disparity_png(depth.split_file(city, "disparity", split, stem, "disparity.png"))
+        disp = np.maximum(disp, disp[disp > 0].min()) / disp.max()
+        inst = np.array(Image.open(depth.split_file(city, "gtFine", split, stem, "gtFine_instanceIds.png")))
+        sources.append((image, disp, np.unique(inst, return_inverse=True)[1].reshape(inst.shape), stem))
+    folder = os.path.join(work, "samples", "epoch_000")
+    os.makedirs(folder, exist_ok=True)
+    for k in range(count):
+        chosen = [sources[(k + j) % len(sources)] for j in range(mix)]
+        sample = copypaste.build_sample(*[list(x) for x in zip(*chosen)], generator=torch.Generator().manual_seed(k))
+        torch.save(sample, os.path.join(folder, f"{k:06d}.pt"))
+
+
+def test_swav_dense_loss_falls_on_tiny_city(tiny_city, tmp_path):
+    import swav_dense
+    _swav_tiny_city_samples(tiny_city, str(tmp_path))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        args = swav_dense.get_args_parser().parse_args(
+            ["--work", str(tmp_path), "--steps", "30", "--warmup-epochs", "1", "--no-amp", *SWAV_TINY,
+             "--pixel-samples", "200", "--region-samples", "200"])
+        swav_dense.run(args)
+    finally:
+        torch.set_num_threads(threads)
+    losses = [json.loads(l)["loss"] for l in open(tmp_path / "swav" / "log.jsonl")]
+    assert len(losses) == 30 and all(map(math.isfinite, losses))
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.1, losses
 
 # ==========================================================================================================
 # cluster.py
 # ==========================================================================================================
+# labelId -> trainId of cityscapesScripts/helpers/labels.py, typed in independently of cluster.py's table
+CLUSTER_OFFICIAL_TRAINIDS = {0: 255, 1: 255, 2: 255, 3: 255, 4: 255, 5: 255, 6: 255, 7: 0, 8: 1, 9: 255, 10: 255,
+                             11: 2, 12: 3, 13: 4, 14: 255, 15: 255, 16: 255, 17: 5, 18: 255, 19: 6, 20: 7, 21: 8,
+                             22: 9, 23: 10, 24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 29: 255, 30: 255, 31: 16,
+                             32: 17, 33: 18}
+CLUSTER_OFFICIAL_CLASSES = ["road", "sidewalk", "building", "wall", "fence", "pole", "traffic light",
+                            "traffic sign", "vegetation", "terrain", "sky", "person", "rider", "car", "truck",
+                            "bus", "train", "motorcycle", "bicycle"]
+
+
+def test_cluster_labelids_to_trainids_official_table():
+    import cluster
+    ids = np.arange(256, dtype=np.uint8)
+    got = cluster.labelids_to_trainids(ids)
+    for i in range(256):
+        assert got[i] == CLUSTER_OFFICIAL_TRAINIDS.get(i, 255), i
+    assert cluster.TRAIN_CLASSES == CLUSTER_OFFICIAL_CLASSES
+    picie = cluster.labelids_to_picie(ids)
+    assert list(picie[7:34]) == list(range(27)) and (picie[:7] == 255).all() and (picie[34:] == 255).all()
+    assert len(cluster.PICIE_CLASSES) == 27 and cluster.PICIE_CLASSES[0] == "road"
+
+
+def test_cluster_hand_worked_confusion_and_scores():
+    import cluster
+    gt = np.array([0, 0, 0, 1, 1, 2, 2, 2, 255])
+    pred = np.array([0, 0, 1, 1, 1, 2, 2, 0, 1])
+    conf = cluster.confusion_matrix(pred, gt, 3, 4)          # class 3 absent from the ground truth
+    assert conf.tolist() == [[2, 0, 1, 0], [1, 2, 0, 0], [0, 0, 2, 0]]
+    mapping = cluster.match_clusters(conf, "iou")
+    assert mapping.tolist() == [0, 1, 2]
+    s = cluster.segmentation_scores(cluster.apply_matching(conf, mapping))
+    # by hand: accuracy 6/8; IoU0 = 2/(3+3-2), IoU1 = 2/(3+2-2), IoU2 = 2/(2+3-2); class 3 absent
+    assert s["pixel_accuracy"] == pytest.approx(0.75)
+    assert s["iou"][:3] == pytest.approx([0.5, 2 / 3, 2 / 3]) and np.isnan(s["iou"][3])
+    assert s["miou"] == pytest.approx((0.5 + 4 / 3) / 3) and s["absent"] == [3]
+    # a fourth cluster left unmatched: its pixels are errors that predict no class
+    conf4 = cluster.confusion_matrix(np.array([0, 0, 1, 1, 1, 2, 2, 3]), gt[:8], 4, 3)
+    mapping4 = cluster.match_clusters(conf4, "iou")
+    assert mapping4.tolist() == [0, 1, 2, 255]
+    s4 = cluster.segmentation_scores(cluster.apply_matching(conf4, mapping4))
+    # IoU0 = 2/(2+3-2), IoU1 = 2/(3+2-2), IoU2 = 2/(2+3-2): the unmatched pixel is a false negative of class 2
+    assert s4["pixel_accuracy"] == pytest.approx(6 / 8)
+    assert s4["iou"] == pytest.approx([2 / 3, 2 / 3, 2 / 3])
+    # 'pixels' matching maximises matched pixels: a big cluster goes where it covers most
+    conf_p = np.array([[50, 40], [0, 10]])
+    assert cluster.match_clusters(conf_p, "pixels").tolist() == [0, 1]
+    assert cluster.match_clusters(np.array([[10, 40], [30, 0]]), "pixels").tolist() == [1, 0]
+
+
+def test_cluster_perfect_prediction_and_permutation_invariance():
+    import cluster
+    rng = np.random.default_rng(0)
+    gt = rng.integers(0, 19, size=(2, 40, 50)).astype(np.uint8)
+    gt[:, :5] = 255
+    perm = rng.permutation(19)
+    for objective in ("iou", "pixels"):
+        conf = cluster.confusion_matrix(perm[gt.clip(0, 18)], gt, 19, 19)
+        s = cluster.segmentation_scores(cluster.apply_matching(conf, cluster.match_clusters(conf, objective)))
+        assert s["pixel_accuracy"] == 1.0 and s["miou"] == 1.0
+    # a noisy prediction: permuting cluster ids permutes the matching and leaves every score unchanged
+    noisy = np.where(rng.random(gt.shape) < 0.4, rng.integers(0, 19, gt.shape), gt.clip(0, 18))
+    conf = cluster.confusion_matrix(noisy, gt, 19, 19)
+    base = cluster.segmentation_scores(cluster.apply_matching(conf, cluster.match_clusters(conf)))
+    conf_perm = cluster.confusion_matrix(perm[noisy], gt, 19, 19)
+    moved = cluster.segmentation_scores(cluster.apply_matching(conf_perm, cluster.match_clusters(conf_perm)))
+    assert moved["pixel_accuracy"] == pytest.approx(base["pixel_accuracy"])
+    assert moved["iou"] == pytest.approx(base["iou"]) and moved["miou"] == pytest.approx(base["miou"])
+    assert cluster.match_clusters(conf_perm)[perm].tolist() == cluster.match_clusters(conf).tolist()
+
+
+def test_cluster_agglomerative_recovers_groups():
+    import cluster
+    rng = np.random.default_rng(1)
+    centres = np.linalg.qr(rng.normal(size=(32, 6)))[0].T           # 6 orthonormal directions in 32-D
+    group = rng.permutation(np.repeat(np.arange(6), 15))              # 90 prototypes, 15 per group
+    protos = centres[group] + 0.08 * rng.normal(size=(90, 32))
+    protos *= rng.uniform(0.5, 3, size=(90, 1))                        # norms must not matter (cosine)
+    found = cluster.cluster_prototypes(protos, 6)
+    assert found.dtype == np.int64 and sorted(set(found.tolist())) == list(range(6))
+    pairs = set(zip(group.tolist(), found.tolist()))
+    assert len(pairs) == 6                                             # the same partition up to renaming
+    # ties everywhere: identical prototypes still give exactly C clusters; K < C gives K
+    assert len(set(cluster.cluster_prototypes(np.ones((8, 4)), 3).tolist())) == 3
+    assert cluster.cluster_prototypes(np.eye(4), 10).tolist() == [0, 1, 2, 3]
+
+
+def test_cluster_assign_pixels_nearest_prototype():
+    import cluster
+    protos = torch.eye(4)[:3]                                          # 3 prototypes in 4-D
+    proj = torch.zeros(1, 4, 2, 2)
+    proj[0, :, 0, 0] = torch.tensor([5.0, 0, 0, 1])                    # nearest prototype 0
+    proj[0, :, 0, 1] = torch.tensor([0, 0.1, 0, 0])                    # 1 (scale does not matter)
+    proj[0, :, 1, :] = torch.tensor([0, 0, 2.0, 0])[:, None]           # 2
+    out = cluster.assign_pixels(proj, protos, np.array([7, 8, 9]), (2, 2))
+    assert out.tolist() == [[[7, 8], [9, 9]]]
+    big = cluster.assign_pixels(proj, protos, np.array([0, 1, 2]), (8, 8), chunk=5)
+    assert big.shape == (1, 8, 8) and big[0, 0, 0] == 0 and big[0, -1, -1] == 2
+
+
+@pytest.fixture(scope="session")
+def cluster_swav_model(tmp_path_factory):
+    """A swav_dense.py model.pt (resnet18, 16 prototypes, random weights) in the stage's dict format."""
+    import swav_dense
+    torch.manual_seed(0)
+    model = swav_dense.build_model("resnet18", num_prototypes=16)
+    path = tmp_path_factory.mktemp("swav") / "model.pt"
+    torch.save({"arch": "resnet18", "model": model.state_dict(), "args": {}, "num_prototypes": 16}, path)
+    return str(path)
+
+
+def cluster_work_with_model(tmp_path, model_path):
+    import shutil
+    os.makedirs(tmp_path / "swav", exist_ok=True)
+    shutil.copy(model_path, tmp_path / "swav" / "model.pt")
+    return str(tmp_path)
+
+
+def test_cluster_end_to_end_tiny_city(tiny_city, cluster_swav_model, tmp_path):
+    import json
+    import cluster
+    from PIL import Image
+    work = cluster_work_with_model(tmp_path, cluster_swav_model)
+    run_cli("cluster.py", "--work", work, "--data", tiny_city, "--dataset", "toycity", "--clusters", "9",
+            "--save-pred", "--pca", "1", "--device", "cpu")
+    out = os.path.join(work, "cluster")
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    assert metrics["protocol"] == "cpcdr" and metrics["matching"] == "iou" and metrics["clusters"] == 9
+    assert 0 <= metrics["pixel_accuracy"] <= 1 and 0 <= metrics["miou"] <= 1
+    assert "wall" in metrics["absent_classes"] and metrics["iou"]["wall"] is None
+    assignment = np.load(os.path.join(out, "assignment.npy"))
+    assert assignment.dtype == np.int64 and assignment.shape == (16,) and set(assignment.tolist()) == set(range(9))
+    # the saved predictions reproduce the reported accuracy
+    correct = valid = 0
+    for stem, _, label_path in cluster.list_eval_pairs(tiny_city, "toycity", "val"):
+        pred = np.asarray(Image.open(os.path.join(out, "pred", f"{stem}.png")))
+        gt = cluster.labelids_to_trainids(np.asarray(Image.open(label_path)))
+        assert pred.shape == gt.shape and pred.dtype == np.uint8
+        assert set(np.unique(pred).tolist()) <= set(range(19)) | {255}
+        correct += int(((pred == gt) & (gt != 255)).sum())
+        valid += int((gt != 255).sum())
+        colour = np.asarray(Image.open(os.path.join(out, "pred_color", f"{stem}.png")))
+        assert colour.shape == (gt.shape[0], 3 * gt.shape[1], 3)
+    assert correct / valid == pytest.approx(metrics["pixel_accuracy"])
+    assert len(os.listdir(os.path.join(out, "pca"))) == 1
+    # the random-initialisation baseline of the same architecture, and the PiCIE protocol, need only flags
+    args = cluster.get_args_parser().parse_args(["--work", work, "--data", tiny_city, "--dataset", "toycity",
+                                                 "--init-random", "--protocol", "picie", "--device", "cpu",
+                                                 "--out", os.path.join(work, "cluster_random")])
+    random_metrics = cluster.run(args)
+    assert random_metrics["init"] == "random" and random_metrics["matching"] == "pixels"
+    assert random_metrics["clusters"] == 16 and len(random_metrics["iou"]) == 27   # K = 16 < C = 27
 
 # ==========================================================================================================
 # finetune.py
 # ==========================================================================================================
+def finetune_args(work, data, *extra):
+    import finetune
+    return finetune.get_args_parser().parse_args(
+        ["--work", work, "--data", data, "--dataset", "toycity", "--device", "cpu", "--workers", "0",
+         "--batch-size", "2", *map(str, extra)])
+
+
+def test_finetune_one_cpu_step_cli(tiny_city, cluster_swav_model, tmp_path):
+    import json
+    work = cluster_work_with_model(tmp_path, cluster_swav_model)
+    run_cli("finetune.py", "--work", work, "--data", tiny_city, "--dataset", "toycity", "--init", "swav",
+            "--iters", "1", "--batch-size", "2", "--crop", "32", "64", "--device", "cpu", "--workers", "0")
+    out = os.path.join(work, "finetune")
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    assert metrics["init"] == "swav" and metrics["arch"] == "resnet18" and 0 <= metrics["miou"] <= 1
+    assert len(metrics["iou"]) == 19 and metrics["iou"]["wall"] is None
+    model = torch.load(os.path.join(out, "model.pt"), weights_only=True)
+    assert model["arch"] == "resnet18" and model["num_classes"] == 19
+    assert os.path.exists(os.path.join(out, "checkpoint.pt"))
+    lines = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    assert lines[0]["iteration"] == 1 and np.isfinite(lines[0]["loss"]) and lines[-1]["eval"]
+
+
+def test_finetune_swav_transfer_exact_and_other_arch_fails(cluster_swav_model):
+    import finetune
+    ckpt = torch.load(cluster_swav_model, weights_only=True)
+    torch.manual_seed(1)
+    net = finetune.SegmentationNet("resnet18", 19)
+    classifier = {k: v.clone() for k, v in net.classifier.state_dict().items()}
+    keys = finetune.transfer_swav_weights(net, ckpt)
+    expected = sorted(k for k in ckpt["model"] if k.split(".")[0] in ("backbone", "fpn", "head"))
+    assert keys == expected and len(keys) > 100
+    state = net.state_dict()
+    assert sorted(k for k in state if k.startswith("net.")) == ["net." + k for k in expected]
+    for k in expected:
+        assert torch.equal(state["net." + k], ckpt["model"][k]), k
+    for k, v in classifier.items():                                     # the new classifier is untouched
+        assert torch.equal(net.classifier.state_dict()[k], v)
+    assert not any(".projector." in k or ".prototypes." in k for k in state)
+    with pytest.raises(ValueError, match="resnet18"):
+        finetune.transfer_swav_weights(finetune.SegmentationNet("resnet34", 19), ckpt)
+    out = net(torch.zeros(1, 3, 64, 96))
+    assert out.shape == (1, 19, 64, 96)                                 # x4 upsampling to the input size
+
+
+def test_finetune_poly_schedule_values():
+    import finetune
+    assert finetune.poly_lr(0.01, 0, 100) == pytest.approx(0.01)
+    assert finetune.poly_lr(0.01, 50, 100) == pytest.approx(0.01 * 0.5 ** 0.9)
+    assert finetune.poly_lr(0.01, 90, 100) == pytest.approx(0.01 * 0.1 ** 0.9)
+    assert finetune.poly_lr(0.01, 100, 100) == 0.0
+    assert finetune.poly_lr(0.02, 25, 100, power=1.0) == pytest.approx(0.015)
+
+
+def test_finetune_fraction_subset_and_folds_deterministic():
+    import finetune
+    stems = [f"city_{i:06d}_000019" for i in range(160)]
+    a = finetune.select_fraction(stems, 1 / 16, seed=0)
+    assert len(a) == 10 and a == sorted(a) and set(a) <= set(stems)
+    assert a == finetune.select_fraction(list(reversed(stems)), 1 / 16, seed=0)      # input order irrelevant
+    assert a != finetune.select_fraction(stems, 1 / 16, seed=1)
+    assert set(a) <= set(finetune.select_fraction(stems, 1 / 4, seed=0))            # nested fractions
+    assert len(finetune.select_fraction(stems[:3], 0.01, seed=0)) == 1
+    held = [finetune.kfold_split(stems[:23], 5, f)[1] for f in range(5)]
+    assert sorted(sum(held, [])) == sorted(stems[:23]) and {len(h) for h in held} == {4, 5}
+    train0, held0 = finetune.kfold_split(stems[:23], 5, 0)
+    assert not set(train0) & set(held0) and len(train0) + len(held0) == 23
+    # batches: every epoch visits every item once; a pure function of (iteration, seed)
+    seen = sum((finetune.batch_indices(i, 4, 12, seed=3) for i in range(3)), [])
+    assert sorted(seen) == list(range(12))
+    assert finetune.batch_indices(5, 4, 12, seed=3) == finetune.batch_indices(5, 4, 12, seed=3)
+
+
+def test_finetune_augmentation_shapes_and_padding():
+    import finetune
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (40, 80, 3), dtype=np.uint8)
+    label = rng.integers(0, 19, (40, 80), dtype=np.uint8)
+    img, lab = finetune.random_scale_crop_flip(image, label, (20, 40), (0.5, 0.5), (32, 64), True, rng)
+    assert img.shape == (32, 64, 3) and lab.shape == (32, 64)
+    assert (lab[10:] == 255).all() and (lab[:, 20:] == 255).all()        # 10 x 20 image padded with ignore
+    img, lab = finetune.random_scale_crop_flip(image, label, (40, 80), (1, 1), (40, 80), False, rng)
+    assert np.array_equal(img, image) and np.array_equal(lab, label)     # scale 1, full crop, no flip
+
+
+def test_finetune_overfits_a_few_toy_images(tiny_city, tmp_path):
+    import finetune
+    # two 64 x 128 training images, no augmentation, evaluated on themselves
+    args = finetune_args(str(tmp_path), tiny_city, "--init", "scratch", "--arch", "resnet18", "--iters", "40",
+                         "--lr", "0.05", "--scale-range", "1", "1", "--no-flip", "--crop", "64", "128",
+                         "--val-split", "train", "--no-amp")
+    torch.set_num_threads(1)
+    metrics = finetune.run(args)
+    assert metrics["pixel_accuracy"] > 0.8 and metrics["miou"] > 0.35
+    assert metrics["iou"]["road"] > 0.8 and metrics["iou"]["sky"] > 0.6
+
+
+def test_finetune_resume_is_exact(tiny_city, cluster_swav_model, tmp_path):
+    import finetune
+    work = cluster_work_with_model(tmp_path, cluster_swav_model)
+    common = ["--iters", "4", "--crop", "32", "64", "--ckpt-every", "0"]
+    torch.set_num_threads(1)
+    finetune.run(finetune_args(work, tiny_city, *common, "--out", os.path.join(work, "straight")))
+    resumed = os.path.join(work, "resumed")
+    assert finetune.run(finetune_args(work, tiny_city, *common, "--out", resumed, "--stop-after", "2")) is None
+    assert torch.load(os.path.join(resumed, "checkpoint.pt"), weights_only=False)["iteration"] == 2
+    finetune.run(finetune_args(work, tiny_city, *common, "--out", resumed, "--resume"))
+    a = torch.load(os.path.join(work, "straight", "model.pt"), weights_only=True)["model"]
+    b = torch.load(os.path.join(resumed, "model.pt"), weights_only=True)["model"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
 
 # ==========================================================================================================
 # hygiene
 # ==========================================================================================================
+STAGE_FILES = ["toycity.py", "depth.py", "group.py", "copypaste.py", "swav_dense.py", "cluster.py", "finetune.py"]
+NOT_PLUMBING = {"main", "run", "get_args_parser", "forward", "__init__", "__len__", "__getitem__"}
+
+
+def stage_trees():
+    import ast
+    trees = {}
+    for name in STAGE_FILES:
+        path = os.path.join(HERE, name)
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                trees[name] = (ast.parse(f.read()), f.name)
+    return trees
+
+
+def test_hygiene_importing_a_stage_runs_nothing():
+    code = "import sys, io; sys.stdout = io.StringIO(); import {0}; out = sys.stdout.getvalue(); " \
+           "sys.stdout = sys.__stdout__; print(repr(out))"
+    for name in stage_trees():
+        proc = subprocess.run([sys.executable, "-c", code.format(name[:-3])], cwd=HERE, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip() == "''", f"importing {name} printed {proc.stdout}"
+
+
+def test_hygiene_stages_import_only_earlier_stages():
+    import ast
+    order = {name[:-3]: i for i, name in enumerate(STAGE_FILES)}
+    for name, (tree, _) in stage_trees().items():
+        assert ast.get_docstring(tree), f"{name} has no module docstring"
+        for node in ast.walk(tree):
+            mods = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            for mod in mods:
+                root = mod.split(".")[0]
+                assert root != "utils", f"{name} imports utils"
+                assert order.get(root, -1) <= order[name[:-3]], f"{name} imports the later stage {root}"
+
+
+def test_hygiene_plumbing_copies_identical():
+    """A helper defined in several stage files (seed, device, image loading...) is the same code in each."""
+    import ast
+    seen = {}
+    for name, (tree, path) in stage_trees().items():
+        source = open(path, encoding="utf-8").read()
+        for node in tree.body:
+            if isinstance(node, ast.FunctionDef) and node.name not in NOT_PLUMBING:
+                seen.setdefault(node.name, []).append((name, ast.get_source_segment(source, node)))
+    for fn, copies in seen.items():
+        assert len({src for _, src in copies}) == 1, f"{fn} differs between {[n for n, _ in copies]}"
