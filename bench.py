@@ -102,12 +102,13 @@ def bench_group(args):
     data = args.data
     if not os.path.exists(os.path.join(data, ".complete")):
         toycity.render_dataset(data, size=(384, 768), train_sequences=2, val_sequences=1, frames=3, seed=0)
+    split = "val" if os.path.isdir(os.path.join(data, "leftImg8bit", "val")) else "train"
     work = tempfile.mkdtemp(prefix="bench_group_")
     rows = []
     try:
         for what, extra in [("", []), (", SLIC 5 iterations (ablation)", ["--slic-iterations", "5"]),
                             (", InfoMap preferred modules 10 (released)", ["--preferred-modules", "10"])]:
-            a = group.get_args_parser().parse_args(["--work", work, "--data", data, "--split", "val", "--stereo",
+            a = group.get_args_parser().parse_args(["--work", work, "--data", data, "--split", split, "--stereo",
                                                     "--size", "384", "768", "--overwrite", *extra])
             os.makedirs(os.path.join(work, "regions"), exist_ok=True)
             item = group.list_items(a)[0]
@@ -127,6 +128,85 @@ def bench_group(args):
 
 
 # ===== copypaste =====
+def bench_copypaste(args, size=(384, 768), mix=8, paste_times=(2, 4), repeat=3, worker_samples=8):
+    """copypaste.py: one cross-context sample at paper settings (M 8, E 2 4, 384 x 768) on one thread, with and
+    without the photometric augmentation, from the toy city's annotated frames (ground-truth disparity scaled
+    to (0, 1], instance ids as regions: about 50 per toy-city frame, more than the ~30 of a Cityscapes frame);
+    then samples/s of the command with --workers 2 (one thread each) writing `worker_samples` samples.
+    The authors' released construction of such a sample (~28 regions per source): 5.6 s on one thread."""
+    import glob
+    import shutil
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+
+    import copypaste
+    import depth
+    import toycity
+    data = args.data
+    if not os.path.exists(os.path.join(data, ".complete")):
+        toycity.render_dataset(data, size=(384, 768), train_sequences=2, val_sequences=1, frames=3, seed=0)
+    paths = depth.list_split_images(data, "train") + depth.list_split_images(data, "val")
+    work = tempfile.mkdtemp(prefix="bench_copypaste_")
+    for folder in ("images", "disp", "regions"):
+        os.makedirs(os.path.join(work, folder))
+    images, disps, regions = [], [], []
+    for path in paths:
+        stem, split = depth.image_stem(path), "train" if f"{os.sep}train{os.sep}" in path else "val"
+        images.append(np.array(Image.open(path).convert("RGB")))
+        d = depth.read_disparity_png(depth.split_file(data, "disparity", split, stem, "disparity.png"))
+        disps.append((d / max(float(d.max()), 1e-6)).astype(np.float32))
+        inst = np.array(Image.open(depth.split_file(data, "gtFine", split, stem, "gtFine_instanceIds.png")))
+        regions.append(np.unique(inst, return_inverse=True)[1].reshape(inst.shape).astype(np.int32))
+    pick = [j % len(paths) for j in range(mix)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rows = []
+    try:
+        for photometric in (True, False):
+            built, cpu = [], []
+
+            def once():
+                g = torch.Generator().manual_seed(len(built))
+                start = time.process_time()
+                built.append(copypaste.build_sample([images[j] for j in pick], [disps[j] for j in pick],
+                                                    [regions[j] for j in pick], [str(j) for j in pick],
+                                                    paste_times=paste_times, generator=g, size=size,
+                                                    photometric=photometric))
+                cpu.append(time.process_time() - start)
+            seconds = timed(once, repeat)
+            what = "" if photometric else ", --no-photometric"
+            rows.append(("copypaste", f"one sample M{mix} E{paste_times[0]},{paste_times[1]} {size[0]}x{size[1]}, "
+                                      f"1 thread{what}", seconds, "s"))
+            rows.append(("copypaste", "  its CPU time (process_time; less sensitive to a shared machine)",
+                         sorted(cpu[1:])[len(cpu[1:]) // 2], "s"))
+            if photometric:
+                R = built[-1]["canvas_of"].shape[0]
+                pasted = int((built[-1]["canvas_of"][:, 2:] >= 0).sum())
+                rows.append(("copypaste", "  regions per source (mean)", R / mix, "regions"))
+                rows.append(("copypaste", "  pasted copies per sample", pasted, "copies"))
+        # the command with --workers 2: mix * worker_samples / 2 images (links), 2 epochs
+        n_images = mix * max(1, worker_samples // 2)
+        for k in range(n_images):
+            j = k % len(paths)
+            os.symlink(os.path.abspath(paths[j]), os.path.join(work, "images", f"img{k:04d}.png"))
+            np.save(os.path.join(work, "disp", f"img{k:04d}.npy"), disps[j])
+            np.save(os.path.join(work, "regions", f"img{k:04d}.npy"), regions[j])
+        cli = copypaste.get_args_parser().parse_args(
+            ["--work", work, "--images", os.path.join(work, "images", "*.png"), "--mix", str(mix), "--paste-times",
+             *map(str, paste_times), "--size", *map(str, size), "--epochs", "2", "--workers", "2"])
+        start = time.perf_counter()
+        copypaste.run(cli)
+        seconds = time.perf_counter() - start
+        made = len(glob.glob(os.path.join(work, "samples", "epoch_*", "*.pt")))
+        rows.append(("copypaste", f"command --workers 2, {made} samples incl. load + save", made / seconds,
+                     "samples/s"))
+    finally:
+        torch.set_num_threads(threads)
+        shutil.rmtree(work, ignore_errors=True)
+    return rows
+
 
 # ===== swav_dense =====
 def bench_swav_dense(args, size=(128, 256), mix=8, arch="resnet50", num_prototypes=1000, pixel_samples=4000,
@@ -175,7 +255,7 @@ def bench_swav_dense(args, size=(128, 256), mix=8, arch="resnet50", num_prototyp
 
     def step():
         gen = torch.Generator().manual_seed(2)
-        swav_dense.train_step(model, model, batch, train_args, device, None, scaler, optimizer, workspace, gen)
+        swav_dense.dense_swav_step(model, model, batch, train_args, device, None, scaler, optimizer, workspace, gen)
         sync()
 
     def network_only():
@@ -200,8 +280,70 @@ def bench_swav_dense(args, size=(128, 256), mix=8, arch="resnet50", num_prototyp
 
 
 # ===== cluster =====
+def bench_cluster(args, size=(384, 768), arch="resnet50", num_prototypes=1000, classes=19, repeat=3):
+    """cluster.py at the paper's setting: agglomerative clustering of K = 1000 prototypes into 19 clusters,
+    and the evaluation of one 384 x 768 image (network forward, projections upsampled to 384 x 768, nearest of
+    the K prototypes per pixel, confusion matrix). Random weights and input: the cost does not depend on them.
+    CPU runs the network in fp32 (bf16 autocast is slower on CPUs without bf16 units); CUDA in fp16 autocast."""
+    import numpy as np
+    import cluster
+    import swav_dense
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = swav_dense.build_model(arch, num_prototypes).to(device).eval()
+    prototypes = torch.nn.functional.normalize(model.prototypes.weight.detach()[:, :, 0, 0], dim=1)
+    protos_np = prototypes.cpu().numpy()
+    assignment = cluster.cluster_prototypes(protos_np, classes)
+    x = torch.randn(1, 3, *size, device=device)
+    gt = np.random.default_rng(0).integers(0, classes, size).astype(np.uint8)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def evaluate_one():
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+            proj = model(x)
+        clusters = cluster.assign_pixels(proj, prototypes, assignment, size)[0].cpu().numpy()
+        cluster.confusion_matrix(clusters, gt, classes, classes)
+        sync()
+
+    def forward_only():
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+            model(x)
+        sync()
+    H, W = size
+    return [("cluster", f"prototype clustering K{num_prototypes} -> {classes} (cosine, average)",
+             timed(lambda: cluster.cluster_prototypes(protos_np, classes), repeat), "s"),
+            ("cluster", f"evaluation of one {H}x{W} image ({arch}, K{num_prototypes})", timed(evaluate_one, repeat),
+             "s/image"),
+            ("cluster", "  network forward alone", timed(forward_only, repeat), "s/image")]
+
 
 # ===== finetune =====
+def bench_finetune(args, size=(384, 768), arch="resnet50", repeat=2):
+    """finetune.py's training step (forward, cross-entropy, backward, SGD) at the paper's crop 384 x 768 with
+    ResNet-50: batch 8 on CUDA (fp16 autocast + GradScaler), batch 2 on CPU (fp32; batch 8 takes minutes per
+    step there). Random images and labels: the cost does not depend on them."""
+    import finetune
+    device = torch.device(args.device)
+    batch = 8 if device.type == "cuda" else 2
+    amp_dtype = torch.float16 if device.type == "cuda" else None
+    torch.manual_seed(0)
+    model = finetune.SegmentationNet(arch).to(device).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=finetune.LR, momentum=finetune.MOMENTUM,
+                                weight_decay=finetune.WEIGHT_DECAY)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    images = torch.randint(0, 256, (batch, *size, 3), dtype=torch.uint8, device=device)
+    labels = torch.randint(0, 19, (batch, *size), dtype=torch.uint8, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def step():
+        finetune.finetune_step(model, optimizer, scaler, images, labels, finetune.LR, amp_dtype)
+        sync()
+    seconds = timed(step, repeat)
+    H, W = size
+    precision = "fp16 autocast" if amp_dtype else "fp32"
+    return [("finetune", f"train step, batch {batch} x {H}x{W} {arch} {precision}", seconds, "s/step"),
+            ("finetune", "  per image", seconds / batch, "s/image")]
+
 
 STAGES = ["depth", "group", "copypaste", "swav_dense", "cluster", "finetune"]
 

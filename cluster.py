@@ -16,7 +16,7 @@ Reads / writes
 | DATA images + labelIds (read)          | uint8 (H, W, 3), (H, W) | Cityscapes layout, KITTI data_semantics, toy city |
 | WORK/cluster/assignment.npy            | int64 (K,)              | cluster id (0..C-1) of every prototype           |
 | WORK/cluster/metrics.json              | JSON                    | protocol, matching, accuracy, per-class IoU, mIoU |
-| WORK/cluster/pred/<stem>.png           | uint8 (h, w)            | matched class id per pixel, 255 unmatched/ignored |
+| WORK/cluster/pred/<stem>.png           | uint8 (h, w)            | matched class per pixel, 255: unmatched cluster  |
 | WORK/cluster/pred_color/<stem>.png     | RGB                     | image, ground truth, prediction side by side     |
 | WORK/cluster/pca/<stem>.png            | RGB                     | projections as RGB by a 3-component PCA (Fig 2)  |
 (--out replaces WORK/cluster.)
@@ -47,6 +47,7 @@ Deviations from the released code, stated plainly
 import argparse
 import json
 import os
+import random
 import time
 
 import numpy as np
@@ -289,8 +290,7 @@ def pca_rgb(features, components=3):
 # ----------------------------------------------------------------------------------------------------------
 # Input / output
 # ----------------------------------------------------------------------------------------------------------
-def set_seed(seed):
-    import random
+def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -299,10 +299,12 @@ def set_seed(seed):
 def pick_device(name):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda asked for, but torch sees no CUDA device")
     return torch.device(name)
 
 
-def load_image(path):
+def read_rgb(path):
     """RGB uint8 (H, W, 3)."""
     with Image.open(path) as im:
         return np.asarray(im.convert("RGB"))
@@ -357,7 +359,6 @@ def to_tensor(image):
 
 
 def save_png(array, path):
-    """Atomic PNG write (temporary file, then rename)."""
     tmp = path + ".tmp.png"
     Image.fromarray(array).save(tmp)
     os.replace(tmp, path)
@@ -366,7 +367,7 @@ def save_png(array, path):
 def save_json(obj, path):
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
+        json.dump(obj, f, indent=2)
     os.replace(tmp, path)
 
 
@@ -393,7 +394,7 @@ def load_network(path, random_init, seed):
 def run(args):
     t0 = time.time()
     print("args: " + ", ".join(f"{k}={v}" for k, v in sorted(vars(args).items())))
-    set_seed(args.seed)
+    seed_everything(args.seed)
     device = pick_device(args.device)
     print(f"device: {device}")
     out = args.out or os.path.join(args.work, "cluster")
@@ -438,7 +439,7 @@ def run(args):
     with torch.no_grad():
         for i, (stem, image_path, label_path) in enumerate(tqdm(pairs, desc="cluster", disable=None)):
             ids = np.asarray(Image.open(label_path))
-            image = load_image(image_path)
+            image = read_rgb(image_path)
             if image.shape[:2] != ids.shape:
                 raise ValueError(f"{image_path} {image.shape[:2]} and {label_path} {ids.shape} differ in size")
             image, ids = resize_pair(image, ids, args.protocol, size)
@@ -449,7 +450,7 @@ def run(args):
             clusters = assign_pixels(proj, prototypes, assignment, gt.shape)[0].cpu().numpy()
             conf += confusion_matrix(clusters, gt, num_clusters, num_classes)
             if args.save_pred:
-                kept[stem] = (clusters.astype(np.uint8 if num_clusters < 256 else np.int32), gt, image)
+                kept[stem] = (clusters.astype(np.uint8 if num_clusters < 256 else np.int32), image_path, label_path)
             if i < args.pca:
                 pca_feats.append((stem, image, F.normalize(proj.float(), dim=1)[0].cpu().numpy()))
 
@@ -479,8 +480,9 @@ def run(args):
         os.makedirs(os.path.join(out, "pred"), exist_ok=True)
         os.makedirs(os.path.join(out, "pred_color"), exist_ok=True)
         lut = mapping.astype(np.uint8)
-        for stem, (clusters, gt, image) in kept.items():
-            pred = lut[clusters]
+        for stem, (clusters, image_path, label_path) in kept.items():
+            image, ids = resize_pair(read_rgb(image_path), np.asarray(Image.open(label_path)), args.protocol, size)
+            gt, pred = to_classes(ids), lut[clusters]
             save_png(pred, os.path.join(out, "pred", f"{stem}.png"))
             panel = np.concatenate([image, colorize(gt, colors), colorize(pred, colors)], axis=1)
             save_png(panel, os.path.join(out, "pred_color", f"{stem}.png"))
@@ -523,7 +525,8 @@ def get_args_parser():
     p.add_argument("--init-random", action="store_true", help="baseline: a randomly initialised network of the "
                    "model's architecture and number of prototypes through the same clustering")
     p.add_argument("--out", default=None, help="output folder (default WORK/cluster)")
-    p.add_argument("--save-pred", action="store_true", help="write matched predictions and colour panels")
+    p.add_argument("--save-pred", action="store_true", help="write matched predictions (trainIds; picie: its "
+                   "27 class ids), 255 unmatched, at the evaluated label size, and colour panels")
     p.add_argument("--pca", type=int, default=0, metavar="N", help="write the first N images' projections as "
                    "RGB by a 3-component PCA (Fig 2)")
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N images (0 = all)")

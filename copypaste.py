@@ -12,7 +12,7 @@ Reads / writes
 | WORK/regions/<stem>.npy (`group.py`)      | int (h, w)               | region ids (any resolution, any ids)         |
 | WORK/samples/epoch_EEE/NNNNNN.pt (writes) | dict, see `build_sample` | one cross-context sample of 2M canvases      |
 | WORK/samples/args.json (writes)           | JSON                     | the arguments (M, T, size) of the samples    |
-| WORK/samples/preview/NNNNNN.png (writes)  | RGB PNG                  | the 2M canvases, each region's copies outlined in one colour (Fig 1b) |
+| WORK/samples/preview/NNNNNN.png (writes)  | RGB PNG                  | the 2M canvases, copies outlined (Fig 1b)    |
 
 A sample (`torch.save` of a plain dict, loadable with `torch.load(weights_only=True)`):
     images     uint8 (2M, 3, H, W)  the composite canvases (before the per-canvas training augmentation)
@@ -23,8 +23,12 @@ A sample (`torch.save` of a plain dict, loadable with `torch.load(weights_only=T
 Normalised coordinates follow grid_sample(align_corners=False): column i has x = (2i + 1) / W - 1.
 
 Commands
-    python copypaste.py --work runs/cs --data CITYSCAPES --split train --epochs 25           # paper scale
-    python copypaste.py --work runs/toy --data data/toycity --split train --size 192 384 --mix 2 --epochs 2 --preview 2
+    python copypaste.py --work runs/cs --data CITYSCAPES --split train --epochs 0 --preview 8   # paper scale: a
+        # saved 384 x 768, M 8 sample is ~33 MB, so swav_dense.py --on-the-fly builds them (same code and seeds)
+    python copypaste.py --work runs/toy --data data/toycity --split train --size 192 384 --mix 4 --epochs 10 \
+        --workers 2 --preview 2                                                                 # toy, ~1 minute
+
+Sample k of epoch e is seeded from (--seed, e, k): the same sample on disk, on the fly, with any --workers.
 
 Choices and deviations (stated plainly)
 - Regions: every id of every source is one region; a source's ids are relabelled contiguously (ids absent after
@@ -44,7 +48,14 @@ Choices and deviations (stated plainly)
   canvas with an identity matrix; here they are marked -1. The released code clamps the top row after
   recording the matrix; here the copy is pasted at the recorded (unclamped) position and clipped to the
   canvas, so the matrix is exact.
-- Per-canvas augmentation strengths follow the released code: colour jitter (0.5, 0.5, 0.5, 0.2).
+- Per-canvas augmentation strengths follow the released code: colour jitter (0.5, 0.5, 0.5, 0.2); the aspect
+  ratio of its random resize is drawn log-uniformly (as torchvision's RandomResizedCrop does).
+- Speed (goal: one paper-size sample in 1 s on one core; the released code takes 5.6 s; bench.py): a copy's
+  colour is resized and photometrically augmented only when DepthMix leaves some of it visible, and only on
+  the box it changes (+2 px context for the blur); so contrast's mean grey is taken over that box, not the
+  whole bounding box (the released code's box is no more principled: it includes background pixels).
+  Disparity is resized bilinearly without antialiasing (it is only compared and blended). Hue shift and blur
+  are re-implementations with torchvision's results (tested), several times faster on CPU.
 """
 import argparse
 import glob
@@ -115,34 +126,40 @@ def paste_matrix(box_top, box_left, scale_y, scale_x, new_h, new_w, top, left, f
 # Photometric augmentation (per pasted region, and per canvas at training time)
 # ----------------------------------------------------------------------------------------------------------
 def adjust_hue(image, hue_factor):
-    """torchvision's adjust_hue (RGB -> HSV, shift H, -> RGB) in fewer tensor operations, same result.
+    """torchvision's adjust_hue (RGB -> HSV, shift H, -> RGB) in a few cheap tensor operations, same result.
 
-    With V = max, C = max - min and the hue in sextants h6 (torchvision's formula), HSV -> RGB is
-    channel_n = V - C clamp(min(k, 4 - k), 0, 1), k = (n + h6 + 6 hue_factor) mod 6, n = 5, 3, 1 for R, G, B.
-    image: float (3, h, w) in [0, 1]; hue_factor in [-0.5, 0.5].
+    With V = max, C = max - min and torchvision's hue in sextants h6 (from the first maximal channel, in the
+    order r, g, b), HSV -> RGB is channel_n = V - C clamp(min(k, 4 - k), 0, 1), k = (n + h6 + 6 hue_factor)
+    mod 6, n = 5, 3, 1 for R, G, B. image: float (3, h, w) in [0, 1]; hue_factor in [-0.5, 0.5].
     """
     r, g, b = image.unbind(0)
-    maxc, which = image.max(0)                    # the first maximal channel, torchvision's precedence r, g, b
-    chroma = maxc - image.min(0).values
-    sextant = torch.stack([g - b, b - r, r - g]).gather(0, which[None])[0]
-    h6 = sextant.div_(chroma.clamp(min=1e-12)).add_(which, alpha=2.0)  # hue x 6, in [-1, 5)
-    k = (h6 + 6.0 * hue_factor)[None] + torch.tensor([5.0, 3.0, 1.0], dtype=image.dtype)[:, None, None]
-    k = k.remainder_(6.0)
+    maxc = image.amax(0)
+    chroma = maxc - image.amin(0)
+    inv = 1.0 / chroma.clamp(min=1e-12)
+    h6 = torch.where(r == maxc, (g - b).mul_(inv),
+                     torch.where(g == maxc, (b - r).mul_(inv).add_(2.0), (r - g).mul_(inv).add_(4.0)))
+    k = h6.add_(6.0 * hue_factor)[None] + torch.tensor([5.0, 3.0, 1.0], dtype=image.dtype).view(3, 1, 1)
+    k.sub_(torch.floor(k / 6.0).mul_(6.0))  # mod 6
     return maxc - chroma * torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
 
 
 def gaussian_blur(image, kernel_size, sigma):
-    """torchvision's gaussian_blur (same kernel, reflection padding), done as two 1-D convolutions.
-
-    image: float (C, h, w) with h, w > kernel_size // 2.
+    """torchvision's gaussian_blur (same kernel, reflection padding) as two 1-D passes of shifted sums (several
+    times faster on CPU than its 2-D depthwise convolution). image: float (C, h, w), h and w > kernel_size // 2.
     """
     lim = (kernel_size - 1) / (2.0 * math.sqrt(2.0))
-    x = torch.linspace(-lim, lim, steps=kernel_size, dtype=image.dtype)
-    k = torch.softmax(-(x / sigma) ** 2, dim=0)  # torchvision's _get_gaussian_kernel1d
-    C, pad = image.shape[0], kernel_size // 2
-    out = F.pad(image[None], (pad, pad, pad, pad), mode="reflect")
-    out = F.conv2d(out, k.view(1, 1, 1, -1).expand(C, 1, 1, kernel_size), groups=C)
-    return F.conv2d(out, k.view(1, 1, -1, 1).expand(C, 1, kernel_size, 1), groups=C)[0]
+    x = torch.linspace(-lim, lim, steps=kernel_size, dtype=torch.float64)
+    k = torch.softmax(-(x / sigma) ** 2, dim=0).tolist()  # torchvision's _get_gaussian_kernel1d
+    pad = kernel_size // 2
+    h, w = image.shape[-2:]
+    padded = F.pad(image[None], (pad, pad, pad, pad), mode="reflect")[0]
+    rows = padded[:, 0:h] * k[0]
+    for i in range(1, kernel_size):
+        rows.add_(padded[:, i:i + h], alpha=k[i])
+    out = rows[:, :, 0:w] * k[0]
+    for i in range(1, kernel_size):
+        out.add_(rows[:, :, i:i + w], alpha=k[i])
+    return out
 
 
 def photometric_augment(image, u, jitter=COLOR_JITTER, p_jitter=P_JITTER, p_blur=P_BLUR, p_gray=P_GRAY):
@@ -172,42 +189,6 @@ def photometric_augment(image, u, jitter=COLOR_JITTER, p_jitter=P_JITTER, p_blur
     return image
 
 
-def augment_canvas(image, generator, photometric=True):
-    """Per-canvas training augmentation with its exact matrix G (Sec 3.4; released `train_trans`).
-
-    Random resize (area x [1, 2], aspect in [3/4, 4/3], never smaller than H x W, bilinear), random crop back to
-    H x W, colour jitter p 0.8, blur p 0.2, grayscale p 0.1, horizontal flip p 0.5, ImageNet normalisation.
-    image: uint8 (3, H, W) (or float in [0, 1]); returns (float32 (3, H, W) normalised, G float32 (3, 3)) where G
-    maps normalised coords of the un-augmented canvas to normalised coords of the augmented one (column
-    vectors [x, y, 1]): the pixel at g in the output came from G^-1 g in the input. Labels are not augmented.
-    """
-    _, H, W = image.shape
-    u = torch.rand(_CANVAS_DRAWS, generator=generator, dtype=torch.float64).tolist()
-    x = image.float() / 255.0 if image.dtype == torch.uint8 else image.float()
-    # random resize: area factor a, aspect ratio r (log-uniform), never smaller than H x W
-    area = RESIZE_AREA[0] + (RESIZE_AREA[1] - RESIZE_AREA[0]) * u[0]
-    aspect = math.exp(math.log(RESIZE_ASPECT[0]) + (math.log(RESIZE_ASPECT[1]) - math.log(RESIZE_ASPECT[0])) * u[1])
-    new_h = max(H, int(round(H * math.sqrt(area / aspect))))
-    new_w = max(W, int(round(W * math.sqrt(area * aspect))))
-    if (new_h, new_w) != (H, W):
-        x = TF.resize(x, [new_h, new_w], antialias=True)
-    # random crop back to H x W
-    top = min(int(u[2] * (new_h - H + 1)), new_h - H)
-    left = min(int(u[3] * (new_w - W + 1)), new_w - W)
-    x = x[:, top:top + H, left:left + W]
-    if photometric:
-        x = photometric_augment(x, u[4:16]).clamp(0, 1)
-    flip = u[16] < P_FLIP
-    if flip:
-        x = TF.horizontal_flip(x)
-    x = TF.normalize(x, list(IMAGENET_MEAN), list(IMAGENET_STD))
-    # pixel-edge algebra: u1 = u * new_w / W, then u2 = u1 - left, then (flip) u3 = W - u2
-    sx, sy = new_w / W, new_h / H
-    a, b = (-sx, W + left) if flip else (sx, -left)
-    G = pixel_affine_to_normalised(a, b, sy, -top, H, W)
-    return x.contiguous(), torch.from_numpy(G).float()
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Regions and sources
 # ----------------------------------------------------------------------------------------------------------
@@ -233,8 +214,12 @@ def resize_source(image, disparity, regions, size=None):
     regions = torch.as_tensor(np.asarray(regions) if not torch.is_tensor(regions) else regions).long()
     if tuple(regions.shape) != (H, W):
         regions = F.interpolate(regions[None, None].double(), size=(H, W), mode="nearest-exact")[0, 0].long()
-    _, regions = torch.unique(regions, return_inverse=True)
-    return image, disparity, regions.reshape(H, W)
+    if regions.min() >= 0 and regions.max() < 1 << 24:  # contiguous ids in O(n): a lookup table of present ids
+        present = torch.bincount(regions.flatten()) > 0
+        regions = (torch.cumsum(present, 0) - 1)[regions]
+    else:
+        regions = torch.unique(regions, return_inverse=True)[1].reshape(H, W)
+    return image, disparity, regions
 
 
 def region_boxes(regions, num_regions):
@@ -287,13 +272,15 @@ def soft_mask(mask):
     return (rows[:, :-2] + rows[:, 2:]).mul_(k0).add_(rows[:, 1:-1], alpha=k1).clamp_(max=1.0)
 
 
-def paste_depthmix(canvas, canvas_labels, copy, mask, top, left, label):
+def paste_depthmix(canvas, canvas_labels, colour, disp, mask, top, left, label, recolour=None):
     """Paste one transformed copy at (top, left) in place, clipped to the canvas (DepthMix, soft blending).
 
     canvas float (C + 1, H, W): C colour channels then disparity (larger = nearer); canvas_labels int (H, W);
-    copy (C + 1, h, w) and mask bool (h, w): the transformed copy. A pixel is pasted where the mask is set and
-    the copy is nearer (its disparity > the canvas's, which includes earlier pastes); colour and disparity are
-    blended with the soft mask, labels set on the hard mask. Returns the number of pasted (hard-mask) pixels.
+    the copy: colour (C, h, w) (or a function returning it, called only when something is pasted), disp (h, w),
+    mask bool (h, w). A pixel is pasted where the mask is set and the copy is nearer (its disparity > the
+    canvas's, which includes earlier pastes); colour and disparity are blended with the soft mask, labels set
+    on the hard mask. recolour: optional function applied to the copy's colour before blending, on the box that
+    is actually pasted only (plus 2 px of context for a blur). Returns the number of pasted (hard-mask) pixels.
     """
     H, W = canvas_labels.shape
     h, w = mask.shape
@@ -301,15 +288,57 @@ def paste_depthmix(canvas, canvas_labels, copy, mask, top, left, label):
     if y1 <= y0 or x1 <= x0:
         return 0
     window = canvas[:, y0:y1, x0:x1]
-    piece = copy[:, y0 - top:y1 - top, x0 - left:x1 - left]
+    py, px = y0 - top, x0 - left  # the window's offset inside the copy
+    piece_disp = disp[py:py + y1 - y0, px:px + x1 - x0]
     # DepthMix: only where the copy is nearer than what the canvas shows now
-    hard = mask[y0 - top:y1 - top, x0 - left:x1 - left] & (piece[-1] > window[-1])
+    hard = mask[py:py + y1 - y0, px:px + x1 - x0] & (piece_disp > window[-1])
     n = int(hard.sum())
     if n == 0:
         return 0
-    window.add_(soft_mask(hard) * (piece - window))
-    canvas_labels[y0:y1, x0:x1].masked_fill_(hard, label)
+    # the box that changes: the hard mask's bounding box + 1 px of soft mask
+    rows, cols = hard.any(1).nonzero()[:, 0], hard.any(0).nonzero()[:, 0]
+    by0, by1 = max(int(rows[0]) - 1, 0), min(int(rows[-1]) + 2, y1 - y0)
+    bx0, bx1 = max(int(cols[0]) - 1, 0), min(int(cols[-1]) + 2, x1 - x0)
+    alpha = soft_mask(hard)[by0:by1, bx0:bx1]
+    window = window[:, by0:by1, bx0:bx1]
+    colour = colour() if callable(colour) else colour
+    if recolour is None:
+        piece_colour = colour[:, py + by0:py + by1, px + bx0:px + bx1]
+    else:  # colour changes on the changing box, with 2 px of context for a blur
+        cy0, cx0 = max(py + by0 - 2, 0), max(px + bx0 - 2, 0)
+        context = recolour(colour[:, cy0:min(py + by1 + 2, h), cx0:min(px + bx1 + 2, w)])
+        piece_colour = context[:, py + by0 - cy0:py + by1 - cy0, px + bx0 - cx0:px + bx1 - cx0]
+    window[:-1].add_(alpha * (piece_colour - window[:-1]))
+    window[-1].add_(alpha * (piece_disp[by0:by1, bx0:bx1] - window[-1]))
+    canvas_labels[y0 + by0:y0 + by1, x0 + bx0:x0 + bx1].masked_fill_(hard[by0:by1, bx0:bx1], label)
     return n
+
+
+def transform_copy(colour, disp, mask, new_h, new_w, flip):
+    """Resize a region's crop to new_h x new_w and mirror it: (colour function, disparity, mask).
+
+    Mask nearest (pixel centres aligned, as the recorded matrix), disparity bilinear and multiplied by the
+    vertical scale new_h / h (a copy s times larger is s times nearer), colour bilinear antialiased when
+    shrinking; the colour is returned as a function, evaluated only when some of the copy is pasted.
+    """
+    h, w = mask.shape
+    resized = (new_h, new_w) != (h, w)
+    rows, cols = nearest_indices(h, new_h), nearest_indices(w, new_w)
+    if flip:
+        cols = cols[::-1].copy()
+    mask = mask.index_select(0, torch.from_numpy(rows)).index_select(1, torch.from_numpy(cols))
+    if resized:
+        disp = F.interpolate(disp[None, None], size=(new_h, new_w), mode="bilinear", align_corners=False)[0, 0]
+        disp = disp * (new_h / h)
+    disp = disp.flip(-1) if flip else disp
+
+    def colour_copy():
+        out = colour
+        if resized:
+            out = F.interpolate(out[None], size=(new_h, new_w), mode="bilinear", align_corners=False,
+                                antialias=new_h < h or new_w < w)[0]
+        return out.flip(-1) if flip else out
+    return colour_copy, disp, mask
 
 
 def nearest_indices(size, new_size):
@@ -335,7 +364,9 @@ def build_sample(images, disparities, regions, stems, paste_times=PASTE_TIMES, g
 
     Canvas j (round 1) and M + j (round 2) start as source j; slot 0 of each region of source j is on canvas j,
     slot 1 on canvas M + j (identity). Round i: all regions repeated e_i times, shuffled, dealt to the round's M
-    canvases in turn (canvas b gets items b, b + M, ...), each paste taking the region's next slot.
+    canvases in turn (canvas b gets items b, b + M, ...), each paste taking the region's next slot. Each paste
+    follows the steps of PAPER_NOTES stage 3, numbered in the code: 1 size filter, 2 depth-aware scale, 3 flip
+    and photometric augmentation, 4 placement, 5 DepthMix, 6 soft-mask blending, 7 the slot's exact matrix.
     Returns the sample dict (module docstring).
     """
     if generator is None:
@@ -371,7 +402,7 @@ def build_sample(images, disparities, regions, stems, paste_times=PASTE_TIMES, g
     jitter_px = int(round(height_jitter * H / REFERENCE_ROWS))
     c = H // 2
     next_slot = np.full(R, 2, dtype=np.int64)
-    crops = {}  # region -> (colour + disparity crop (4, h, w), mask bool (h, w)), made on first use
+    crops = {}  # region -> (colour (3, h, w), disparity (h, w), mask (h, w), max disparity), made on first use
     for round_index, e in enumerate((e1, e2)):
         if e == 0:
             continue
@@ -384,45 +415,41 @@ def build_sample(images, disparities, regions, stems, paste_times=PASTE_TIMES, g
                 slot = int(next_slot[r])
                 next_slot[r] += 1
                 if not pastable[r]:
-                    continue  # size filter: the slot stays unused (-1)
+                    continue  # step 1, size filter: the slot stays unused (-1)
                 u = draws[k]
                 top, left, h, w = boxes[r]
                 if r not in crops:
                     j = int(source_of[r])
-                    crops[r] = (stacked[j][:, top:top + h, left:left + w],
-                                sources[j][2][top:top + h, left:left + w] == (r - int(offsets[j])))
-                crop, mask = crops[r]
-                # depth-aware scale about the horizon row (RandomDistance): 1/s uniform in depth
+                    crop_disp = stacked[j][3, top:top + h, left:left + w]
+                    crops[r] = (stacked[j][:3, top:top + h, left:left + w], crop_disp,
+                                sources[j][2][top:top + h, left:left + w] == (r - int(offsets[j])),
+                                float(crop_disp.max()))
+                crop_colour, crop_disp, mask, crop_disp_max = crops[r]
+                # step 2: depth-aware scale about the horizon row (RandomDistance): 1/s uniform in depth
                 s = sample_depth_scale(*depth_aware_scale_range(top, h, w, H, W), u[0])
                 new_h, new_w = max(1, int(round(h * s))), max(1, int(round(w * s)))
                 sy, sx = new_h / h, new_w / w  # the scales actually applied
                 flip = u[1] < P_FLIP
-                if (new_h, new_w) != (h, w):
-                    copy = F.interpolate(crop[None], size=(new_h, new_w), mode="bilinear", align_corners=False,
-                                         antialias=new_h < h or new_w < w)[0]
-                    copy[-1].mul_(sy)  # disparity scales with the apparent size (depth / s)
-                    rows, cols = nearest_indices(h, new_h), nearest_indices(w, new_w)
-                    if flip:
-                        copy, cols = copy.flip(-1), cols[::-1].copy()
-                    mask_copy = mask[torch.from_numpy(rows)[:, None], torch.from_numpy(cols)[None, :]]
-                else:
-                    copy, mask_copy = (crop.flip(-1), mask.flip(-1)) if flip else (crop, mask)
-                if photometric:
-                    view = copy[:3]
-                    colour = photometric_augment(view, u[2:14])
-                    if colour is not view:
-                        if copy.untyped_storage().data_ptr() == crop.untyped_storage().data_ptr():
-                            copy = copy.clone()  # a view of the source: never write into it
-                        copy[:3] = colour
-                # placement: left uniform in [-w' + 1, W - 1]; top moved along the viewing ray, + jitter h_t
+                # step 4: placement: left uniform in [-w' + 1, W - 1]; top moved along the viewing ray, + jitter h_t;
+                # step 7: the slot's exact matrix and canvas
                 paste_left = -new_w + 1 + min(int(u[14] * (W + new_w - 1)), W + new_w - 2)
                 paste_top = int(round((top - c) * sy + c)) + min(int(u[15] * (2 * jitter_px + 1)), 2 * jitter_px) \
                     - jitter_px
-                paste_depthmix(canvas[target], canvas_labels[target], copy, mask_copy, paste_top, paste_left,
-                               r * T + slot)
                 transforms[r, slot] = paste_matrix(top, left, sy, sx, new_h, new_w, paste_top, paste_left, flip,
                                                    H, W)
                 canvas_of[r, slot] = target
+                # shortcut: a copy off the canvas, or farther everywhere than the nearest canvas pixel under it
+                # (bilinear resizing never exceeds the crop's maximum), changes nothing
+                y0, x0 = max(paste_top, 0), max(paste_left, 0)
+                y1, x1 = min(paste_top + new_h, H), min(paste_left + new_w, W)
+                if y1 <= y0 or x1 <= x0 or crop_disp_max * sy <= float(canvas[target, 3, y0:y1, x0:x1].min()):
+                    continue
+                # step 2 (cont.) and 3: the transformed copy; its colour is computed only if something is pasted
+                colour_copy, disp_copy, mask_copy = transform_copy(crop_colour, crop_disp, mask, new_h, new_w, flip)
+                # step 3 (cont.), 5, 6: photometric augmentation, DepthMix, soft-mask blending, labels
+                recolour = (lambda colour, u=u: photometric_augment(colour, u[2:14])) if photometric else None
+                paste_depthmix(canvas[target], canvas_labels[target], colour_copy, disp_copy, mask_copy, paste_top,
+                               paste_left, r * T + slot, recolour)
     return {
         "images": (canvas[:, :3] * 255.0).round_().clamp_(0, 255).to(torch.uint8),
         "labels": canvas_labels,
@@ -443,6 +470,45 @@ def sample_sources(num_images, mix, index):
     """Indices of sample `index`'s M sources (released: the sorted list split into M strided blocks)."""
     n = num_images // mix
     return [index + i * n for i in range(mix)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Per-canvas training augmentation (Sec 3.4; applied by swav_dense.py when it reads a sample)
+# ----------------------------------------------------------------------------------------------------------
+def augment_canvas(image, generator, photometric=True):
+    """Per-canvas training augmentation with its exact matrix G (Sec 3.4; released `train_trans`).
+
+    Random resize (area x [1, 2], aspect in [3/4, 4/3], never smaller than H x W, bilinear), random crop back to
+    H x W, colour jitter p 0.8, blur p 0.2, grayscale p 0.1, horizontal flip p 0.5, ImageNet normalisation.
+    image: uint8 (3, H, W) (or float in [0, 1]); returns (float32 (3, H, W) normalised, G float32 (3, 3)) where G
+    maps normalised coords of the un-augmented canvas to normalised coords of the augmented one (column
+    vectors [x, y, 1]): the pixel at g in the output came from G^-1 g in the input. Labels are not augmented.
+    """
+    _, H, W = image.shape
+    u = torch.rand(_CANVAS_DRAWS, generator=generator, dtype=torch.float64).tolist()
+    x = image.float() / 255.0 if image.dtype == torch.uint8 else image.float()
+    # random resize: area factor a, aspect ratio r (log-uniform), never smaller than H x W
+    area = RESIZE_AREA[0] + (RESIZE_AREA[1] - RESIZE_AREA[0]) * u[0]
+    aspect = math.exp(math.log(RESIZE_ASPECT[0]) + (math.log(RESIZE_ASPECT[1]) - math.log(RESIZE_ASPECT[0])) * u[1])
+    new_h = max(H, int(round(H * math.sqrt(area / aspect))))
+    new_w = max(W, int(round(W * math.sqrt(area * aspect))))
+    if (new_h, new_w) != (H, W):
+        x = TF.resize(x, [new_h, new_w], antialias=True)
+    # random crop back to H x W
+    top = min(int(u[2] * (new_h - H + 1)), new_h - H)
+    left = min(int(u[3] * (new_w - W + 1)), new_w - W)
+    x = x[:, top:top + H, left:left + W]
+    if photometric:
+        x = photometric_augment(x, u[4:16]).clamp(0, 1)
+    flip = u[16] < P_FLIP
+    if flip:
+        x = TF.horizontal_flip(x)
+    x = TF.normalize(x, list(IMAGENET_MEAN), list(IMAGENET_STD))
+    # pixel-edge algebra: u1 = u * new_w / W, then u2 = u1 - left, then (flip) u3 = W - u2
+    sx, sy = new_w / W, new_h / H
+    a, b = (-sx, W + left) if flip else (sx, -left)
+    G = pixel_affine_to_normalised(a, b, sy, -top, H, W)
+    return x.contiguous(), torch.from_numpy(G).float()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -497,7 +563,7 @@ class CopyPasteDataset(torch.utils.data.Dataset):
     def __init__(self, paths, disp_dir, regions_dir, mix=MIX, paste_times=PASTE_TIMES, size=(384, 768),
                  photometric=True, height_jitter=HEIGHT_JITTER, seed=0):
         if mix < 1 or len(paths) < mix:
-            raise ValueError(f"need at least --mix {mix} >= 1 images, found {len(paths)}")
+            raise ValueError(f"--mix {mix}: need mix >= 1 and at least {mix} images, found {len(paths)}")
         self.paths = list(paths)
         self.stems = [depth.image_stem(p) for p in self.paths]
         self.disp_dir, self.regions_dir = disp_dir, regions_dir
@@ -605,13 +671,28 @@ def run(args):
                                size=args.size, photometric=not args.no_photometric,
                                height_jitter=args.height_jitter, seed=args.seed)
     for s in stems:  # fail early, naming the command that makes the missing inputs
-        for d, cmd in ((disp_dir, "python depth.py predict --work WORK ..."), (regions_dir, "python group.py --work WORK ...")):
+        for d, cmd in ((disp_dir, "python depth.py predict --work WORK ..."),
+                       (regions_dir, "python group.py --work WORK ...")):
             if not os.path.exists(os.path.join(d, f"{s}.npy")):
                 raise FileNotFoundError(f"missing {os.path.join(d, s + '.npy')}: run `{cmd}` first")
     out = os.path.join(args.work, "samples")
     os.makedirs(out, exist_ok=True)
     T = 2 + sum(args.paste_times)
     config = dict(vars(args), slots=T, num_images=len(paths), samples_per_epoch=len(dataset))
+    # finished samples are skipped: they must have been made with the same settings
+    defining = ("mix", "paste_times", "size", "no_photometric", "height_jitter", "seed", "num_images")
+    previous = os.path.join(out, "args.json")
+    existing = glob.glob(os.path.join(out, "epoch_*", "*.pt"))
+    if existing and os.path.exists(previous):
+        with open(previous) as f:
+            old = json.load(f)
+        changed = ", ".join(f"{k} {old.get(k)} -> {config[k]}" for k in defining if old.get(k) != config[k])
+        if changed and not args.overwrite:
+            raise SystemExit(f"{out} holds samples made with other settings ({changed}): pass --overwrite to "
+                             "replace them, or another --work")
+    if args.overwrite:
+        for path in existing:
+            os.remove(path)
     tmp = os.path.join(out, "args.json.tmp")
     with open(tmp, "w") as f:
         json.dump(config, f, indent=1, sort_keys=True)
@@ -622,10 +703,7 @@ def run(args):
     for epoch in range(args.epochs):
         os.makedirs(os.path.join(out, f"epoch_{epoch:03d}"), exist_ok=True)
         for k in range(len(dataset)):
-            path = os.path.join(out, f"epoch_{epoch:03d}", f"{k:06d}.pt")
-            if args.overwrite and os.path.exists(path):
-                os.remove(path)
-            tasks.append((epoch, k, path))
+            tasks.append((epoch, k, os.path.join(out, f"epoch_{epoch:03d}", f"{k:06d}.pt")))
     start, made = time.time(), 0
     if args.workers > 1:
         import multiprocessing as mp
@@ -685,7 +763,8 @@ def get_args_parser():
     p.add_argument("--workers", type=int, default=1, help="worker processes (one thread each)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the main process when --workers 1")
     p.add_argument("--seed", type=int, default=0, help="seed; sample k of epoch e is the same for any --workers")
-    p.add_argument("--overwrite", action="store_true", help="rebuild finished samples")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the samples in WORK/samples and rebuild (needed to change the settings there)")
     return p
 
 

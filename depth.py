@@ -361,10 +361,17 @@ def warp(image, grid):
     return F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
+def box3(x):
+    """3x3 mean of every full window of x (N, C, H + 2, W + 2) -> (N, C, H, W): avg_pool2d(x, 3, 1) written as
+    a depthwise convolution (about twice as fast on CPU, forward and backward)."""
+    C = x.shape[1]
+    return F.conv2d(x, torch.full((C, 1, 3, 3), 1.0 / 9.0, dtype=x.dtype, device=x.device), groups=C)
+
+
 def ssim_statistics(y):
-    """Reflection-padded local mean and second moment of y (3x3 average pooling): the target's half of SSIM."""
+    """Reflection-padded local mean and variance of y (3x3 box): the target's half of SSIM, reusable."""
     yp = F.pad(y, (1, 1, 1, 1), mode="reflect")
-    pooled = F.avg_pool2d(torch.cat([yp, yp * yp], dim=1), 3, 1)        # (B, 2C, H, W)
+    pooled = box3(torch.cat([yp, yp * yp], dim=1))                      # (B, 2C, H, W)
     mu_y, yy = pooled.chunk(2, dim=1)
     return yp, mu_y, yy - mu_y * mu_y
 
@@ -379,7 +386,7 @@ def ssim(x, y, y_statistics=None, c1=SSIM_C1, c2=SSIM_C2):
     B = yp.shape[0]
     xp = F.pad(x, (1, 1, 1, 1), mode="reflect")
     ypr = yp.repeat(x.shape[0] // B, 1, 1, 1)
-    pooled = F.avg_pool2d(torch.cat([xp, xp * xp, xp * ypr], dim=1), 3, 1)
+    pooled = box3(torch.cat([xp, xp * xp, xp * ypr], dim=1))
     mu_x, xx, xy = pooled.view(-1, B, *pooled.shape[1:]).chunk(3, dim=2)  # (N, B, C, H, W) each
     var_x, cov = xx - mu_x * mu_x, xy - mu_x * mu_y
     n = (2 * mu_x * mu_y + c1) * (2 * cov + c2)
@@ -814,9 +821,15 @@ def train(args):
     out = os.path.join(args.work, "depth")
     os.makedirs(out, exist_ok=True)
     model_path, ckpt_path = os.path.join(out, "model.pt"), os.path.join(out, "checkpoint.pt")
-    if os.path.exists(model_path) and not (args.resume or args.overwrite):
+    if os.path.exists(model_path) and not args.overwrite and not (args.resume and os.path.exists(ckpt_path)):
         print(f"[depth] {model_path} exists: skipping training (--resume to continue, --overwrite to restart)")
         return
+    if os.path.exists(ckpt_path) and not (args.resume or args.overwrite):
+        raise SystemExit(f"[depth] {ckpt_path} exists from an unfinished run: pass --resume or --overwrite")
+    if args.overwrite:
+        for name in ("model.pt", "checkpoint.pt", "log.jsonl"):
+            if os.path.exists(os.path.join(out, name)):
+                os.remove(os.path.join(out, name))
     args.crop_bottom = resolve_crop_bottom(args)
     if args.size[0] % 32 or args.size[1] % 32:
         raise SystemExit(f"--size {args.size[0]} {args.size[1]}: height and width must be multiples of 32")
@@ -853,6 +866,9 @@ def train(args):
         scaler.load_state_dict(ckpt["scaler"])
         set_rng_states(ckpt["rng"], noise)
         step = ckpt["step"]
+        if step >= total and os.path.exists(model_path):
+            print(f"[depth] {model_path} exists and {ckpt_path} is at step {step} of {total}: nothing to do")
+            return
         print(f"[depth] resumed {ckpt_path} at step {step} (epoch {ckpt['epoch']})")
     with open(os.path.join(out, "args.json"), "w") as f:
         json.dump(vars(args), f, indent=2, sort_keys=True)

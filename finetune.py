@@ -10,14 +10,14 @@ iterations. Scores come from cluster.py's metric code (one implementation): pixe
     swav_dense.py (WORK/swav/model.pt) -> finetune.py        (cluster.py: the metric functions)
 
 Reads / writes
-| file                               | shape, dtype               | meaning                                       |
-|------------------------------------|----------------------------|-----------------------------------------------|
-| WORK/swav/model.pt (read, --init swav) | dict, state_dict       | backbone., fpn., head. transferred            |
-| DATA images + gtFine labelIds      | uint8 (H, W, 3), (H, W)    | Cityscapes layout (also the toy city), KITTI  |
-| WORK/finetune/checkpoint.pt        | dict                       | model, optimiser, scaler, iteration, args (--resume) |
-| WORK/finetune/model.pt             | dict                       | {"arch", "model", "args", "num_classes", "classes", "init"} |
-| WORK/finetune/metrics.json         | JSON                       | pixel accuracy, per-class IoU, mIoU (final evaluation) |
-| WORK/finetune/log.jsonl            | JSON lines                 | training steps (loss, lr) and evaluations     |
+| file                             | shape, dtype            | meaning                                       |
+|----------------------------------|-------------------------|-----------------------------------------------|
+| WORK/swav/model.pt (--init swav) | dict, state_dict        | backbone., fpn., head. transferred            |
+| DATA images + gtFine labelIds    | uint8 (H, W, 3), (H, W) | Cityscapes layout (also the toy city), KITTI  |
+| WORK/finetune/checkpoint.pt      | dict                    | model, optimiser, scaler, iteration, args     |
+| WORK/finetune/model.pt           | dict                    | arch, model, args, num_classes, classes, init |
+| WORK/finetune/metrics.json       | JSON                    | pixel accuracy, per-class IoU, mIoU (final)   |
+| WORK/finetune/log.jsonl          | JSON lines              | training steps (loss, lr) and evaluations     |
 (--out replaces WORK/finetune.)
 
 Paper scale (one GPU, AMP):
@@ -25,8 +25,8 @@ Paper scale (one GPU, AMP):
     python finetune.py --work runs/cityscapes --data KITTI/data_semantics --dataset kitti --folds 5 --fold 0 \\
         --out runs/cityscapes/finetune_kitti_fold0
 Tiny (toy city, CPU):
-    python finetune.py --work runs/toy --data data/toycity --dataset toycity --init swav --arch resnet18 \\
-        --fraction 0.5 --iters 60 --batch-size 4 --crop 128 256 --device cpu
+    python finetune.py --work runs/toy --data data/toycity --dataset toycity --init swav --fraction 0.25 \\
+        --iters 60 --batch-size 4 --crop 96 192 --no-amp --workers 0          # about a minute on 2 cores
 
 Choices where the paper is silent (its supplement, with the schedule, could not be found), stated plainly
 - The schedule is common practice for the semantic-FPN head: SGD lr 0.01, momentum 0.9, weight decay 1e-4, poly
@@ -41,7 +41,6 @@ Choices where the paper is silent (its supplement, with the schedule, could not 
 """
 import argparse
 import json
-import math
 import os
 import random
 import time
@@ -227,8 +226,27 @@ class TrainBatches(torch.utils.data.Dataset):
         return torch.from_numpy(np.array(image)), torch.from_numpy(np.array(label))
 
 
+def finetune_step(model, optimizer, scaler, images, labels, lr, amp_dtype=None):
+    """One SGD step at learning rate lr on uint8 images (B, H, W, 3) and trainIds (B, H, W); autocast with
+    amp_dtype (None: fp32), the loss in fp32, scaled by the GradScaler (enabled for fp16). Returns the loss;
+    raises FloatingPointError, before any update, on a non-finite loss."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    x = normalize_images(images)
+    with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        logits = model(x)  # (B, C, H, W)
+    loss = segmentation_loss(logits, labels)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"non-finite loss {loss.item()}: stopping")
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.item()
+
+
 @torch.no_grad()
-def evaluate(model, pairs, size, device, amp_dtype=None, num_classes=len(TRAIN_CLASSES)):
+def evaluate_segmentation(model, pairs, size, device, amp_dtype=None, num_classes=len(TRAIN_CLASSES)):
     """Confusion over a labelled set: each whole frame resized to size (None = native), logits upsampled to
     the label's resolution, argmax. Returns (scores dict of cluster.segmentation_scores, confusion)."""
     was_training = model.training
@@ -256,7 +274,7 @@ def scores_json(scores, classes=TRAIN_CLASSES):
 # ----------------------------------------------------------------------------------------------------------
 # Input / output, run
 # ----------------------------------------------------------------------------------------------------------
-def set_seed(seed):
+def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -265,19 +283,22 @@ def set_seed(seed):
 def pick_device(name):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda asked for, but torch sees no CUDA device")
     return torch.device(name)
 
 
-def atomic_save(obj, path):
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
+def atomic_save(obj, path, saver=torch.save):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        saver(f, obj) if saver is np.save else saver(obj, f)
     os.replace(tmp, path)
 
 
 def save_json(obj, path):
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
+        json.dump(obj, f, indent=2)
     os.replace(tmp, path)
 
 
@@ -311,7 +332,7 @@ def labelled_sets(args):
 def run(args):
     t0 = time.time()
     print("args: " + ", ".join(f"{k}={v}" for k, v in sorted(vars(args).items())))
-    set_seed(args.seed)
+    seed_everything(args.seed)
     device = pick_device(args.device)
     print(f"device: {device}")
     out = args.out or os.path.join(args.work, "finetune")
@@ -321,8 +342,6 @@ def run(args):
     if os.path.exists(metrics_path) and not args.overwrite and not args.resume:
         print(f"{metrics_path} exists; skipping (use --overwrite to redo)")
         return json.load(open(metrics_path))
-    if args.overwrite and not args.resume and os.path.exists(log_path):
-        os.remove(log_path)
 
     train, val = labelled_sets(args)
     print(f"{len(train)} labelled training images, {len(val)} evaluation images")
@@ -332,12 +351,11 @@ def run(args):
     swav_path = args.swav_model or os.path.join(args.work, "swav", "model.pt")
     arch = args.arch
     if args.init == "swav":
-        if not os.path.exists(swav_path):
-            load_model(swav_path)  # raises the clear 'pre-train first with swav_dense.py' error
-        swav = torch.load(swav_path, map_location="cpu", weights_only=True)
-        arch = arch or swav.get("arch")
+        _, swav = load_model(swav_path)  # checks the file (a clear 'pre-train with swav_dense.py' error if absent)
+        arch = arch or swav["arch"]
     arch = arch or "resnet50"
-    model = SegmentationNet(arch, len(TRAIN_CLASSES))
+    head_dim = swav.get("head_dim", HEAD_DIM) if args.init == "swav" else HEAD_DIM
+    model = SegmentationNet(arch, len(TRAIN_CLASSES), head_dim)
     if args.init == "swav":
         keys = transfer_swav_weights(model, swav, swav_path)
         print(f"--init swav: {len(keys)} tensors of backbone, FPN and head from {swav_path} (arch {arch})")
@@ -361,6 +379,8 @@ def run(args):
             raise ValueError(f"{ckpt_path} was made with --iters {ckpt['args']['iters']}, now {args.iters}: "
                              "the poly schedule would differ")
         print(f"resumed {ckpt_path} at iteration {start}")
+    elif os.path.exists(log_path):
+        os.remove(log_path)  # a fresh run starts a fresh log
 
     def save_checkpoint(iteration):
         atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -371,7 +391,7 @@ def run(args):
             f.write(json.dumps(record) + "\n")
 
     def run_eval(iteration):
-        scores, _ = evaluate(model, val, base_size, device, amp_dtype)
+        scores, _ = evaluate_segmentation(model, val, base_size, device, amp_dtype)
         record = {"iteration": iteration, **scores_json(scores)}
         log({"eval": True, **record})
         print(f"eval @ {iteration}: mIoU {100 * scores['miou']:.2f}, pixel accuracy "
@@ -384,29 +404,18 @@ def run(args):
                      tuple(args.crop), args.flip),
         batch_size=args.batch_size, shuffle=False, num_workers=args.workers, drop_last=False,
         pin_memory=device.type == "cuda", persistent_workers=False)
-    tick, iteration = time.time(), start
+    tick = time.time()
     bar = tqdm(total=args.iters, initial=start, desc="finetune", disable=None)
     for iteration, (images, labels) in enumerate(loader, start=start):
         lr = poly_lr(args.lr, iteration, args.iters, args.poly_power)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        x = normalize_images(images.to(device, non_blocking=True))
-        y = labels.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits = model(x)
-        loss = segmentation_loss(logits, y)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss.item()} at iteration {iteration}")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        loss = finetune_step(model, optimizer, scaler, images.to(device, non_blocking=True),
+                             labels.to(device, non_blocking=True), lr, amp_dtype)
         bar.update(1)
         done = iteration + 1
         if done % args.log_every == 0 or done == stop:
             speed = (done - start) / (time.time() - tick)
-            log({"iteration": done, "loss": loss.item(), "lr": lr, "it_per_s": speed})
-            print(f"iter {done:6d}/{args.iters}  loss {loss.item():.4f}  lr {lr:.5f}  {speed:.2f} it/s  "
+            log({"iteration": done, "loss": loss, "lr": lr, "it_per_s": speed})
+            print(f"iter {done:6d}/{args.iters}  loss {loss:.4f}  lr {lr:.5f}  {speed:.2f} it/s  "
                   f"ETA {(args.iters - done) / max(speed, 1e-9) / 60:.1f} min", flush=True)
         if args.ckpt_every and done % args.ckpt_every == 0:
             save_checkpoint(done)
@@ -421,7 +430,7 @@ def run(args):
 
     scores = run_eval(done)
     atomic_save({"arch": arch, "model": model.state_dict(), "args": vars(args), "num_classes": len(TRAIN_CLASSES),
-                 "classes": TRAIN_CLASSES, "init": args.init}, model_path)
+                 "classes": TRAIN_CLASSES, "head_dim": head_dim, "init": args.init}, model_path)
     metrics = {"init": args.init, "arch": arch, "dataset": args.dataset, "iters": args.iters,
                "train_images": len(train), "eval_images": len(val), "fraction": args.fraction,
                "subset": args.subset, "seed": args.seed, "folds": args.folds, "fold": args.fold,

@@ -20,7 +20,7 @@ Reads / writes:
 | WORK/regions/eval.json                       | JSON                | --eval: covering, purity, regions per image |
 
     python group.py --work runs/cityscapes --data CITYSCAPES --split train              # paper scale, 384 x 768
-    python group.py --work /tmp/w --data /tmp/tiny --split val --stereo --size 64 128 --segments 800
+    python group.py --work /tmp/w --data /tmp/tiny --split val --stereo --size 64 128 --segments 300
 
 Disparity: both sources are divided by their maximum over the image (scale-free, (0, 1]) and floored at
 0.005 (the released code's floor), then depth z = 1 / disparity. Stereo disparity PNGs mark invalid pixels
@@ -77,13 +77,12 @@ INFOMAP_SEED = 123            # infomap's own default seed (the released code le
 MAX_LEVELS = 20               # depth guard of the iterative merging (not in the released code)
 FZ_SCALE, FZ_SIGMA, FZ_MIN_SIZE = 300.0, 0.8, 100  # felzenszwalb: about depth's region count on toy val, 192 x 384
 EVAL_IGNORE_LABEL_IDS = (0, 1, 2, 3)  # Cityscapes unlabeled, ego vehicle, rectification border, out of roi
-IMAGE_SUFFIX = "_leftImg8bit.png"
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Pure functions, in pipeline order
 # ----------------------------------------------------------------------------------------------------------
-def disparity_to_depth(disparity, floor=DISPARITY_FLOOR):
+def scale_free_depth(disparity, floor=DISPARITY_FLOOR):
     """Scale-free depth z = 1 / d from disparity d (any positive scale; <= 0 marks invalid pixels).
 
     d is divided by its maximum (so d in (0, 1]) and floored at `floor`: invalid pixels (stereo's 0) and the
@@ -167,10 +166,10 @@ def region_adjacency(labels):
     """
     labels = np.asarray(labels)
     n = int(labels.max()) + 1 if labels.size else 0
-    a = np.concatenate([labels[:, :-1].ravel(), labels[:-1, :].ravel()]).astype(np.int64)
-    b = np.concatenate([labels[:, 1:].ravel(), labels[1:, :].ravel()]).astype(np.int64)
-    differ = a != b
-    a, b = a[differ], b[differ]
+    left, right, up, down = labels[:, :-1], labels[:, 1:], labels[:-1, :], labels[1:, :]
+    horizontal, vertical = left != right, up != down
+    a = np.concatenate([left[horizontal], up[vertical]]).astype(np.int64)
+    b = np.concatenate([right[horizontal], down[vertical]]).astype(np.int64)
     keys = np.unique(np.minimum(a, b) * n + np.maximum(a, b))
     return np.stack([keys // n, keys % n], axis=1)
 
@@ -335,7 +334,7 @@ def group_depth(image, disparity, intrinsics, n_segments=SLIC_SEGMENTS, compactn
     labels = slic_superpixels(image, n_segments, compactness, sigma, slic_iterations)
     t1 = time.perf_counter()
     n = int(labels.max()) + 1
-    points = back_project(disparity_to_depth(disparity, floor), intrinsics, normalise_axes)
+    points = back_project(scale_free_depth(disparity, floor), intrinsics, normalise_axes)
     edges = region_adjacency(labels)
     if w_sup != 0:   # the normals only enter Eqn 2
         grads = point_gradients(points).reshape(6, *labels.shape)
@@ -420,7 +419,7 @@ def resize_float(array, size):
     array = np.asarray(array, dtype=np.float32)
     if array.shape == tuple(size):
         return array
-    return np.asarray(Image.fromarray(array, mode="F").resize((size[1], size[0]), Image.BILINEAR))
+    return np.asarray(Image.fromarray(array).resize((size[1], size[0]), Image.BILINEAR))
 
 
 def resize_nearest(array, size):
@@ -428,8 +427,8 @@ def resize_nearest(array, size):
     array = np.asarray(array)
     if array.shape == tuple(size):
         return array
-    rows = (np.arange(size[0]) * array.shape[0] // size[0])
-    cols = (np.arange(size[1]) * array.shape[1] // size[1])
+    rows = ((np.arange(size[0]) + 0.5) * array.shape[0] / size[0]).astype(np.int64)   # pixel centres
+    cols = ((np.arange(size[1]) + 0.5) * array.shape[1] / size[1]).astype(np.int64)
     return array[rows[:, None], cols[None, :]]
 
 
@@ -453,8 +452,8 @@ def read_label_png(path):
 
 
 def read_gt_segments(data, split, stem):
-    """Ground-truth segments at their native resolution: instanceIds (labelIds where absent) split into
-    4-connected regions, and the valid mask (labelIds not in EVAL_IGNORE_LABEL_IDS)."""
+    """Ground-truth ids at their native resolution, int64 (H0, W0): instanceIds (labelIds where absent; the
+    callers split them into connected regions), and the valid mask (labelIds not in EVAL_IGNORE_LABEL_IDS)."""
     label_path = split_file(data, "gtFine", split, stem, "gtFine_labelIds.png")
     instance_path = split_file(data, "gtFine", split, stem, "gtFine_instanceIds.png")
     label_ids = read_label_png(label_path)
@@ -511,7 +510,7 @@ def load_disparity(args, stem, native, size):
         check_aspect(native, disparity.shape, "the stereo disparity", path)
         # divide by the maximum and fill invalid (0) pixels with the floor before resizing, so that
         # bilinear resizing never blends valid disparity with the invalid 0
-        disparity = 1.0 / disparity_to_depth(disparity, args.floor)
+        disparity = 1.0 / scale_free_depth(disparity, args.floor)
         return resize_float(disparity, size)
     disp_dir = args.disp_dir or os.path.join(args.work, "disp")
     path = os.path.join(disp_dir, f"{stem}.npy")
@@ -569,7 +568,7 @@ def _worker(job):
     return process_one(item, args)
 
 
-def evaluate(args):
+def evaluate_regions(args):
     """Covering, purity and regions per image of WORK/regions against the split's gtFine segments."""
     paths = list_split_images(args.data, args.split)
     per_image = []
@@ -604,7 +603,7 @@ def run(args):
     if args.eval:
         if not args.data:
             raise SystemExit("group.py --eval needs --data DATA --split S (Cityscapes-style gtFine)")
-        return evaluate(args)
+        return evaluate_regions(args)
     if not args.data and not args.images:
         raise SystemExit("group.py: give --data DATA --split S or --images GLOB")
     if (args.stereo or args.method == "gt") and not args.data:
@@ -613,6 +612,13 @@ def run(args):
     if args.preview:
         os.makedirs(os.path.join(args.work, "regions", "preview"), exist_ok=True)
     items = list_items(args)
+    if items and args.method == "depth" and not args.intrinsics:
+        stem, path = items[0]
+        try:
+            source = find_camera_json(args.data, args.split, stem) if args.data and not args.images else None
+        except FileNotFoundError:
+            source = None
+        print(f"[group] intrinsics: {source or f'no camera JSON, the KITTI K {KITTI_INTRINSICS}'}", flush=True)
     todo = [it for it in items
             if args.overwrite or not os.path.exists(os.path.join(args.work, "regions", f"{it[0]}.npy"))]
     print(f"[group] {len(items)} images in this shard, {len(items) - len(todo)} done, {len(todo)} to do "

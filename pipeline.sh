@@ -24,14 +24,55 @@ if [ "$preset" = "toy" ]; then
   done
   $PY group.py --eval --work "$WORK" --data "$DATA" --split val
   # ===== copypaste (toy) =====
+  need copypaste.py  # stage 3: cross-context samples from WORK/regions + WORK/disp of toy train (20 frames) at
+  # 192 x 384: M 4 sources per sample (5 samples per epoch), paste times 2 4 (T 8), 10 epochs = 50 samples of 8
+  # canvases (~4 MB each), 2 workers, previews of the first 2 in WORK/samples/preview
+  $PY copypaste.py --work "$WORK" --data "$DATA" --split train --size 192 384 --mix 4 --paste-times 2 4 \
+    --epochs 10 --workers 2 --preview 2
   # ===== swav_dense (toy) =====
   # ===== cluster (toy) =====
+  need cluster.py   # stage 5: prototypes -> 9 clusters (the toy city has 9 classes), toy val at its native 192 x 384,
+  # Hungarian matching on -IoU; then the same clustering of a randomly initialised network of the same architecture
+  $PY cluster.py --work "$WORK" --data "$DATA" --dataset toycity --split val --clusters 9 --save-pred --pca 4
+  $PY cluster.py --work "$WORK" --data "$DATA" --dataset toycity --split val --clusters 9 --init-random \
+    --out "$WORK/cluster_random"
   # ===== finetune (toy) =====
+  need finetune.py  # stage 6: 1/4 of toy train (5 labelled images), 60 iterations of batch 4 on 96 x 192 crops,
+  # fp32 (bf16 autocast is slower on most CPUs), from the swav model and from scratch (same architecture, same
+  # budget), seeds 0 and 1; mIoU on toy val. Seed 0 from swav is WORK/finetune, the others WORK/finetune_*.
+  ARCH=$($PY -c "import sys, torch; print(torch.load(sys.argv[1], weights_only=True)['arch'])" "$WORK/swav/model.pt")
+  for seed in 0 1; do
+    for init in swav scratch; do
+      out="$WORK/finetune$([ "$init" = scratch ] && echo _scratch)$([ "$seed" = 0 ] || echo _seed$seed)"
+      $PY finetune.py --work "$WORK" --data "$DATA" --dataset toycity --init "$init" --arch "$ARCH" \
+        --fraction 0.25 --iters 60 --batch-size 4 --crop 96 192 --no-amp --workers 0 --seed "$seed" --out "$out"
+    done
+  done
+  $PY - "$WORK" <<'EOF'
+import json, os, sys
+work = sys.argv[1]
+for init in ("swav", "scratch"):
+    runs = [os.path.join(work, f"finetune{'_scratch' if init == 'scratch' else ''}{'' if s == 0 else f'_seed{s}'}",
+                         "metrics.json") for s in (0, 1)]
+    m = [json.load(open(r)) for r in runs]
+    print(f"finetune toy, init {init:7s}: mIoU " + ", ".join(f"{100 * x['miou']:.2f}" for x in m) +
+          f" -> mean {100 * sum(x['miou'] for x in m) / len(m):.2f}; pixel accuracy mean "
+          f"{100 * sum(x['pixel_accuracy'] for x in m) / len(m):.2f}")
+EOF
   # ===== results (toy) =====
 elif [ "$preset" = "cityscapes" ]; then
   DATA="${2:?usage: bash pipeline.sh cityscapes ROOT}"
   WORK="${WORK:-runs/cityscapes}"
   # ===== depth (cityscapes) =====
+  need depth.py  # stage 1, Monodepth2 on the train video sequences (leftImg8bit_sequence): bottom quarter
+  # cropped (ego car), 192 x 512, frames 0 -2 +2 (17 Hz), ResNet-18, batch 12, Adam 1e-4, 20 epochs (x0.1 after
+  # 15), AMP; then disparity of the annotated train and val frames at the later stages' 384 x 768 (full frame);
+  # depth metrics on val against the SGM disparity (bottom quarter ignored). Add --weights FILE for ImageNet init.
+  $PY depth.py train --data "$DATA" --work "$WORK" --size 192 512 --crop-bottom 0.25 --frame-offset 2 --resume
+  for split in train val; do
+    $PY depth.py predict --work "$WORK" --data "$DATA" --split "$split" --size 384 768
+  done
+  $PY depth.py eval --work "$WORK" --data "$DATA" --split val --crop-bottom 0.25
   # ===== group (cityscapes) =====
   need group.py   # stage 2 at paper scale: 384 x 768, 10000 superpixels, the camera JSON's intrinsics
   for split in train val; do
@@ -39,9 +80,33 @@ elif [ "$preset" = "cityscapes" ]; then
   done
   $PY group.py --eval --work "$WORK" --data "$DATA" --split val
   # ===== copypaste (cityscapes) =====
+  need copypaste.py  # stage 3 at paper scale (M 8, E 2 4, 384 x 768): a saved sample is ~33 MB (16 canvases +
+  # int32 labels), so 25 epochs of 371 samples would fill ~300 GB; here only previews are written and
+  # swav_dense.py builds the same samples on the fly (--on-the-fly, copypaste.CopyPasteDataset, same seeds).
+  # To save epochs instead: add --epochs E --workers "$(nproc)".
+  $PY copypaste.py --work "$WORK" --data "$DATA" --split train --size 384 768 --mix 8 --paste-times 2 4 \
+    --epochs 0 --preview 8
   # ===== swav_dense (cityscapes) =====
   # ===== cluster (cityscapes) =====
+  need cluster.py   # stage 5, Table 1: Cityscapes val at 768 x 384, 19 trainIds, Hungarian on -IoU; the PiCIE /
+  # STEGO protocol for comparison; KITTI's 200 labelled images when KITTI=.../data_semantics is set
+  $PY cluster.py --work "$WORK" --data "$DATA" --split val --save-pred --pca 8
+  $PY cluster.py --work "$WORK" --data "$DATA" --split val --protocol picie --out "$WORK/cluster_picie"
+  if [ -n "${KITTI:-}" ]; then
+    $PY cluster.py --work "$WORK" --data "$KITTI" --dataset kitti --out "$WORK/cluster_kitti"
+  fi
   # ===== finetune (cityscapes) =====
+  need finetune.py  # stage 6, ablation setting (Table 4): 1/16 of Cityscapes train, 6000 iterations, val mIoU;
+  # from the swav model and from scratch; KITTI 5-fold cross-validation when KITTI is set
+  $PY finetune.py --work "$WORK" --data "$DATA" --init swav --fraction 0.0625 --iters 6000 --eval-every 1000
+  $PY finetune.py --work "$WORK" --data "$DATA" --init scratch --arch resnet50 --fraction 0.0625 --iters 6000 \
+    --eval-every 1000 --out "$WORK/finetune_scratch"
+  if [ -n "${KITTI:-}" ]; then
+    for fold in 0 1 2 3 4; do
+      $PY finetune.py --work "$WORK" --data "$KITTI" --dataset kitti --init swav --folds 5 --fold "$fold" \
+        --iters 6000 --out "$WORK/finetune_kitti_fold$fold"
+    done
+  fi
 else
   echo "usage: bash pipeline.sh toy | cityscapes ROOT" >&2
   exit 2

@@ -213,20 +213,23 @@ def batch_positives(samples, pixel_samples, region_samples, generator=None, pixe
 def sample_features(features, canvas, points):
     """Bilinearly sample features (B, D, h, w) at normalised points (N, 2) of canvases (N,) -> (N, D).
 
-    One grid_sample call: the points are sorted by canvas and padded to the largest per-canvas count.
+    Feature cell j of a map of width w is centred at x = (2j + 1)/w - 1 (align_corners=False, the image
+    convention). Border cells are repeated outside (after L2 normalisation this equals grid_sample's zero
+    padding). One embedding_bag call: 4 weighted rows per point, forward and backward much cheaper on CPU than
+    grid_sample over a padded grid.
     """
-    num_canvases = features.shape[0]
-    order = torch.argsort(canvas, stable=True)
-    sorted_canvas = canvas[order]
-    counts = torch.bincount(sorted_canvas, minlength=num_canvases)
-    starts = torch.cumsum(counts, 0) - counts
-    position = torch.arange(canvas.numel(), device=canvas.device) - starts[sorted_canvas]
-    longest = max(int(counts.max()) if counts.numel() else 0, 1)
-    grid = points.new_zeros(num_canvases, longest, 2)
-    grid[sorted_canvas, position] = points[order]
-    sampled = F.grid_sample(features, grid[:, None], mode="bilinear", align_corners=False)  # (B, D, 1, L)
-    sampled = sampled[:, :, 0].transpose(1, 2)[sorted_canvas, position]  # (N, D) in sorted order
-    return torch.empty_like(sampled).index_copy(0, order, sampled)
+    _, dim, height, width = features.shape
+    flat = features.permute(0, 2, 3, 1).reshape(-1, dim)  # (B h w, D)
+    x = (points[:, 0] + 1) * (width / 2) - 0.5  # continuous cell coordinates
+    y = (points[:, 1] + 1) * (height / 2) - 0.5
+    x0, y0 = torch.floor(x), torch.floor(y)
+    fx, fy = x - x0, y - y0
+    x0, y0 = x0.long(), y0.long()
+    xs = torch.stack([x0, x0 + 1, x0, x0 + 1], 1).clamp(0, width - 1)
+    ys = torch.stack([y0, y0, y0 + 1, y0 + 1], 1).clamp(0, height - 1)
+    weights = torch.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], 1).to(features.dtype)
+    index = (canvas[:, None] * height + ys) * width + xs  # (N, 4) rows of `flat`
+    return F.embedding_bag(index, flat, per_sample_weights=weights, mode="sum")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -283,45 +286,67 @@ class Workspace:
         return buf[:size].view(*shape)
 
 
-class _GroupedSwAVLoss(torch.autograd.Function):
-    """Eqn 4-6 for one level, fused: only the softmax P (N x K) is kept for the backward pass.
+@torch.no_grad()
+def sinkhorn_scalings(kernel, iters=SINKHORN_ITERS):
+    """Eqn 4 in scaling form: vectors a (N,), b (K,) with sinkhorn codes Q_nk = a_n kernel_nk b_k.
 
-    L = 1/N sum_n [logsumexp_k(S_nk / tau) - sum_k qbar_{g(n),k} S_nk / tau], S = Z C^T, qbar = Eqn 5 targets
-    (sum_k qbar = 1). dL/dS = (P - qbar_g) / (tau N), and the target term never needs an N x K matrix:
-    sum_n qbar_{g(n)} . S_n = sum_g qbar_g . (C Zsum_g) with Zsum_g the sum of the group's projections.
+    kernel = exp(S / eps) (N, K), read only (2 matrix-vector products per iteration instead of rewriting the
+    matrix). Same iterations as sinkhorn(): b = 1 / (K kernel^T a) (prototypes to 1/K), a = 1 / (N kernel b)
+    (samples to 1/N), finally x N (each sample's code sums to 1); constant factors cancel.
+    """
+    num, k = kernel.shape
+    a = kernel.new_ones(num)
+    b = kernel.new_ones(k)
+    for _ in range(iters):
+        b = 1.0 / (k * torch.mv(kernel.t(), a))
+        a = 1.0 / (num * torch.mv(kernel, b))
+    return a * num, b
+
+
+class _GroupedSwAVLoss(torch.autograd.Function):
+    """Eqn 4-6 for one level, fused, fp32, keeping one N x K matrix for the backward pass.
+
+    L = 1/N sum_n [logsumexp_k(S_nk / tau) - sum_k qbar_{g(n),k} S_nk / tau] with S = Z C^T and qbar the Eqn 5
+    group-mean codes (each sums to 1). dL/dS = (P - qbar_g) / (tau N), P = softmax(S / tau). No N x K target
+    matrix is formed: sum_n qbar_{g(n)} . S_n = sum_g (qbar_g C) . Zsum_g (Zsum_g = sum of the group's z), and
+    P is kept unnormalised (E' = exp(S / tau), with its row sums). Needs |S| <= 1 (L2-normalised z and C).
     """
 
     @staticmethod
     def forward(ctx, z, prototypes, group, num_groups, eps, tau, iters, workspace, name):
         num, k = z.shape[0], prototypes.shape[0]
         ws = workspace if workspace is not None else Workspace()
-        s = ws.get("scores", (num, k), z.device)
-        torch.mm(z, prototypes.t(), out=s)  # S (N, K)
-        p = ws.get(f"softmax_{name}", (num, k), z.device)
-        q = sinkhorn(s, eps, iters, out=p)  # Eqn 4, in the buffer that later holds P
-        qbar = group_mean_codes(q, group, num_groups)  # Eqn 5 (G, K)
+        e = ws.get(f"softmax_{name}", (num, k), z.device)  # E' = exp(S / tau), kept for backward
+        torch.mm(z, prototypes.t() * (1.0 / tau), out=e).exp_()  # 1/tau folded into the small (D, K) factor
+        kernel = ws.get("kernel", (num, k), z.device)  # exp(S / eps) = E'^(tau / eps), scratch of both levels
+        torch.pow(e, tau / eps, out=kernel)  # a square for the paper's eps 0.05, tau 0.1
+        a, b = sinkhorn_scalings(kernel, iters)  # Eqn 4: Q = diag(a) kernel diag(b)
+        # Eqn 5: qbar_g = mean over the group of Q_n = (sum_n in g a_n kernel_n) * b / |g|
+        kernel.mul_(a[:, None])
+        qsum = kernel.new_zeros(num_groups, k).index_add_(0, group, kernel)
+        counts = torch.bincount(group, minlength=num_groups).clamp(min=1).to(z.dtype)
+        qbar = qsum.mul_(b[None, :]).div_(counts[:, None])  # (G, K)
         zsum = z.new_zeros(num_groups, z.shape[1]).index_add_(0, group, z)  # (G, D)
-        target_term = (qbar * (zsum @ prototypes.t())).sum() / tau
-        # P = softmax(S / tau) row by row, in place; logsumexp from its row maxima and sums
-        row_max = s.max(1, keepdim=True).values
-        torch.sub(s, row_max, out=p)
-        p.mul_(1.0 / tau).exp_()
-        row_sum = p.sum(1, keepdim=True)
-        p.div_(row_sum)
-        lse = (row_max / tau + row_sum.log()).sum()
-        ctx.save_for_backward(z, prototypes, p, qbar, zsum, group)
+        qbar_c = qbar @ prototypes  # (G, D)
+        qbar_t_zsum = qbar.t() @ zsum  # (K, D)
+        del qbar, qsum
+        target_term = (qbar_c * zsum).sum() / tau
+        # Eqn 6: logsumexp_k(S_nk / tau) = log sum_k E'_nk (|S| <= 1: no overflow)
+        row_sum = e.sum(1)
+        lse = row_sum.log().sum()
+        ctx.save_for_backward(z, prototypes, e, row_sum, qbar_c, qbar_t_zsum, group)
         ctx.scale = 1.0 / (tau * num)
         return (lse - target_term) / num
 
     @staticmethod
     def backward(ctx, grad):
-        z, prototypes, p, qbar, zsum, group = ctx.saved_tensors
+        z, prototypes, e, row_sum, qbar_c, qbar_t_zsum, group = ctx.saved_tensors
         g = grad * ctx.scale
         grad_z = grad_c = None
-        if ctx.needs_input_grad[0]:
-            grad_z = (p @ prototypes - (qbar @ prototypes)[group]) * g
-        if ctx.needs_input_grad[1]:
-            grad_c = (p.t() @ z - qbar.t() @ zsum) * g
+        if ctx.needs_input_grad[0]:  # (P C - qbar_g C), P = E' / row_sum
+            grad_z = ((e @ prototypes).div_(row_sum[:, None]) - qbar_c[group]) * g
+        if ctx.needs_input_grad[1]:  # P^T Z - qbar^T Zsum
+            grad_c = (e.t() @ (z / row_sum[:, None]) - qbar_t_zsum) * g
         return grad_z, grad_c, None, None, None, None, None, None, None
 
 
@@ -526,12 +551,21 @@ def normalize_image(image_uint8):
     return (image_uint8.float() / 255 - mean) / std
 
 
-def augment_sample(sample, generator, augment=True, photometric=True):
-    """Per-canvas training augmentation (copypaste.augment_canvas) of every canvas, recording G (2M, 3, 3)."""
+def augment_sample(sample, generator, augment=True, photometric=True, input_size=None):
+    """Per-canvas training augmentation (copypaste.augment_canvas) of every canvas, recording G (2M, 3, 3).
+
+    input_size (H, W): resize the canvas images first (antialiased). Normalised coordinates do not depend on the
+    resolution, so labels, transforms and G stay exact; the network just sees fewer pixels.
+    """
     images, matrices = [], []
     if augment:
         from copypaste import augment_canvas  # stage 3 owns the augmentation and its matrices
-    for canvas in sample["images"]:
+    canvases = sample["images"]
+    if input_size is not None and tuple(input_size) != tuple(canvases.shape[-2:]):
+        canvases = F.interpolate(canvases.float() / 255, size=tuple(input_size), mode="bilinear",
+                                 align_corners=False, antialias=True).clamp_(0, 1)
+        canvases = (canvases * 255).round_().to(torch.uint8)
+    for canvas in canvases:
         if augment:
             image, g = augment_canvas(canvas, generator, photometric=photometric)
         else:
@@ -551,7 +585,8 @@ class SampleFiles(torch.utils.data.Dataset):
     a generator seeded by (seed, e, i).
     """
 
-    def __init__(self, root, seed=0, augment=True, photometric=True):
+    def __init__(self, root, seed=0, augment=True, photometric=True, input_size=None):
+        self.input_size = input_size
         self.folders = sorted(glob.glob(os.path.join(root, "epoch_*")))
         self.files = [sorted(glob.glob(os.path.join(f, "*.pt"))) for f in self.folders]
         if not self.folders or not self.files[0]:
@@ -572,13 +607,14 @@ class SampleFiles(torch.utils.data.Dataset):
         sample = torch.load(path, map_location="cpu", weights_only=True)
         check_sample(sample, path)
         generator = torch.Generator().manual_seed(item_seed(self.seed, self.epoch, index))
-        return augment_sample(sample, generator, self.augment, self.photometric)
+        return augment_sample(sample, generator, self.augment, self.photometric, self.input_size)
 
 
 class OnTheFlySamples(torch.utils.data.Dataset):
     """copypaste.CopyPasteDataset built on the fly, then augmented per canvas like SampleFiles."""
 
-    def __init__(self, base, seed=0, augment=True, photometric=True):
+    def __init__(self, base, seed=0, augment=True, photometric=True, input_size=None):
+        self.input_size = input_size
         self.base, self.seed, self.augment, self.photometric = base, seed, augment, photometric
         self.epoch = 0
 
@@ -593,7 +629,7 @@ class OnTheFlySamples(torch.utils.data.Dataset):
         sample = self.base[index]
         check_sample(sample, f"CopyPasteDataset[{index}]")
         generator = torch.Generator().manual_seed(item_seed(self.seed, self.epoch, index))
-        return augment_sample(sample, generator, self.augment, self.photometric)
+        return augment_sample(sample, generator, self.augment, self.photometric, self.input_size)
 
 
 def collate_samples(samples):
@@ -618,14 +654,14 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
-def rng_states():
+def global_rng_states():
     states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
 
 
-def set_rng_states(states):
+def set_global_rng_states(states):
     torch.set_rng_state(states["torch"])
     np.random.set_state(states["numpy"])
     random.setstate(states["python"])
@@ -647,7 +683,7 @@ def pick_device(name):
     return torch.device(name)
 
 
-def model_file(model, args, step):
+def swav_model_file(model, args, step):
     """The model.pt dict: everything a consumer needs to rebuild the network."""
     return {"arch": args.arch, "model": model.state_dict(), "args": vars(args), "num_prototypes":
             args.num_prototypes, "proj_dim": args.proj_dim, "head_dim": args.head_dim, "step": step}
@@ -664,7 +700,7 @@ def parameter_groups(model):
 # ----------------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------------
-def train_step(model, net, batch, args, device, amp_dtype, scaler, optimizer, workspace, generator):
+def dense_swav_step(model, net, batch, args, device, amp_dtype, scaler, optimizer, workspace, generator):
     """One SGD step on a batch (list of augmented samples); returns (loss, parts) as floats."""
     model.normalize_prototypes()  # each prototype L2-normalised before every step
     images = torch.cat([s["images"] for s in batch]).to(device, non_blocking=True)
@@ -698,8 +734,9 @@ def build_dataset(args):
             paths, args.disp_dir or os.path.join(args.work, "disp"),
             args.regions_dir or os.path.join(args.work, "regions"), mix=args.mix, paste_times=args.paste_times,
             size=args.size, photometric=not args.no_photometric, seed=args.seed)
-        return OnTheFlySamples(base, args.seed, augment, not args.no_photometric)
-    return SampleFiles(os.path.join(args.work, "samples"), args.seed, augment, not args.no_photometric)
+        return OnTheFlySamples(base, args.seed, augment, not args.no_photometric, args.input_size)
+    return SampleFiles(os.path.join(args.work, "samples"), args.seed, augment, not args.no_photometric,
+                       args.input_size)
 
 
 def run(args):
@@ -740,7 +777,7 @@ def run(args):
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
-        set_rng_states(ckpt["rng"])
+        set_global_rng_states(ckpt["rng"])
         step = ckpt["step"]
         print(f"[swav_dense] resumed from {ckpt_path} at step {step} (epoch {ckpt['epoch']})")
     elif args.resume:
@@ -749,13 +786,13 @@ def run(args):
     def save_checkpoint(epoch):
         save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                     "step": step, "rng": rng_states(), "args": vars(args), "arch": args.arch,
+                     "step": step, "rng": global_rng_states(), "args": vars(args), "arch": args.arch,
                      "num_prototypes": args.num_prototypes, "proj_dim": args.proj_dim,
                      "head_dim": args.head_dim}, ckpt_path)
 
     from tqdm import tqdm
     workspace = Workspace()
-    log = open(os.path.join(out_dir, "log.jsonl"), "a")
+    log = open(os.path.join(out_dir, "log.jsonl"), "a" if step > 0 else "w")
     bar = tqdm(total=total, initial=step, desc="swav_dense", dynamic_ncols=True, disable=args.no_progress)
     collapse_floor, recent = math.log(args.num_prototypes), []
     stop_at = min(total, args.stop_after) if args.stop_after else total
@@ -770,7 +807,7 @@ def run(args):
                                              pin_memory=device.type == "cuda")
         for batch in loader:
             generator = torch.Generator().manual_seed(item_seed(args.seed + 1, 0, step))  # positives' draws
-            loss, parts, num_images = train_step(model, net, batch, args, device, amp_dtype, scaler, optimizer,
+            loss, parts, num_images = dense_swav_step(model, net, batch, args, device, amp_dtype, scaler, optimizer,
                                                  workspace, generator)
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
@@ -804,7 +841,7 @@ def run(args):
     if step < total:
         print(f"[swav_dense] stopped at step {step}/{total} (--stop-after); continue with --resume")
         return ckpt_path
-    save_atomic(model_file(model, args, step), final)
+    save_atomic(swav_model_file(model, args, step), final)
     print(f"[swav_dense] wrote {final}")
     return final
 
@@ -835,6 +872,9 @@ def get_args_parser():
     g.add_argument("--mix", type=int, default=8, help="M source images per sample (only with --on-the-fly)")
     g.add_argument("--paste-times", type=int, nargs=2, default=[2, 4], metavar=("E1", "E2"),
                    help="pastes per region in rounds 1 and 2 (only with --on-the-fly; paper 2 4)")
+    g.add_argument("--input-size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                   help="resize the canvas images to H x W before the network (labels and matrices stay exact: "
+                        "coordinates are normalised); for cheap CPU runs. Default: the samples' size")
     g.add_argument("--no-augment", action="store_true",
                    help="no per-canvas training augmentation (G = identity): ablation and debugging")
     g.add_argument("--no-photometric", action="store_true", help="per-canvas augmentation without colour changes")
