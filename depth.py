@@ -385,13 +385,16 @@ def ssim(x, y, y_statistics=None, c1=SSIM_C1, c2=SSIM_C2):
     yp, mu_y, var_y = ssim_statistics(y) if y_statistics is None else y_statistics
     B = yp.shape[0]
     xp = F.pad(x, (1, 1, 1, 1), mode="reflect")
-    ypr = yp.repeat(x.shape[0] // B, 1, 1, 1)
-    pooled = box3(torch.cat([xp, xp * xp, xp * ypr], dim=1))
+    xy = (xp.view(-1, B, *xp.shape[1:]) * yp).view(xp.shape)            # y broadcast over the N stacked x
+    pooled = box3(torch.cat([xp, xp * xp, xy], dim=1))
     mu_x, xx, xy = pooled.view(-1, B, *pooled.shape[1:]).chunk(3, dim=2)  # (N, B, C, H, W) each
-    var_x, cov = xx - mu_x * mu_x, xy - mu_x * mu_y
-    n = (2 * mu_x * mu_y + c1) * (2 * cov + c2)
-    d = (mu_x * mu_x + mu_y * mu_y + c1) * (var_x + var_y + c2)
-    return (n / d).reshape(x.shape)
+    # numerator: a = 2 mu_x mu_y + C1, b = 2 sigma_xy + C2 = 2 E[xy] - (a - C1) + C2
+    a = torch.addcmul(torch.full_like(mu_y, c1), mu_x, 2 * mu_y)
+    b = 2 * xy - a + (c1 + c2)
+    # denominator: (mu_x^2 + mu_y^2 + C1) (E[x^2] - mu_x^2 + sigma_y^2 + C2)
+    mu_x2 = mu_x * mu_x
+    d = (mu_x2 + (mu_y * mu_y + c1)) * (xx - mu_x2 + (var_y + c2))
+    return (a * b / d).reshape(x.shape)
 
 
 def photometric_error(pred, target, alpha=SSIM_WEIGHT, target_statistics=None):
@@ -626,9 +629,11 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def resolve_device(name):
+def pick_device(name):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda asked for, but torch sees no CUDA device")
     return torch.device(name)
 
 
@@ -833,7 +838,7 @@ def train(args):
     args.crop_bottom = resolve_crop_bottom(args)
     if args.size[0] % 32 or args.size[1] % 32:
         raise SystemExit(f"--size {args.size[0]} {args.size[1]}: height and width must be multiples of 32")
-    device = resolve_device(args.device)
+    device = pick_device(args.device)
     amp_dtype = amp_dtype_for(device, args.no_amp)
     seed_everything(args.seed)
     print(f"[depth] device {device}, amp {amp_dtype}, args " + json.dumps(dict(sorted(vars(args).items()))))
@@ -950,7 +955,7 @@ def shard_of(items, shard):
 
 def predict(args):
     net, model = load_depth_model(os.path.join(args.work, "depth", "model.pt"))
-    device = resolve_device(args.device)
+    device = pick_device(args.device)
     net = net.to(device)
     crop = model["crop_bottom"]
     net_size = tuple(args.net_size) if args.net_size else (round32(model["size"][0] / (1 - crop)), model["size"][1])

@@ -27,9 +27,11 @@ Reads / writes (WORK = --work):
 | WORK/swav/log.jsonl (out)              | one JSON line per step: step, epoch, loss, loss_pixel, loss_region, lr|
 
 Commands:
-    python swav_dense.py --work runs/cityscapes                      # paper: ResNet-50, 25 epochs, GPU, AMP
-    python swav_dense.py --work runs/toy --arch resnet18 --steps 20 --pixel-samples 500 --region-samples 500 \
-        --num-prototypes 64 --device cpu                             # tiny, CPU, a minute
+    python swav_dense.py --work runs/cityscapes --on-the-fly --data CITYSCAPES --size 384 768 --mix 8 --resume
+                                          # paper: ResNet-50, K 1000, 25 epochs of M = 8 samples, one GPU, AMP
+    python swav_dense.py --work runs/toy --arch resnet18 --input-size 96 192 --num-prototypes 100 \
+        --pixel-samples 1000 --region-samples 1000 --steps 150 --workers 0 --device cpu --no-amp
+                                          # toy city samples of copypaste.py, CPU, a few minutes
 
 Deviations from the paper / released code, stated plainly:
 - Region groups are label // T (the released code divides by M, right only when T = M = 8).
@@ -40,7 +42,11 @@ Deviations from the paper / released code, stated plainly:
 - The four SGD parameter groups are backbone (ResNet + FPN, detectron2's "backbone"), head, projector,
   prototypes; weight decay applies to all parameters.
 - The loss is computed by one fused function (Eqn 4-6) that keeps one N x K matrix per level for the backward
-  pass instead of several; it equals the textbook composition (tested).
+  pass instead of several, runs Sinkhorn in its scaling-vector form and forms no N x K target matrix; it equals
+  the textbook composition (sinkhorn, group_mean_codes, swav_cross_entropy: tested, values and gradients).
+- Features are sampled bilinearly at the points with border cells repeated (grid_sample pads with zeros; after
+  the L2 normalisation the two agree).
+- --input-size (not in the paper) lets CPU runs feed smaller canvas images; labels and matrices stay exact.
 """
 import argparse
 import glob
@@ -752,6 +758,7 @@ def run(args):
     print("[swav_dense] args: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())))
     print(f"[swav_dense] device {device}, amp {amp_dtype}, torch threads {torch.get_num_threads()}")
 
+    dataset = build_dataset(args)  # fails early, naming copypaste.py, when there are no samples
     seed_everything(args.seed)
     model = build_model(args.arch, args.num_prototypes, args.proj_dim, args.head_dim)
     if args.init == "imagenet":
@@ -761,7 +768,6 @@ def run(args):
         model.to(memory_format=torch.channels_last)
     net = torch.compile(model) if args.compile else model
 
-    dataset = build_dataset(args)
     steps_per_epoch = len(epoch_batches(len(dataset), args.batch_samples, args.seed, 0))
     total = args.steps if args.steps else args.epochs * steps_per_epoch
     warmup = min(total, args.warmup_epochs * steps_per_epoch)
