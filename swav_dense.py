@@ -173,7 +173,8 @@ def region_positives(labels, augment, num_slots, num_points, generator=None):
 
     Per canvas i, num_points points g uniform in the augmented view; the group of g is its region
     r = label_i(G_i^-1 g) // T (T slots per region; the released code divides by M, right only when T = M).
-    Returns points (N, 2), canvas (N,), group (N,) = region id, num_groups = R implied by the labels' range.
+    Returns points (N, 2), canvas (N,), group (N,) = region id, and None in place of the number of groups
+    (R = transforms.shape[0], which the caller has; batch_positives fills it in).
     """
     device = labels.device
     num_canvases = labels.shape[0]
@@ -310,62 +311,75 @@ def sinkhorn_scalings(kernel, iters=SINKHORN_ITERS):
 
 
 class _GroupedSwAVLoss(torch.autograd.Function):
-    """Eqn 4-6 for one level, fused, fp32, keeping one N x K matrix for the backward pass.
+    """Eqn 4-6 for one level, fused, fp32: L2 normalisation of the projections, Sinkhorn, group targets, loss.
 
-    L = 1/N sum_n [logsumexp_k(S_nk / tau) - sum_k qbar_{g(n),k} S_nk / tau] with S = Z C^T and qbar the Eqn 5
-    group-mean codes (each sums to 1). dL/dS = (P - qbar_g) / (tau N), P = softmax(S / tau). No N x K target
-    matrix is formed: sum_n qbar_{g(n)} . S_n = sum_g (qbar_g C) . Zsum_g (Zsum_g = sum of the group's z), and
-    P is kept unnormalised (E' = exp(S / tau), with its row sums). Needs |S| <= 1 (L2-normalised z and C).
+    z = x / |x|; L = 1/N sum_n [logsumexp_k(S_nk / tau) - sum_k qbar_{g(n),k} S_nk / tau] with S = Z C^T and
+    qbar the Eqn 5 group-mean codes (each sums to 1). dL/dS = (P - qbar_g) / (tau N), P = softmax(S / tau).
+    No N x K target matrix is formed: sum_n qbar_{g(n)} . S_n = sum_g (qbar_g C) . Zsum_g (Zsum_g = sum of the
+    group's z); P is kept unnormalised (E' = exp(S / tau), with its row sums). The large matrices and the N x D
+    temporaries live in workspace buffers reused from step to step. Needs |S| <= 1 (C L2-normalised).
     """
 
     @staticmethod
-    def forward(ctx, z, prototypes, group, num_groups, eps, tau, iters, workspace, name):
-        num, k = z.shape[0], prototypes.shape[0]
+    def forward(ctx, x, prototypes, group, num_groups, eps, tau, iters, workspace, name):
+        num, dim, k = x.shape[0], x.shape[1], prototypes.shape[0]
         ws = workspace if workspace is not None else Workspace()
-        e = ws.get(f"softmax_{name}", (num, k), z.device)  # E' = exp(S / tau), kept for backward
+        norms = x.norm(dim=1).clamp_(min=1e-12)
+        z = torch.div(x, norms[:, None], out=ws.get(f"z_{name}", (num, dim), x.device))  # Z
+        e = ws.get(f"softmax_{name}", (num, k), x.device)  # E' = exp(S / tau), kept for backward
         torch.mm(z, prototypes.t() * (1.0 / tau), out=e).exp_()  # 1/tau folded into the small (D, K) factor
-        kernel = ws.get("kernel", (num, k), z.device)  # exp(S / eps) = E'^(tau / eps), scratch of both levels
+        kernel = ws.get("kernel", (num, k), x.device)  # exp(S / eps) = E'^(tau / eps), scratch of both levels
         torch.pow(e, tau / eps, out=kernel)  # a square for the paper's eps 0.05, tau 0.1
         a, b = sinkhorn_scalings(kernel, iters)  # Eqn 4: Q = diag(a) kernel diag(b)
         # Eqn 5: qbar_g = mean over the group of Q_n = (sum_n in g a_n kernel_n) * b / |g|
         kernel.mul_(a[:, None])
-        qsum = kernel.new_zeros(num_groups, k).index_add_(0, group, kernel)
-        counts = torch.bincount(group, minlength=num_groups).clamp(min=1).to(z.dtype)
+        qsum = ws.get("group_codes", (num_groups, k), x.device).zero_().index_add_(0, group, kernel)
+        counts = torch.bincount(group, minlength=num_groups).clamp(min=1).to(x.dtype)
         qbar = qsum.mul_(b[None, :]).div_(counts[:, None])  # (G, K)
-        zsum = z.new_zeros(num_groups, z.shape[1]).index_add_(0, group, z)  # (G, D)
+        zsum = z.new_zeros(num_groups, dim).index_add_(0, group, z)  # (G, D)
         qbar_c = qbar @ prototypes  # (G, D)
         qbar_t_zsum = qbar.t() @ zsum  # (K, D)
-        del qbar, qsum
         target_term = (qbar_c * zsum).sum() / tau
         # Eqn 6: logsumexp_k(S_nk / tau) = log sum_k E'_nk (|S| <= 1: no overflow)
         row_sum = e.sum(1)
         lse = row_sum.log().sum()
-        ctx.save_for_backward(z, prototypes, e, row_sum, qbar_c, qbar_t_zsum, group)
+        ctx.save_for_backward(z, norms, prototypes, e, row_sum, qbar_c, qbar_t_zsum, group)
         ctx.scale = 1.0 / (tau * num)
+        ctx.workspace, ctx.name = ws, name
         return (lse - target_term) / num
 
     @staticmethod
     def backward(ctx, grad):
-        z, prototypes, e, row_sum, qbar_c, qbar_t_zsum, group = ctx.saved_tensors
+        z, norms, prototypes, e, row_sum, qbar_c, qbar_t_zsum, group = ctx.saved_tensors
         g = grad * ctx.scale
-        grad_z = grad_c = None
-        if ctx.needs_input_grad[0]:  # (P C - qbar_g C), P = E' / row_sum
-            grad_z = ((e @ prototypes).div_(row_sum[:, None]) - qbar_c[group]) * g
-        if ctx.needs_input_grad[1]:  # P^T Z - qbar^T Zsum
-            grad_c = (e.t() @ (z / row_sum[:, None]) - qbar_t_zsum) * g
-        return grad_z, grad_c, None, None, None, None, None, None, None
+        num, dim = z.shape
+        ws = ctx.workspace
+        scratch = ws.get(f"scratch_{ctx.name}", (num, dim), z.device)
+        grad_x = grad_c = None
+        if ctx.needs_input_grad[1]:  # dL/dC = (P^T Z - qbar^T Zsum) g, P = E' / row_sum
+            torch.div(z, row_sum[:, None], out=scratch)
+            grad_c = (e.t() @ scratch - qbar_t_zsum) * g
+        if ctx.needs_input_grad[0]:
+            gz = torch.mm(e, prototypes, out=ws.get(f"grad_{ctx.name}", (num, dim), z.device))
+            gz.div_(row_sum[:, None]).sub_(torch.index_select(qbar_c, 0, group, out=scratch)).mul_(g)  # dL/dZ
+            # through z = x / |x|: dL/dx = (dL/dz - z (z . dL/dz)) / |x|, in place
+            dot = torch.bmm(gz[:, None, :], z[:, :, None])[:, 0]  # (N, 1)
+            grad_x = gz.addcmul_(z, dot, value=-1).div_(norms[:, None])
+        return grad_x, grad_c, None, None, None, None, None, None, None
 
 
-def grouped_swav_loss(z, prototypes, group, num_groups, eps=SINKHORN_EPS, tau=TAU, iters=SINKHORN_ITERS,
+def grouped_swav_loss(x, prototypes, group, num_groups, eps=SINKHORN_EPS, tau=TAU, iters=SINKHORN_ITERS,
                       workspace=None, name="level"):
-    """Eqn 4-6 for one level: z (N, D) L2-normalised projections, prototypes (K, D) L2-normalised, group (N,).
+    """Eqn 4-6 for one level: x (N, D) sampled projections (L2-normalised here), prototypes (K, D)
+    L2-normalised, group (N,) ids < num_groups.
 
-    Equals swav_cross_entropy(S, group_mean_codes(sinkhorn(S), group)[group]) with S = z prototypes^T, in
-    fp32, keeping one N x K matrix (in `workspace` buffers when given) instead of several.
+    Equals swav_cross_entropy(S, group_mean_codes(sinkhorn(S), group)[group]) with S = normalize(x) C^T, in
+    fp32, keeping one N x K matrix (in `workspace` buffers when given) instead of several. A workspace's buffers
+    are reused by the next call of the same name: backward() before calling it again.
     """
-    if z.shape[0] == 0:
-        return (z.sum() + prototypes.sum()) * 0.0
-    return _GroupedSwAVLoss.apply(z.float(), prototypes.float(), group, num_groups, eps, tau, iters, workspace,
+    if x.shape[0] == 0:
+        return (x.sum() + prototypes.sum()) * 0.0
+    return _GroupedSwAVLoss.apply(x.float(), prototypes.float(), group, num_groups, eps, tau, iters, workspace,
                                   name)
 
 
@@ -376,20 +390,15 @@ def dense_swav_loss(features, positives, prototypes, lam=LAMBDA, eps=SINKHORN_EP
     Sampling, normalisation, Sinkhorn and the loss run in fp32. Returns (loss, {"pixel": ..., "region": ...}).
     """
     features = features.float()
-    levels = [lvl for lvl in ("pixel", "region") if lvl in positives]
-    points = torch.cat([positives[lvl][0] for lvl in levels])
-    canvas = torch.cat([positives[lvl][1] for lvl in levels])
-    z = F.normalize(sample_features(features, canvas, points), dim=1)  # Z, L2-normalised sampled projections
     protos = F.normalize(prototypes.float(), dim=1)
-    parts, start = {}, 0
-    for lvl in levels:
-        _, _, group, num_groups = positives[lvl]
-        n = group.numel()
-        parts[lvl] = grouped_swav_loss(z[start:start + n], protos, group, num_groups, eps, tau, iters, workspace,
-                                       lvl)
-        start += n
+    parts = {}
+    for lvl in ("pixel", "region"):
+        if lvl in positives:
+            points, canvas, group, num_groups = positives[lvl]
+            x = sample_features(features, canvas, points)  # sampled projections, normalised in the loss
+            parts[lvl] = grouped_swav_loss(x, protos, group, num_groups, eps, tau, iters, workspace, lvl)
     weights = {"pixel": lam, "region": 1.0 - lam}
-    loss = sum(weights[lvl] * parts[lvl] for lvl in levels)
+    loss = sum(weights[lvl] * parts[lvl] for lvl in parts)
     return loss, parts
 
 
@@ -707,7 +716,7 @@ def parameter_groups(model):
 # Training
 # ----------------------------------------------------------------------------------------------------------
 def dense_swav_step(model, net, batch, args, device, amp_dtype, scaler, optimizer, workspace, generator):
-    """One SGD step on a batch (list of augmented samples); returns (loss, parts) as floats."""
+    """One SGD step on a batch (list of augmented samples); returns (loss, {level: loss}, images in the batch)."""
     model.normalize_prototypes()  # each prototype L2-normalised before every step
     images = torch.cat([s["images"] for s in batch]).to(device, non_blocking=True)
     if device.type == "cuda":

@@ -1078,12 +1078,12 @@ def test_swav_dense_loss_hand_worked_and_fused_equals_textbook():
     expected = (math.log(1 + 2 * math.exp(-10)) + math.log(3)) / 2
     assert abs(swav_dense.swav_cross_entropy(scores, targets, 0.1).item() - expected) < 1e-6
     torch.manual_seed(0)
-    z = torch.nn.functional.normalize(torch.randn(300, 8), dim=1).requires_grad_()
+    z = (torch.randn(300, 8) * 3).requires_grad_()  # sampled projections, normalised inside the loss
     c = torch.nn.functional.normalize(torch.randn(20, 8), dim=1).requires_grad_()
     group = torch.randint(0, 40, (300,))
     loss = swav_dense.grouped_swav_loss(z, c, group, 40, workspace=swav_dense.Workspace())
     gz, gc = torch.autograd.grad(loss, (z, c))
-    s = z @ c.t()
+    s = torch.nn.functional.normalize(z, dim=1) @ c.t()
     ref = swav_dense.swav_cross_entropy(s, swav_dense.group_mean_codes(swav_dense.sinkhorn(s), group, 40)[group])
     rz, rc = torch.autograd.grad(ref, (z, c))
     torch.testing.assert_close(loss, ref)
