@@ -28,7 +28,8 @@ Paper scale (Cityscapes, one GPU; Monodepth2's Cityscapes preparation: bottom qu
     python depth.py predict --work runs/cs --data CS --split train --size 384 768
     python depth.py eval --work runs/cs --data CS --split val --crop-bottom 0.25
 Tiny (toy city, CPU, minutes):
-    python depth.py train --data data/toycity --work runs/toy --size 96 192 --frame-offset 1 --steps 300 --batch-size 6
+    python depth.py train --data data/toycity --work runs/toy --size 64 128 --frame-offset 1 --batch-size 6 \
+        --lr 3e-4 --steps 600
     python depth.py predict --work runs/toy --data data/toycity --split val --size 192 384
     python depth.py eval --work runs/toy --data data/toycity --split val
 

@@ -17,6 +17,16 @@ if [ "$preset" = "toy" ]; then
   WORK="${WORK:-runs/toy}"
   [ -f "$DATA/.complete" ] || $PY toycity.py --out "$DATA"
   # ===== depth (toy) =====
+  need depth.py  # stage 1: Monodepth2 from scratch on the 20 train sequences (560 triplets, frames 0 -1 +1) at
+  # 64 x 128, batch 6, lr 3e-4 (the paper's 1e-4 learns too little in this budget), 600 steps with the x0.1 drop
+  # at 75 %: about 2.5 min of 2 CPU cores. Then the disparity of the annotated train (for group.py) and val frames
+  # at the toy city's 192 x 384, and depth metrics on val.
+  $PY depth.py train --data "$DATA" --work "$WORK" --size 64 128 --frame-offset 1 --batch-size 6 --lr 3e-4 \
+    --steps 600 --workers 1 --log-every 100 --resume
+  for split in train val; do
+    $PY depth.py predict --work "$WORK" --data "$DATA" --split "$split" --size 192 384
+  done
+  $PY depth.py eval --work "$WORK" --data "$DATA" --split val
   # ===== group (toy) =====
   need group.py   # stage 2: depth regions of the annotated frames from WORK/disp (2500 superpixels at 192 x 384 =
   for split in train val; do   # the paper's superpixel size), then covering / purity against gtFine
@@ -32,9 +42,10 @@ if [ "$preset" = "toy" ]; then
   # ===== swav_dense (toy) =====
   need swav_dense.py  # stage 4: dense SwAV on the 50 toy samples (8 canvases each), ResNet-18, canvases fed at
   # 96 x 192 (labels and matrices stay exact), K 100, 1000 pixel + 1000 region points per canvas, lambda 0.5,
-  # 150 steps (30 passes over the 5 samples of an epoch folder), fp32 (bf16 autocast is slower on most CPUs);
-  # about 3 minutes on 2 CPU cores; the loss goes from ln 100 = 4.6 to about 3.9
-  $PY swav_dense.py --work "$WORK" --arch resnet18 --input-size 96 192 --num-prototypes 100 \
+  # 150 steps = 30 epochs of 5 samples cycling through the 10 epoch folders (each sample seen 3 times), fp32
+  # (bf16 autocast is slower on most CPUs), one thread (two oversubscribe a shared 2-core machine badly): about
+  # 3 minutes; the loss goes from ln 100 = 4.6 to about 3.9
+  OMP_NUM_THREADS=1 $PY swav_dense.py --work "$WORK" --arch resnet18 --input-size 96 192 --num-prototypes 100 \
     --pixel-samples 1000 --region-samples 1000 --steps 150 --workers 0 --device cpu --no-amp --log-every 25
   # ===== cluster (toy) =====
   need cluster.py   # stage 5: prototypes -> 9 clusters (the toy city has 9 classes), toy val at its native 192 x 384,
