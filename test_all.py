@@ -393,6 +393,19 @@ def test_depth_eval_of_ground_truth_disparity_is_near_perfect(tiny_city, tmp_pat
     assert abs(ratio - 0.5) < 1e-12 and metrics["abs_rel"] < 1e-12 and metrics["a1"] == 1.0
 
 
+def test_depth_kitti_calibration_and_folder_triplets(tmp_path):
+    import depth
+    calib = tmp_path / "2011_09_26" / "calib_cam_to_cam.txt"
+    os.makedirs(calib.parent)
+    calib.write_text("calib_time: 09-Jan-2012 13:57:47\nS_rect_02: 1.242000e+03 3.750000e+02\n"
+                     "P_rect_02: 7.215377e+02 0.000000e+00 6.095593e+02 4.485728e+01 0.000000e+00 7.215377e+02 "
+                     "1.728540e+02 2.163791e-01 0.000000e+00 0.000000e+00 1.000000e+00 2.745884e-03\n")
+    K = depth.read_kitti_calibration(str(calib))
+    assert np.allclose(K, [721.5377 / 1242, 721.5377 / 375, 609.5593 / 1242, 172.854 / 375])
+    assert depth.triplets_of(list("abcde"), 2) == [(2, 0, 4)]
+    assert depth.triplets_of(list("abcd"), 1) == [(1, 0, 2), (2, 1, 3)]
+
+
 def test_depth_clear_errors_name_the_file(tiny_city, tmp_path):
     import re
     import shutil
@@ -1519,13 +1532,13 @@ def stage_trees():
 
 
 def test_hygiene_importing_a_stage_runs_nothing():
-    code = "import sys, io; sys.stdout = io.StringIO(); import {0}; out = sys.stdout.getvalue(); " \
-           "sys.stdout = sys.__stdout__; print(repr(out))"
-    for name in stage_trees():
-        proc = subprocess.run([sys.executable, "-c", code.format(name[:-3])], cwd=HERE, capture_output=True,
-                              text=True, timeout=120)
-        assert proc.returncode == 0, proc.stderr
-        assert proc.stdout.strip() == "''", f"importing {name} printed {proc.stdout}"
+    names = [name[:-3] for name in stage_trees()]
+    code = "import importlib, io, sys\nfor name in sys.argv[1:]:\n    sys.stdout = io.StringIO()\n" \
+           "    importlib.import_module(name)\n    out = sys.stdout.getvalue()\n    sys.stdout = sys.__stdout__\n" \
+           "    print(name, repr(out))\n"
+    proc = subprocess.run([sys.executable, "-c", code, *names], cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[:-1] == [f"{name} ''" for name in names], proc.stdout
 
 
 def test_hygiene_stages_import_only_earlier_stages():
