@@ -351,6 +351,99 @@ def nearest_indices(size, new_size):
 # ----------------------------------------------------------------------------------------------------------
 # One sample (Sec 3.3)
 # ----------------------------------------------------------------------------------------------------------
+def resize_sources(images, disparities, regions, size=None):
+    """resize_source on each of the M sources, all to `size` (default: the first image's size)."""
+    sources = []
+    for j in range(len(images)):
+        sources.append(resize_source(images[j], disparities[j], regions[j], size))
+        size = tuple(sources[0][0].shape[-2:])
+    return sources
+
+
+def start_canvases(sources, offsets, slots):
+    """Canvas j (round 1) and M + j (round 2) both start as the unmodified source j.
+
+    Returns (stacked: M x (4, H, W) colour and disparity of the sources, canvas float (2M, 4, H, W), canvas_labels
+    int32 (2M, H, W) = r * T + s with slot s = 0 on canvas j and 1 on canvas M + j); offsets: first global region
+    id of each source; slots: T.
+    """
+    stacked = [torch.cat([img, d[None]]) for img, d, _ in sources]               # M x (4, H, W)
+    canvas = torch.stack(stacked * 2)                                           # (2M, 4, H, W)
+    global_ids = torch.stack([reg + int(offsets[j]) for j, (_, _, reg) in enumerate(sources)])  # (M, H, W)
+    canvas_labels = torch.cat([global_ids * slots, global_ids * slots + 1]).to(torch.int32)    # (2M, H, W)
+    return stacked, canvas, canvas_labels
+
+
+def region_crop(stacked, regions, top, left, h, w, region_id):
+    """A region's box cut from its source (views of stacked (4, H, W)): (colour (3, h, w), disparity (h, w),
+    mask (h, w) of the source-local id region_id, max disparity)."""
+    crop_disp = stacked[3, top:top + h, left:left + w]
+    return (stacked[:3, top:top + h, left:left + w], crop_disp, regions[top:top + h, left:left + w] == region_id,
+            float(crop_disp.max()))
+
+
+def place_copy(top, h, w, u, height, width, jitter_px):
+    """Steps 2 and 4 of one paste of a (h, w) box at row top, from its draws u: the depth-aware scale, the flip and
+    the placement. Returns (new_h, new_w, flip, paste_top, paste_left)."""
+    c = height // 2
+    # step 2: depth-aware scale about the horizon row (RandomDistance): 1/s uniform in depth
+    s = sample_depth_scale(*depth_aware_scale_range(top, h, w, height, width), u[0])
+    new_h, new_w = max(1, int(round(h * s))), max(1, int(round(w * s)))
+    sy = new_h / h  # the vertical scale actually applied
+    flip = u[1] < P_FLIP
+    # step 4: placement: left uniform in [-w' + 1, W - 1]; top moved along the viewing ray, + jitter h_t
+    paste_left = -new_w + 1 + min(int(u[14] * (width + new_w - 1)), width + new_w - 2)
+    paste_top = int(round((top - c) * sy + c)) + min(int(u[15] * (2 * jitter_px + 1)), 2 * jitter_px) - jitter_px
+    return new_h, new_w, flip, paste_top, paste_left
+
+
+def paste_copy(canvas, canvas_labels, crop, new_h, new_w, flip, paste_top, paste_left, label, recolour=None):
+    """Steps 2 (cont.), 3, 5 and 6 of one paste, in place on one canvas (4, H, W) and its labels (H, W): the crop
+    (region_crop) resized and flipped, recoloured, DepthMixed and blended; skipped when it cannot change anything."""
+    crop_colour, crop_disp, mask, crop_disp_max = crop
+    H, W = canvas_labels.shape
+    sy = new_h / mask.shape[0]
+    # shortcut: a copy off the canvas, or farther everywhere than the nearest canvas pixel under it
+    # (bilinear resizing never exceeds the crop's maximum), changes nothing
+    y0, x0 = max(paste_top, 0), max(paste_left, 0)
+    y1, x1 = min(paste_top + new_h, H), min(paste_left + new_w, W)
+    if y1 <= y0 or x1 <= x0 or crop_disp_max * sy <= float(canvas[3, y0:y1, x0:x1].min()):
+        return
+    # step 2 (cont.) and 3: the transformed copy; its colour is computed only if something is pasted
+    colour_copy, disp_copy, mask_copy = transform_copy(crop_colour, crop_disp, mask, new_h, new_w, flip)
+    # step 3 (cont.), 5, 6: photometric augmentation, DepthMix, soft-mask blending, labels
+    paste_depthmix(canvas, canvas_labels, colour_copy, disp_copy, mask_copy, paste_top, paste_left, label, recolour)
+
+
+def paste_round(canvas, canvas_labels, transforms, canvas_of, next_slot, crops, boxes, round_index, e, generator,
+                jitter_px, photometric=True):
+    """Round round_index (0 or 1) in place: all R regions repeated e times, shuffled, dealt to the round's M
+    canvases in turn (canvas b gets items b, b + M, ...), each paste taking the region's next slot and recording
+    its matrix and canvas. crops: region_crop of each region, None where the size filter rejects it."""
+    M, R, T = canvas.shape[0] // 2, len(boxes), transforms.shape[1]
+    H, W = canvas_labels.shape[-2:]
+    items = np.tile(np.arange(R), e)[torch.randperm(R * e, generator=generator).numpy()]
+    draws = torch.rand((len(items), _PASTE_DRAWS), generator=generator, dtype=torch.float64).tolist()
+    for b in range(M):
+        target = round_index * M + b
+        for k in range(b, len(items), M):
+            r = int(items[k])
+            slot = int(next_slot[r])
+            next_slot[r] += 1
+            if crops[r] is None:
+                continue  # step 1, size filter: the slot stays unused (-1)
+            u = draws[k]
+            top, left, h, w = boxes[r]
+            new_h, new_w, flip, paste_top, paste_left = place_copy(top, h, w, u, H, W, jitter_px)
+            # step 7: the slot's exact matrix and canvas
+            transforms[r, slot] = paste_matrix(top, left, new_h / h, new_w / w, new_h, new_w, paste_top, paste_left,
+                                               flip, H, W)
+            canvas_of[r, slot] = target
+            recolour = (lambda colour, u=u: photometric_augment(colour, u[2:14])) if photometric else None
+            paste_copy(canvas[target], canvas_labels[target], crops[r], new_h, new_w, flip, paste_top, paste_left,
+                       r * T + slot, recolour)
+
+
 def build_sample(images, disparities, regions, stems, paste_times=PASTE_TIMES, generator=None, photometric=True,
                  height_jitter=HEIGHT_JITTER, size=None):
     """One cross-context sample of 2M canvases from M sources, every pasted copy's transform recorded.
@@ -377,79 +470,32 @@ def build_sample(images, disparities, regions, stems, paste_times=PASTE_TIMES, g
                          f"{len(disparities)} disparities, {len(regions)} region maps, {len(stems)} stems")
     e1, e2 = (int(e) for e in paste_times)
     T = 2 + e1 + e2
-    sources = []
-    for j in range(M):
-        sources.append(resize_source(images[j], disparities[j], regions[j], size))
-        size = tuple(sources[0][0].shape[-2:])
-    H, W = size
+    sources = resize_sources(images, disparities, regions, size)
+    H, W = sources[0][0].shape[-2:]
     counts = [int(reg.max()) + 1 for _, _, reg in sources]
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     R = int(offsets[-1])
     source_of = np.repeat(np.arange(M), counts)
 
     # the 2M canvases, colour and disparity stacked: rounds 1 and 2 both start from the unmodified sources
-    stacked = [torch.cat([img, d[None]]) for img, d, _ in sources]               # M x (4, H, W)
-    canvas = torch.stack(stacked * 2)                                           # (2M, 4, H, W)
-    global_ids = torch.stack([reg + int(offsets[j]) for j, (_, _, reg) in enumerate(sources)])  # (M, H, W)
-    canvas_labels = torch.cat([global_ids * T, global_ids * T + 1]).to(torch.int32)            # (2M, H, W)
+    stacked, canvas, canvas_labels = start_canvases(sources, offsets, T)
     transforms = np.tile(np.eye(3), (R, T, 1, 1))                               # (R, T, 3, 3) float64
     canvas_of = np.full((R, T), -1, dtype=np.int64)
     canvas_of[:, 0] = source_of
     canvas_of[:, 1] = source_of + M
 
     boxes = [b for j, (_, _, reg) in enumerate(sources) for b in region_boxes(reg, counts[j])]
-    pastable = [passes_size_filter(h, w, H, W) for (_, _, h, w) in boxes]
+    # step 1, size filter: a rejected region gets no crop; each round deals every region, so the crops of the
+    # others are all used whenever something is pasted
+    crops = [region_crop(stacked[j], sources[j][2], *boxes[r], r - int(offsets[j]))
+             if e1 + e2 > 0 and passes_size_filter(h, w, H, W) else None
+             for r, (j, (_, _, h, w)) in enumerate(zip(source_of, boxes))]
     jitter_px = int(round(height_jitter * H / REFERENCE_ROWS))
-    c = H // 2
     next_slot = np.full(R, 2, dtype=np.int64)
-    crops = {}  # region -> (colour (3, h, w), disparity (h, w), mask (h, w), max disparity), made on first use
     for round_index, e in enumerate((e1, e2)):
-        if e == 0:
-            continue
-        items = np.tile(np.arange(R), e)[torch.randperm(R * e, generator=generator).numpy()]
-        draws = torch.rand((len(items), _PASTE_DRAWS), generator=generator, dtype=torch.float64).tolist()
-        for b in range(M):
-            target = round_index * M + b
-            for k in range(b, len(items), M):
-                r = int(items[k])
-                slot = int(next_slot[r])
-                next_slot[r] += 1
-                if not pastable[r]:
-                    continue  # step 1, size filter: the slot stays unused (-1)
-                u = draws[k]
-                top, left, h, w = boxes[r]
-                if r not in crops:
-                    j = int(source_of[r])
-                    crop_disp = stacked[j][3, top:top + h, left:left + w]
-                    crops[r] = (stacked[j][:3, top:top + h, left:left + w], crop_disp,
-                                sources[j][2][top:top + h, left:left + w] == (r - int(offsets[j])),
-                                float(crop_disp.max()))
-                crop_colour, crop_disp, mask, crop_disp_max = crops[r]
-                # step 2: depth-aware scale about the horizon row (RandomDistance): 1/s uniform in depth
-                s = sample_depth_scale(*depth_aware_scale_range(top, h, w, H, W), u[0])
-                new_h, new_w = max(1, int(round(h * s))), max(1, int(round(w * s)))
-                sy, sx = new_h / h, new_w / w  # the scales actually applied
-                flip = u[1] < P_FLIP
-                # step 4: placement: left uniform in [-w' + 1, W - 1]; top moved along the viewing ray, + jitter h_t;
-                # step 7: the slot's exact matrix and canvas
-                paste_left = -new_w + 1 + min(int(u[14] * (W + new_w - 1)), W + new_w - 2)
-                paste_top = int(round((top - c) * sy + c)) + min(int(u[15] * (2 * jitter_px + 1)), 2 * jitter_px) \
-                    - jitter_px
-                transforms[r, slot] = paste_matrix(top, left, sy, sx, new_h, new_w, paste_top, paste_left, flip,
-                                                   H, W)
-                canvas_of[r, slot] = target
-                # shortcut: a copy off the canvas, or farther everywhere than the nearest canvas pixel under it
-                # (bilinear resizing never exceeds the crop's maximum), changes nothing
-                y0, x0 = max(paste_top, 0), max(paste_left, 0)
-                y1, x1 = min(paste_top + new_h, H), min(paste_left + new_w, W)
-                if y1 <= y0 or x1 <= x0 or crop_disp_max * sy <= float(canvas[target, 3, y0:y1, x0:x1].min()):
-                    continue
-                # step 2 (cont.) and 3: the transformed copy; its colour is computed only if something is pasted
-                colour_copy, disp_copy, mask_copy = transform_copy(crop_colour, crop_disp, mask, new_h, new_w, flip)
-                # step 3 (cont.), 5, 6: photometric augmentation, DepthMix, soft-mask blending, labels
-                recolour = (lambda colour, u=u: photometric_augment(colour, u[2:14])) if photometric else None
-                paste_depthmix(canvas[target], canvas_labels[target], colour_copy, disp_copy, mask_copy, paste_top,
-                               paste_left, r * T + slot, recolour)
+        if e > 0:
+            paste_round(canvas, canvas_labels, transforms, canvas_of, next_slot, crops, boxes, round_index, e,
+                        generator, jitter_px, photometric)
     return {
         "images": (canvas[:, :3] * 255.0).round_().clamp_(0, 255).to(torch.uint8),
         "labels": canvas_labels,

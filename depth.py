@@ -825,37 +825,42 @@ def resolve_crop_bottom(args):
     return 0.0 if cities <= {"toycity"} else 0.25
 
 
-def train(args):
+def depth_train_paths(args):
+    """(WORK/depth, its model.pt, its checkpoint.pt), or None when a finished model.pt leaves nothing to do.
+
+    An unfinished checkpoint.pt needs --resume or --overwrite; --overwrite removes the old model, checkpoint and log.
+    """
     out = os.path.join(args.work, "depth")
     os.makedirs(out, exist_ok=True)
     model_path, ckpt_path = os.path.join(out, "model.pt"), os.path.join(out, "checkpoint.pt")
     if os.path.exists(model_path) and not args.overwrite and not (args.resume and os.path.exists(ckpt_path)):
         print(f"[depth] {model_path} exists: skipping training (--resume to continue, --overwrite to restart)")
-        return
+        return None
     if os.path.exists(ckpt_path) and not (args.resume or args.overwrite):
         raise SystemExit(f"[depth] {ckpt_path} exists from an unfinished run: pass --resume or --overwrite")
     if args.overwrite:
         for name in ("model.pt", "checkpoint.pt", "log.jsonl"):
             if os.path.exists(os.path.join(out, name)):
                 os.remove(os.path.join(out, name))
-    args.crop_bottom = resolve_crop_bottom(args)
-    if args.size[0] % 32 or args.size[1] % 32:
-        raise SystemExit(f"--size {args.size[0]} {args.size[1]}: height and width must be multiples of 32")
-    device = pick_device(args.device)
-    amp_dtype = amp_dtype_for(device, args.no_amp)
-    seed_everything(args.seed)
-    print(f"[depth] device {device}, amp {amp_dtype}, args " + json.dumps(dict(sorted(vars(args).items()))))
+    return out, model_path, ckpt_path
 
-    dataset = TripletDataset(training_items(args), args.size, args.crop_bottom, augment=not args.no_augment,
-                             seed=args.seed)
-    steps_per_epoch = len(dataset) // args.batch_size
+
+def depth_schedule(num_triplets, args):
+    """(steps per epoch, total steps, step to stop at, lr drop step); with --steps the drop keeps its fraction of
+    --epochs."""
+    steps_per_epoch = num_triplets // args.batch_size
     if steps_per_epoch == 0:
-        raise SystemExit(f"{len(dataset)} triplets are fewer than one batch of {args.batch_size}")
+        raise SystemExit(f"{num_triplets} triplets are fewer than one batch of {args.batch_size}")
     total = args.steps if args.steps is not None else args.epochs * steps_per_epoch
     stop = total if args.stop_after is None else min(total, args.stop_after)
     drop_step = (args.lr_drop_epoch * steps_per_epoch if args.steps is None
                  else int(round(total * args.lr_drop_epoch / args.epochs)))
+    return steps_per_epoch, total, stop, drop_step
 
+
+def depth_training_setup(args, device, amp_dtype):
+    """DepthNet and PoseNet (encoders from --weights if given), one Adam over both, the fp16 GradScaler (a no-op
+    otherwise) and the generator of the loss's noise. Returns (depth_net, pose_net, optimizer, scaler, noise)."""
     depth_net, pose_net = DepthNet(args.arch).to(device), PoseNet(args.arch).to(device)
     if args.weights:
         state = torch.load(args.weights, map_location="cpu", weights_only=True)
@@ -865,31 +870,58 @@ def train(args):
     optimizer = torch.optim.Adam(params, lr=args.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     noise = torch.Generator(device).manual_seed(args.seed)
-    step = 0
-    if args.resume and os.path.exists(ckpt_path):
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        depth_net.load_state_dict(ckpt["model"])
-        pose_net.load_state_dict(ckpt["pose_model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        set_rng_states(ckpt["rng"], noise)
-        step = ckpt["step"]
-        if step >= total and os.path.exists(model_path):
-            print(f"[depth] {model_path} exists and {ckpt_path} is at step {step} of {total}: nothing to do")
-            return
-        print(f"[depth] resumed {ckpt_path} at step {step} (epoch {ckpt['epoch']})")
-    with open(os.path.join(out, "args.json"), "w") as f:
-        json.dump(vars(args), f, indent=2, sort_keys=True)
+    return depth_net, pose_net, optimizer, scaler, noise
 
-    def save_checkpoint():
-        atomic_save({"model": depth_net.state_dict(), "pose_model": pose_net.state_dict(),
-                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
-                     "epoch": step // steps_per_epoch, "rng": rng_states(noise), "args": vars(args),
-                     "lr_schedule": {"base_lr": args.lr, "drop_step": drop_step, "gamma": args.lr_gamma}},
-                    ckpt_path)
 
+def resume_depth(ckpt_path, device, depth_net, pose_net, optimizer, scaler, noise):
+    """Restore checkpoint.pt in place (weights, optimiser, scaler and every RNG, so the run continues exactly);
+    returns the checkpoint dict."""
+    ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+    depth_net.load_state_dict(ckpt["model"])
+    pose_net.load_state_dict(ckpt["pose_model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    set_rng_states(ckpt["rng"], noise)
+    return ckpt
+
+
+def save_depth_checkpoint(ckpt_path, depth_net, pose_net, optimizer, scaler, noise, args, step, steps_per_epoch,
+                          drop_step):
+    atomic_save({"model": depth_net.state_dict(), "pose_model": pose_net.state_dict(),
+                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
+                 "epoch": step // steps_per_epoch, "rng": rng_states(noise), "args": vars(args),
+                 "lr_schedule": {"base_lr": args.lr, "drop_step": drop_step, "gamma": args.lr_gamma}},
+                ckpt_path)
+
+
+def depth_epoch_loader(dataset, args, device, step, steps_per_epoch, generator):
+    """The batches of step's epoch from step on (a resumed run starts mid-epoch)."""
+    epoch, first = divmod(step, steps_per_epoch)
+    dataset.set_epoch(epoch)
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=EpochBatches(len(dataset), args.batch_size, args.seed, epoch, first),
+        num_workers=args.workers, pin_memory=device.type == "cuda", generator=generator)
+
+
+def log_depth_step(log, bar, step, total, steps_per_epoch, loss, lr, logs, speed):
+    """One log.jsonl record and one printed line with loss, lr, speed (s/step) and ETA."""
+    record = {"step": step, "epoch": step // steps_per_epoch, "loss": loss.item(), "lr": lr,
+              "s_per_step": speed, **logs}
+    log.write(json.dumps(record) + "\n")
+    log.flush()
+    eta = time.strftime("%H:%M:%S", time.gmtime(speed * (total - step)))
+    bar.write(f"step {step:7d}/{total} epoch {record['epoch']:3d} loss {loss.item():.4f} "
+              f"photo {logs['photometric']:.4f} automask {logs['automask']:.2f} lr {lr:.1e} "
+              f"{speed:.2f} s/step eta {eta}")
+
+
+def train_depth(dataset, depth_net, pose_net, optimizer, scaler, noise, args, device, amp_dtype, out, step,
+                schedule):
+    """Train from step to the stop step, logging every --log-every steps and checkpointing every --save-every
+    steps and at each epoch's end; stops on a non-finite loss. Returns the step reached."""
     from tqdm import tqdm
-    print(f"[depth] {len(dataset)} triplets, {steps_per_epoch} steps per epoch, {total} steps, lr drop at step {drop_step}")
+    steps_per_epoch, total, stop, drop_step = schedule
+    ckpt_path = os.path.join(out, "checkpoint.pt")
     depth_net.train()
     pose_net.train()
     bar = tqdm(total=total, initial=step, desc="depth train", dynamic_ncols=True, disable=args.no_progress)
@@ -897,12 +929,7 @@ def train(args):
     start_time, start_step = time.time(), step
     loader_generator = torch.Generator()
     while step < stop:
-        epoch, first = divmod(step, steps_per_epoch)
-        dataset.set_epoch(epoch)
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=EpochBatches(len(dataset), args.batch_size, args.seed, epoch, first),
-            num_workers=args.workers, pin_memory=device.type == "cuda", generator=loader_generator)
-        for batch in loader:
+        for batch in depth_epoch_loader(dataset, args, device, step, steps_per_epoch, loader_generator):
             lr = lr_at(step, args.lr, drop_step, args.lr_gamma)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -916,22 +943,52 @@ def train(args):
             bar.set_postfix(loss=f"{loss.item():.4f}")
             if step % args.log_every == 0 or step == total:
                 speed = (time.time() - start_time) / (step - start_step)
-                record = {"step": step, "epoch": step // steps_per_epoch, "loss": loss.item(), "lr": lr,
-                          "s_per_step": speed, **logs}
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-                eta = time.strftime("%H:%M:%S", time.gmtime(speed * (total - step)))
-                bar.write(f"step {step:7d}/{total} epoch {record['epoch']:3d} loss {loss.item():.4f} "
-                          f"photo {logs['photometric']:.4f} automask {logs['automask']:.2f} lr {lr:.1e} "
-                          f"{speed:.2f} s/step eta {eta}")
+                log_depth_step(log, bar, step, total, steps_per_epoch, loss, lr, logs, speed)
             if step % args.save_every == 0 or step % steps_per_epoch == 0 or step == stop:
-                save_checkpoint()
+                save_depth_checkpoint(ckpt_path, depth_net, pose_net, optimizer, scaler, noise, args, step,
+                                      steps_per_epoch, drop_step)
             if step == stop:
                 break
     bar.close()
     log.close()
     if step == start_step and not os.path.exists(ckpt_path):
-        save_checkpoint()
+        save_depth_checkpoint(ckpt_path, depth_net, pose_net, optimizer, scaler, noise, args, step, steps_per_epoch,
+                              drop_step)
+    return step
+
+
+def train(args):
+    paths = depth_train_paths(args)
+    if paths is None:
+        return
+    out, model_path, ckpt_path = paths
+    args.crop_bottom = resolve_crop_bottom(args)
+    if args.size[0] % 32 or args.size[1] % 32:
+        raise SystemExit(f"--size {args.size[0]} {args.size[1]}: height and width must be multiples of 32")
+    device = pick_device(args.device)
+    amp_dtype = amp_dtype_for(device, args.no_amp)
+    seed_everything(args.seed)
+    print(f"[depth] device {device}, amp {amp_dtype}, args " + json.dumps(dict(sorted(vars(args).items()))))
+
+    dataset = TripletDataset(training_items(args), args.size, args.crop_bottom, augment=not args.no_augment,
+                             seed=args.seed)
+    schedule = depth_schedule(len(dataset), args)
+    steps_per_epoch, total, _, drop_step = schedule
+    depth_net, pose_net, optimizer, scaler, noise = depth_training_setup(args, device, amp_dtype)
+    step = 0
+    if args.resume and os.path.exists(ckpt_path):
+        ckpt = resume_depth(ckpt_path, device, depth_net, pose_net, optimizer, scaler, noise)
+        step = ckpt["step"]
+        if step >= total and os.path.exists(model_path):
+            print(f"[depth] {model_path} exists and {ckpt_path} is at step {step} of {total}: nothing to do")
+            return
+        print(f"[depth] resumed {ckpt_path} at step {step} (epoch {ckpt['epoch']})")
+    with open(os.path.join(out, "args.json"), "w") as f:
+        json.dump(vars(args), f, indent=2, sort_keys=True)
+
+    print(f"[depth] {len(dataset)} triplets, {steps_per_epoch} steps per epoch, {total} steps, lr drop at step {drop_step}")
+    step = train_depth(dataset, depth_net, pose_net, optimizer, scaler, noise, args, device, amp_dtype, out, step,
+                       schedule)
     if step < total:
         print(f"[depth] stopped at step {step} of {total} (--stop-after); continue with --resume")
         return
