@@ -391,20 +391,9 @@ def load_network(path, random_init, seed):
 # ----------------------------------------------------------------------------------------------------------
 # run
 # ----------------------------------------------------------------------------------------------------------
-def run(args):
-    t0 = time.time()
-    print("args: " + ", ".join(f"{k}={v}" for k, v in sorted(vars(args).items())))
-    seed_everything(args.seed)
-    device = pick_device(args.device)
-    print(f"device: {device}")
-    out = args.out or os.path.join(args.work, "cluster")
-    metrics_path = os.path.join(out, "metrics.json")
-    if os.path.exists(metrics_path) and not args.overwrite:
-        print(f"{metrics_path} exists; skipping (use --overwrite to redo)")
-        return json.load(open(metrics_path))
-    os.makedirs(out, exist_ok=True)
-
-    # classes of the protocol
+def cluster_protocol(args):
+    """The protocol's classes, their colours, the labelIds -> class-id map, the matching objective and the
+    evaluation size (None: native)."""
     if args.protocol == "cpcdr":
         classes, colors, to_classes, objective = TRAIN_CLASSES, TRAIN_COLORS, labelids_to_trainids, "iou"
         size = tuple(args.size) if args.size else CPCDR_SIZE[args.dataset]
@@ -413,26 +402,28 @@ def run(args):
         size = (PICIE_SIZE, PICIE_SIZE)
     if args.size and args.protocol == "picie":
         raise ValueError("--size applies to --protocol cpcdr only (picie: short side 320, 320 x 320 centre crop)")
-    num_classes = len(classes)
-    num_clusters = args.clusters or num_classes
-    split = args.split or ("training" if args.dataset == "kitti" else "val")
-    print(f"protocol {args.protocol}: {num_classes} classes, matching on "
-          f"{'-IoU' if objective == 'iou' else 'matched pixels'}, size {size or 'native'}, {num_clusters} clusters")
+    return classes, colors, to_classes, objective, size
 
-    # network and prototype clusters
+
+def cluster_network(args, device, out, num_clusters):
+    """The network in eval mode, its checkpoint dict and path, its L2-normalised prototypes (K, D) and their
+    clustering into clusters (K,), also saved as OUT/assignment.npy."""
     model_path = args.model or os.path.join(args.work, "swav", "model.pt")
     model, ckpt = load_network(model_path, args.init_random, args.seed)
     model.to(device).eval()
     prototypes = F.normalize(model.prototypes.weight.detach().float()[:, :, 0, 0], dim=1)  # (K, D)
     assignment = cluster_prototypes(prototypes.cpu().numpy(), num_clusters)
-    num_clusters = int(assignment.max()) + 1
     np.save(os.path.join(out, "assignment.npy"), assignment)
-    print(f"{model_path}: arch {ckpt['arch']}, K = {len(prototypes)} prototypes -> {num_clusters} clusters"
-          f"{' (random initialisation of the same architecture)' if args.init_random else ''}")
+    print(f"{model_path}: arch {ckpt['arch']}, K = {len(prototypes)} prototypes -> {int(assignment.max()) + 1} "
+          f"clusters{' (random initialisation of the same architecture)' if args.init_random else ''}")
+    return model, ckpt, model_path, prototypes, assignment
 
-    pairs = list_eval_pairs(args.data, args.dataset, split)
-    if args.limit:
-        pairs = pairs[:args.limit]
+
+def cluster_confusion(model, prototypes, assignment, pairs, args, device, size, to_classes, num_classes):
+    """Cluster every pixel of the evaluation pairs. Returns the (clusters, classes) confusion, the cluster
+    maps kept for --save-pred ({stem: (clusters, image path, label path)}) and the first --pca images'
+    normalised projections [(stem, image, (D, h, w))]."""
+    num_clusters = int(assignment.max()) + 1
     amp = args.amp and device.type == "cuda"
     conf = np.zeros((num_clusters, num_classes), dtype=np.int64)
     kept, pca_feats = {}, []
@@ -453,7 +444,74 @@ def run(args):
                 kept[stem] = (clusters.astype(np.uint8 if num_clusters < 256 else np.int32), image_path, label_path)
             if i < args.pca:
                 pca_feats.append((stem, image, F.normalize(proj.float(), dim=1)[0].cpu().numpy()))
+    return conf, kept, pca_feats
 
+
+def print_cluster_scores(classes, scores, absent):
+    print(f"\n{'class':<16} {'IoU':>6}")
+    for c, v in zip(classes, scores["iou"]):
+        print(f"{c:<16} {'absent' if np.isnan(v) else f'{100 * v:6.2f}':>6}")
+    print(f"pixel accuracy {100 * scores['pixel_accuracy']:.2f}, mIoU {100 * scores['miou']:.2f} over "
+          f"{int(scores['present'].sum())} classes present; absent from the ground truth: {', '.join(absent) or 'none'}")
+
+
+def save_cluster_predictions(out, kept, mapping, protocol, size, to_classes, colors):
+    """OUT/pred: matched class ids (255 unmatched); OUT/pred_color: image | ground truth | prediction."""
+    os.makedirs(os.path.join(out, "pred"), exist_ok=True)
+    os.makedirs(os.path.join(out, "pred_color"), exist_ok=True)
+    lut = mapping.astype(np.uint8)
+    for stem, (clusters, image_path, label_path) in kept.items():
+        image, ids = resize_pair(read_rgb(image_path), np.asarray(Image.open(label_path)), protocol, size)
+        gt, pred = to_classes(ids), lut[clusters]
+        save_png(pred, os.path.join(out, "pred", f"{stem}.png"))
+        panel = np.concatenate([image, colorize(gt, colors), colorize(pred, colors)], axis=1)
+        save_png(panel, os.path.join(out, "pred_color", f"{stem}.png"))
+    print(f"predictions: {os.path.join(out, 'pred')} (class ids, 255 unmatched), "
+          f"{os.path.join(out, 'pred_color')} (image | ground truth | prediction)")
+
+
+def save_cluster_pca(out, pca_feats):
+    """OUT/pca: image | one PCA fitted to all kept images' projections, so colours compare across images."""
+    os.makedirs(os.path.join(out, "pca"), exist_ok=True)
+    feats = np.concatenate([f.reshape(f.shape[0], -1).T for _, _, f in pca_feats])  # (sum h*w, D)
+    rgb = (pca_rgb(feats) * 255).astype(np.uint8)
+    start = 0
+    for stem, image, f in pca_feats:
+        h, w = f.shape[1:]
+        tile = Image.fromarray(rgb[start:start + h * w].reshape(h, w, 3)).resize(
+            (image.shape[1], image.shape[0]), Image.NEAREST)
+        start += h * w
+        save_png(np.concatenate([image, np.asarray(tile)], axis=1), os.path.join(out, "pca", f"{stem}.png"))
+    print(f"PCA feature images: {os.path.join(out, 'pca')} (image | 3-component PCA of the projections)")
+
+
+def run(args):
+    t0 = time.time()
+    print("args: " + ", ".join(f"{k}={v}" for k, v in sorted(vars(args).items())))
+    seed_everything(args.seed)
+    device = pick_device(args.device)
+    print(f"device: {device}")
+    out = args.out or os.path.join(args.work, "cluster")
+    metrics_path = os.path.join(out, "metrics.json")
+    if os.path.exists(metrics_path) and not args.overwrite:
+        print(f"{metrics_path} exists; skipping (use --overwrite to redo)")
+        return json.load(open(metrics_path))
+    os.makedirs(out, exist_ok=True)
+
+    classes, colors, to_classes, objective, size = cluster_protocol(args)
+    num_classes = len(classes)
+    num_clusters = args.clusters or num_classes
+    split = args.split or ("training" if args.dataset == "kitti" else "val")
+    print(f"protocol {args.protocol}: {num_classes} classes, matching on "
+          f"{'-IoU' if objective == 'iou' else 'matched pixels'}, size {size or 'native'}, {num_clusters} clusters")
+    model, ckpt, model_path, prototypes, assignment = cluster_network(args, device, out, num_clusters)
+    num_clusters = int(assignment.max()) + 1
+
+    pairs = list_eval_pairs(args.data, args.dataset, split)
+    if args.limit:
+        pairs = pairs[:args.limit]
+    conf, kept, pca_feats = cluster_confusion(model, prototypes, assignment, pairs, args, device, size, to_classes,
+                                              num_classes)
     mapping = match_clusters(conf, objective)
     scores = segmentation_scores(apply_matching(conf, mapping))
     absent = [classes[c] for c in scores["absent"]]
@@ -469,37 +527,11 @@ def run(args):
         "confusion": conf.tolist(),
     }
     save_json(metrics, metrics_path)
-
-    print(f"\n{'class':<16} {'IoU':>6}")
-    for c, v in zip(classes, scores["iou"]):
-        print(f"{c:<16} {'absent' if np.isnan(v) else f'{100 * v:6.2f}':>6}")
-    print(f"pixel accuracy {100 * scores['pixel_accuracy']:.2f}, mIoU {100 * scores['miou']:.2f} over "
-          f"{int(scores['present'].sum())} classes present; absent from the ground truth: {', '.join(absent) or 'none'}")
-
+    print_cluster_scores(classes, scores, absent)
     if args.save_pred:
-        os.makedirs(os.path.join(out, "pred"), exist_ok=True)
-        os.makedirs(os.path.join(out, "pred_color"), exist_ok=True)
-        lut = mapping.astype(np.uint8)
-        for stem, (clusters, image_path, label_path) in kept.items():
-            image, ids = resize_pair(read_rgb(image_path), np.asarray(Image.open(label_path)), args.protocol, size)
-            gt, pred = to_classes(ids), lut[clusters]
-            save_png(pred, os.path.join(out, "pred", f"{stem}.png"))
-            panel = np.concatenate([image, colorize(gt, colors), colorize(pred, colors)], axis=1)
-            save_png(panel, os.path.join(out, "pred_color", f"{stem}.png"))
-        print(f"predictions: {os.path.join(out, 'pred')} (class ids, 255 unmatched), "
-              f"{os.path.join(out, 'pred_color')} (image | ground truth | prediction)")
+        save_cluster_predictions(out, kept, mapping, args.protocol, size, to_classes, colors)
     if pca_feats:
-        os.makedirs(os.path.join(out, "pca"), exist_ok=True)
-        feats = np.concatenate([f.reshape(f.shape[0], -1).T for _, _, f in pca_feats])  # (sum h*w, D)
-        rgb = (pca_rgb(feats) * 255).astype(np.uint8)
-        start = 0
-        for stem, image, f in pca_feats:
-            h, w = f.shape[1:]
-            tile = Image.fromarray(rgb[start:start + h * w].reshape(h, w, 3)).resize(
-                (image.shape[1], image.shape[0]), Image.NEAREST)
-            start += h * w
-            save_png(np.concatenate([image, np.asarray(tile)], axis=1), os.path.join(out, "pca", f"{stem}.png"))
-        print(f"PCA feature images: {os.path.join(out, 'pca')} (image | 3-component PCA of the projections)")
+        save_cluster_pca(out, pca_feats)
     print(f"wrote {metrics_path} in {time.time() - t0:.1f} s")
     return metrics
 

@@ -329,6 +329,100 @@ def labelled_sets(args):
     return train, val
 
 
+def finetune_network(args):
+    """The segmentation network, initialised by --init (swav: backbone, FPN and head of the pre-trained model;
+    imagenet: the backbone; scratch: random). Returns (model, arch, head_dim)."""
+    swav_path = args.swav_model or os.path.join(args.work, "swav", "model.pt")
+    arch = args.arch
+    if args.init == "swav":
+        _, swav = load_model(swav_path)  # checks the file (a clear 'pre-train with swav_dense.py' error if absent)
+        arch = arch or swav["arch"]
+    arch = arch or "resnet50"
+    head_dim = swav.get("head_dim", HEAD_DIM) if args.init == "swav" else HEAD_DIM
+    model = SegmentationNet(arch, len(TRAIN_CLASSES), head_dim)
+    if args.init == "swav":
+        keys = transfer_swav_weights(model, swav, swav_path)
+        print(f"--init swav: {len(keys)} tensors of backbone, FPN and head from {swav_path} (arch {arch})")
+    elif args.init == "imagenet":
+        load_backbone_weights(model.net, args.backbone_weights)
+        print(f"--init imagenet: backbone from {args.backbone_weights}")
+    return model, arch, head_dim
+
+
+def resume_finetune(args, ckpt_path, log_path, model, optimizer, scaler, device):
+    """With --resume and a checkpoint, restore it and return its iteration; otherwise start a fresh log at 0."""
+    if args.resume and os.path.exists(ckpt_path):
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start = ckpt["iteration"]
+        if ckpt["args"]["iters"] != args.iters:
+            raise ValueError(f"{ckpt_path} was made with --iters {ckpt['args']['iters']}, now {args.iters}: "
+                             "the poly schedule would differ")
+        print(f"resumed {ckpt_path} at iteration {start}")
+        return start
+    if os.path.exists(log_path):
+        os.remove(log_path)  # a fresh run starts a fresh log
+    return 0
+
+
+def save_finetune_checkpoint(ckpt_path, model, optimizer, scaler, iteration, args):
+    atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scaler": scaler.state_dict(), "iteration": iteration, "args": vars(args)}, ckpt_path)
+
+
+def append_finetune_log(log_path, record):
+    with open(log_path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def finetune_eval(model, val, base_size, device, amp_dtype, log_path, iteration):
+    """Evaluate on the held-out pairs, log and print the scores; returns them."""
+    scores, _ = evaluate_segmentation(model, val, base_size, device, amp_dtype)
+    record = {"iteration": iteration, **scores_json(scores)}
+    append_finetune_log(log_path, {"eval": True, **record})
+    print(f"eval @ {iteration}: mIoU {100 * scores['miou']:.2f}, pixel accuracy "
+          f"{100 * scores['pixel_accuracy']:.2f}")
+    return scores
+
+
+def train_finetune(model, optimizer, scaler, train, val, args, device, amp_dtype, base_size, out, start, stop):
+    """Iterations start .. stop - 1: a log line every --log-every, checkpoints every --ckpt-every and
+    evaluations every --eval-every (the final ones are the caller's)."""
+    ckpt_path, log_path = os.path.join(out, "checkpoint.pt"), os.path.join(out, "log.jsonl")
+    loader = torch.utils.data.DataLoader(
+        TrainBatches(train, start, stop, args.batch_size, args.seed, base_size, tuple(args.scale_range),
+                     tuple(args.crop), args.flip),
+        batch_size=args.batch_size, shuffle=False, num_workers=args.workers, drop_last=False,
+        pin_memory=device.type == "cuda", persistent_workers=False)
+    tick = time.time()
+    bar = tqdm(total=args.iters, initial=start, desc="finetune", disable=None)
+    for iteration, (images, labels) in enumerate(loader, start=start):
+        lr = poly_lr(args.lr, iteration, args.iters, args.poly_power)
+        loss = finetune_step(model, optimizer, scaler, images.to(device, non_blocking=True),
+                             labels.to(device, non_blocking=True), lr, amp_dtype)
+        bar.update(1)
+        done = iteration + 1
+        if done % args.log_every == 0 or done == stop:
+            speed = (done - start) / (time.time() - tick)
+            append_finetune_log(log_path, {"iteration": done, "loss": loss, "lr": lr, "it_per_s": speed})
+            print(f"iter {done:6d}/{args.iters}  loss {loss:.4f}  lr {lr:.5f}  {speed:.2f} it/s  "
+                  f"ETA {(args.iters - done) / max(speed, 1e-9) / 60:.1f} min", flush=True)
+        if args.ckpt_every and done % args.ckpt_every == 0:
+            save_finetune_checkpoint(ckpt_path, model, optimizer, scaler, done, args)
+        if args.eval_every and done % args.eval_every == 0 and done < args.iters:
+            finetune_eval(model, val, base_size, device, amp_dtype, log_path, done)
+    bar.close()
+
+
+def finetune_metrics(args, arch, train, val, base_size, scores):
+    return {"init": args.init, "arch": arch, "dataset": args.dataset, "iters": args.iters,
+            "train_images": len(train), "eval_images": len(val), "fraction": args.fraction,
+            "subset": args.subset, "seed": args.seed, "folds": args.folds, "fold": args.fold,
+            "eval_size": list(base_size) if base_size else "native", **scores_json(scores)}
+
+
 def run(args):
     t0 = time.time()
     print("args: " + ", ".join(f"{k}={v}" for k, v in sorted(vars(args).items())))
@@ -346,95 +440,26 @@ def run(args):
     train, val = labelled_sets(args)
     print(f"{len(train)} labelled training images, {len(val)} evaluation images")
     base_size = tuple(args.size) if args.size else BASE_SIZE[args.dataset]
-
-    # network
-    swav_path = args.swav_model or os.path.join(args.work, "swav", "model.pt")
-    arch = args.arch
-    if args.init == "swav":
-        _, swav = load_model(swav_path)  # checks the file (a clear 'pre-train with swav_dense.py' error if absent)
-        arch = arch or swav["arch"]
-    arch = arch or "resnet50"
-    head_dim = swav.get("head_dim", HEAD_DIM) if args.init == "swav" else HEAD_DIM
-    model = SegmentationNet(arch, len(TRAIN_CLASSES), head_dim)
-    if args.init == "swav":
-        keys = transfer_swav_weights(model, swav, swav_path)
-        print(f"--init swav: {len(keys)} tensors of backbone, FPN and head from {swav_path} (arch {arch})")
-    elif args.init == "imagenet":
-        load_backbone_weights(model.net, args.backbone_weights)
-        print(f"--init imagenet: backbone from {args.backbone_weights}")
+    model, arch, head_dim = finetune_network(args)
     model.to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     amp_dtype = (torch.float16 if device.type == "cuda" else torch.bfloat16) if args.amp else None
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-
-    start = 0
-    if args.resume and os.path.exists(ckpt_path):
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start = ckpt["iteration"]
-        if ckpt["args"]["iters"] != args.iters:
-            raise ValueError(f"{ckpt_path} was made with --iters {ckpt['args']['iters']}, now {args.iters}: "
-                             "the poly schedule would differ")
-        print(f"resumed {ckpt_path} at iteration {start}")
-    elif os.path.exists(log_path):
-        os.remove(log_path)  # a fresh run starts a fresh log
-
-    def save_checkpoint(iteration):
-        atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scaler": scaler.state_dict(), "iteration": iteration, "args": vars(args)}, ckpt_path)
-
-    def log(record):
-        with open(log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def run_eval(iteration):
-        scores, _ = evaluate_segmentation(model, val, base_size, device, amp_dtype)
-        record = {"iteration": iteration, **scores_json(scores)}
-        log({"eval": True, **record})
-        print(f"eval @ {iteration}: mIoU {100 * scores['miou']:.2f}, pixel accuracy "
-              f"{100 * scores['pixel_accuracy']:.2f}")
-        return scores
+    start = resume_finetune(args, ckpt_path, log_path, model, optimizer, scaler, device)
 
     stop = args.iters if not args.stop_after else min(args.iters, start + args.stop_after)
-    loader = torch.utils.data.DataLoader(
-        TrainBatches(train, start, stop, args.batch_size, args.seed, base_size, tuple(args.scale_range),
-                     tuple(args.crop), args.flip),
-        batch_size=args.batch_size, shuffle=False, num_workers=args.workers, drop_last=False,
-        pin_memory=device.type == "cuda", persistent_workers=False)
-    tick = time.time()
-    bar = tqdm(total=args.iters, initial=start, desc="finetune", disable=None)
-    for iteration, (images, labels) in enumerate(loader, start=start):
-        lr = poly_lr(args.lr, iteration, args.iters, args.poly_power)
-        loss = finetune_step(model, optimizer, scaler, images.to(device, non_blocking=True),
-                             labels.to(device, non_blocking=True), lr, amp_dtype)
-        bar.update(1)
-        done = iteration + 1
-        if done % args.log_every == 0 or done == stop:
-            speed = (done - start) / (time.time() - tick)
-            log({"iteration": done, "loss": loss, "lr": lr, "it_per_s": speed})
-            print(f"iter {done:6d}/{args.iters}  loss {loss:.4f}  lr {lr:.5f}  {speed:.2f} it/s  "
-                  f"ETA {(args.iters - done) / max(speed, 1e-9) / 60:.1f} min", flush=True)
-        if args.ckpt_every and done % args.ckpt_every == 0:
-            save_checkpoint(done)
-        if args.eval_every and done % args.eval_every == 0 and done < args.iters:
-            run_eval(done)
-    bar.close()
+    train_finetune(model, optimizer, scaler, train, val, args, device, amp_dtype, base_size, out, start, stop)
     done = max(stop, start)
-    save_checkpoint(done)
+    save_finetune_checkpoint(ckpt_path, model, optimizer, scaler, done, args)
     if done < args.iters:
         print(f"stopped at iteration {done} of {args.iters} (--stop-after); continue with --resume")
         return None
 
-    scores = run_eval(done)
+    scores = finetune_eval(model, val, base_size, device, amp_dtype, log_path, done)
     atomic_save({"arch": arch, "model": model.state_dict(), "args": vars(args), "num_classes": len(TRAIN_CLASSES),
                  "classes": TRAIN_CLASSES, "head_dim": head_dim, "init": args.init}, model_path)
-    metrics = {"init": args.init, "arch": arch, "dataset": args.dataset, "iters": args.iters,
-               "train_images": len(train), "eval_images": len(val), "fraction": args.fraction,
-               "subset": args.subset, "seed": args.seed, "folds": args.folds, "fold": args.fold,
-               "eval_size": list(base_size) if base_size else "native", **scores_json(scores)}
+    metrics = finetune_metrics(args, arch, train, val, base_size, scores)
     save_json(metrics, metrics_path)
     print(f"\n{'class':<16} {'IoU':>6}")
     for c, v in metrics["iou"].items():

@@ -754,6 +754,130 @@ def build_dataset(args):
                        args.input_size)
 
 
+def swav_network(args, device):
+    """The seeded DenseSwAV on the device (ImageNet backbone with --init imagenet) and the view that runs it:
+    torch.compile'd with --compile, else the model itself. Returns (model, net)."""
+    seed_everything(args.seed)
+    model = build_model(args.arch, args.num_prototypes, args.proj_dim, args.head_dim)
+    if args.init == "imagenet":
+        load_backbone_weights(model, args.backbone_weights)
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    net = torch.compile(model) if args.compile else model
+    return model, net
+
+
+def swav_optimiser(model, args, device, amp_dtype, total, warmup):
+    """SGD over the four groups, the per-step warm-up + cosine schedule (as a factor of --lr) and the fp16
+    GradScaler (a no-op otherwise). Returns (optimizer, scheduler, scaler)."""
+    optimizer = torch.optim.SGD(parameter_groups(model), lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: learning_rate(s, total, warmup, args.lr, args.min_lr) / args.lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    return optimizer, scheduler, scaler
+
+
+def resume_swav(args, ckpt_path, model, optimizer, scheduler, scaler):
+    """With --resume, restore checkpoint.pt (weights, optimiser, schedule, scaler and the global RNGs, so the
+    run continues exactly); returns the step to start from (0 for a fresh run)."""
+    if args.resume and os.path.exists(ckpt_path):
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        set_global_rng_states(ckpt["rng"])
+        step = ckpt["step"]
+        print(f"[swav_dense] resumed from {ckpt_path} at step {step} (epoch {ckpt['epoch']})")
+        return step
+    if args.resume:
+        print(f"[swav_dense] --resume: no {ckpt_path}, starting from scratch")
+    return 0
+
+
+def save_swav_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, args, epoch, step):
+    save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+                 "step": step, "rng": global_rng_states(), "args": vars(args), "arch": args.arch,
+                 "num_prototypes": args.num_prototypes, "proj_dim": args.proj_dim,
+                 "head_dim": args.head_dim}, ckpt_path)
+
+
+def swav_epoch_loader(dataset, args, device, epoch, offset):
+    """The epoch's batches from the offset-th on (a resumed run skips the ones it has done)."""
+    dataset.set_epoch(epoch)
+    batches = epoch_batches(len(dataset), args.batch_samples, args.seed, epoch)[offset:]
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=args.workers,
+                                       collate_fn=collate_samples, worker_init_fn=worker_init,
+                                       pin_memory=device.type == "cuda")
+
+
+def log_swav_step(log, bar, args, record, parts, total, stop_at, start_time, start_step):
+    """log.jsonl gets every step; the printed line comes every --log-every steps and at the last one."""
+    step, epoch, loss, lr, speed = (record[k] for k in ("step", "epoch", "loss", "lr", "images_per_s"))
+    log.write(json.dumps(record) + "\n")
+    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{speed:.1f}")
+    bar.update(1)
+    if step % args.log_every == 0 or step == stop_at:
+        eta = (stop_at - step) * (time.time() - start_time) / max(step - start_step, 1)
+        levels = " ".join(f"{k} {v:.4f}" for k, v in parts.items())
+        bar.write(f"[swav_dense] step {step}/{total} epoch {epoch} loss {loss:.4f} ({levels}) lr {lr:.3e} "
+                  f"{speed:.1f} img/s eta {eta / 60:.1f} min")
+        log.flush()
+
+
+def warn_swav_collapse(bar, recent, loss, step, warmup, collapse_floor):
+    """A loss that stays at ln K after warm-up means uniform assignments: warn once per 50 such steps.
+    Returns the updated window of recent losses."""
+    recent = (recent + [loss])[-50:]
+    if step > warmup and len(recent) == 50 and min(recent) > 0.98 * collapse_floor:
+        bar.write(f"[swav_dense] WARNING: the loss stays near ln K = {collapse_floor:.3f} for 50 steps: "
+                  "the prototypes may have collapsed (uniform assignments)")
+        recent = []
+    return recent
+
+
+def train_swav(model, net, optimizer, scheduler, scaler, dataset, args, device, amp_dtype, out_dir, step,
+               steps_per_epoch, total, warmup):
+    """Train from step to --stop-after (or total), checkpointing every --checkpoint-every steps and at each
+    epoch's end; returns the step reached."""
+    from tqdm import tqdm
+    ckpt_path = os.path.join(out_dir, "checkpoint.pt")
+    workspace = Workspace()
+    log = open(os.path.join(out_dir, "log.jsonl"), "a" if step > 0 else "w")
+    bar = tqdm(total=total, initial=step, desc="swav_dense", dynamic_ncols=True, disable=args.no_progress)
+    collapse_floor, recent = math.log(args.num_prototypes), []
+    stop_at = min(total, args.stop_after) if args.stop_after else total
+    model.train()
+    start_time, start_step, images_seen = time.time(), step, 0
+    while step < stop_at:
+        epoch, offset = divmod(step, steps_per_epoch)
+        for batch in swav_epoch_loader(dataset, args, device, epoch, offset):
+            generator = torch.Generator().manual_seed(item_seed(args.seed + 1, 0, step))  # positives' draws
+            loss, parts, num_images = dense_swav_step(model, net, batch, args, device, amp_dtype, scaler, optimizer,
+                                                      workspace, generator)
+            lr = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+            step += 1
+            images_seen += num_images
+            speed = images_seen / max(time.time() - start_time, 1e-9)
+            record = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "images_per_s": speed,
+                      **{f"loss_{k}": v for k, v in parts.items()}}
+            log_swav_step(log, bar, args, record, parts, total, stop_at, start_time, start_step)
+            recent = warn_swav_collapse(bar, recent, loss, step, warmup, collapse_floor)
+            if args.checkpoint_every and step % args.checkpoint_every == 0:
+                save_swav_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, args, epoch, step)
+            if step >= stop_at:
+                break
+        if step % steps_per_epoch == 0 or step >= stop_at:
+            save_swav_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, args, step // steps_per_epoch, step)
+    bar.close()
+    log.close()
+    return step
+
+
 def run(args):
     out_dir = os.path.join(args.work, "swav")
     final = os.path.join(out_dir, "model.pt")
@@ -768,91 +892,14 @@ def run(args):
     print(f"[swav_dense] device {device}, amp {amp_dtype}, torch threads {torch.get_num_threads()}")
 
     dataset = build_dataset(args)  # fails early, naming copypaste.py, when there are no samples
-    seed_everything(args.seed)
-    model = build_model(args.arch, args.num_prototypes, args.proj_dim, args.head_dim)
-    if args.init == "imagenet":
-        load_backbone_weights(model, args.backbone_weights)
-    model.to(device)
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
-    net = torch.compile(model) if args.compile else model
-
+    model, net = swav_network(args, device)
     steps_per_epoch = len(epoch_batches(len(dataset), args.batch_samples, args.seed, 0))
     total = args.steps if args.steps else args.epochs * steps_per_epoch
     warmup = min(total, args.warmup_epochs * steps_per_epoch)
-    optimizer = torch.optim.SGD(parameter_groups(model), lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: learning_rate(s, total, warmup, args.lr, args.min_lr) / args.lr)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    step = 0
-    if args.resume and os.path.exists(ckpt_path):
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        set_global_rng_states(ckpt["rng"])
-        step = ckpt["step"]
-        print(f"[swav_dense] resumed from {ckpt_path} at step {step} (epoch {ckpt['epoch']})")
-    elif args.resume:
-        print(f"[swav_dense] --resume: no {ckpt_path}, starting from scratch")
-
-    def save_checkpoint(epoch):
-        save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                     "step": step, "rng": global_rng_states(), "args": vars(args), "arch": args.arch,
-                     "num_prototypes": args.num_prototypes, "proj_dim": args.proj_dim,
-                     "head_dim": args.head_dim}, ckpt_path)
-
-    from tqdm import tqdm
-    workspace = Workspace()
-    log = open(os.path.join(out_dir, "log.jsonl"), "a" if step > 0 else "w")
-    bar = tqdm(total=total, initial=step, desc="swav_dense", dynamic_ncols=True, disable=args.no_progress)
-    collapse_floor, recent = math.log(args.num_prototypes), []
-    stop_at = min(total, args.stop_after) if args.stop_after else total
-    model.train()
-    start_time, start_step, images_seen = time.time(), step, 0
-    while step < stop_at:
-        epoch, offset = divmod(step, steps_per_epoch)
-        dataset.set_epoch(epoch)
-        batches = epoch_batches(len(dataset), args.batch_samples, args.seed, epoch)[offset:]
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=args.workers,
-                                             collate_fn=collate_samples, worker_init_fn=worker_init,
-                                             pin_memory=device.type == "cuda")
-        for batch in loader:
-            generator = torch.Generator().manual_seed(item_seed(args.seed + 1, 0, step))  # positives' draws
-            loss, parts, num_images = dense_swav_step(model, net, batch, args, device, amp_dtype, scaler, optimizer,
-                                                 workspace, generator)
-            lr = optimizer.param_groups[0]["lr"]
-            scheduler.step()
-            step += 1
-            images_seen += num_images
-            speed = images_seen / max(time.time() - start_time, 1e-9)
-            record = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "images_per_s": speed,
-                      **{f"loss_{k}": v for k, v in parts.items()}}
-            log.write(json.dumps(record) + "\n")
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{speed:.1f}")
-            bar.update(1)
-            if step % args.log_every == 0 or step == stop_at:
-                eta = (stop_at - step) * (time.time() - start_time) / max(step - start_step, 1)
-                levels = " ".join(f"{k} {v:.4f}" for k, v in parts.items())
-                bar.write(f"[swav_dense] step {step}/{total} epoch {epoch} loss {loss:.4f} ({levels}) lr {lr:.3e} "
-                          f"{speed:.1f} img/s eta {eta / 60:.1f} min")
-                log.flush()
-            recent = (recent + [loss])[-50:]
-            if step > warmup and len(recent) == 50 and min(recent) > 0.98 * collapse_floor:
-                bar.write(f"[swav_dense] WARNING: the loss stays near ln K = {collapse_floor:.3f} for 50 steps: "
-                          "the prototypes may have collapsed (uniform assignments)")
-                recent = []
-            if args.checkpoint_every and step % args.checkpoint_every == 0:
-                save_checkpoint(epoch)
-            if step >= stop_at:
-                break
-        if step % steps_per_epoch == 0 or step >= stop_at:
-            save_checkpoint(step // steps_per_epoch)
-    bar.close()
-    log.close()
+    optimizer, scheduler, scaler = swav_optimiser(model, args, device, amp_dtype, total, warmup)
+    step = resume_swav(args, ckpt_path, model, optimizer, scheduler, scaler)
+    step = train_swav(model, net, optimizer, scheduler, scaler, dataset, args, device, amp_dtype, out_dir, step,
+                      steps_per_epoch, total, warmup)
     if step < total:
         print(f"[swav_dense] stopped at step {step}/{total} (--stop-after); continue with --resume")
         return ckpt_path
