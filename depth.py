@@ -957,6 +957,25 @@ def train_depth(dataset, depth_net, pose_net, optimizer, scaler, noise, args, de
     return step
 
 
+def keep_freed_memory():
+    """Tell glibc to keep freed memory instead of returning it to the kernel (Linux only; no-op elsewhere).
+
+    A CPU training step allocates and frees hundreds of MB of full-resolution temporaries (warps, SSIM); by
+    default glibc unmaps them and the next step page-faults them in again, which costs more time than the
+    loss arithmetic (measured: 17.9 s -> 8.9 s per 192 x 640 batch-12 step). Same as MALLOC_MMAP_MAX_=0
+    MALLOC_TRIM_THRESHOLD_=... MALLOC_TOP_PAD_=... in the environment. The numbers are unchanged.
+    """
+    import ctypes
+    import ctypes.util
+    name = ctypes.util.find_library("c")
+    if sys.platform != "linux" or name is None:
+        return False
+    libc = ctypes.CDLL(name)
+    m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4  # glibc malloc.h
+    return bool(libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 2**31 - 1)
+                and libc.mallopt(m_top_pad, 2**30))
+
+
 def train(args):
     paths = depth_train_paths(args)
     if paths is None:
@@ -968,6 +987,7 @@ def train(args):
     device = pick_device(args.device)
     amp_dtype = amp_dtype_for(device, args.no_amp)
     seed_everything(args.seed)
+    keep_freed_memory()
     print(f"[depth] device {device}, amp {amp_dtype}, args " + json.dumps(dict(sorted(vars(args).items()))))
 
     dataset = TripletDataset(training_items(args), args.size, args.crop_bottom, augment=not args.no_augment,
