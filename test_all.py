@@ -204,6 +204,13 @@ def test_depth_ssim_of_identical_images_is_one_and_error_zero():
     # the 3x3 box filter is avg_pool2d(3, stride 1), and SSIM matches the pooled formula written out
     pool = lambda a: torch.nn.functional.avg_pool2d(torch.nn.functional.pad(a, (1, 1, 1, 1), mode="reflect"), 3, 1)  # noqa: E731
     assert torch.allclose(depth.box3(torch.nn.functional.pad(y, (1, 1, 1, 1), mode="reflect")), pool(y), atol=1e-6)
+    # ... in the backward pass too (box3 runs on channels-last memory and hands back a contiguous result)
+    yg = y.clone().requires_grad_()
+    weight = torch.rand(2, 3, 12, 16, generator=g)
+    (depth.box3(torch.nn.functional.pad(yg, (1, 1, 1, 1), mode="reflect")) * weight).sum().backward()
+    grad_box3, yg.grad = yg.grad, None
+    (pool(yg) * weight).sum().backward()
+    assert torch.allclose(grad_box3, yg.grad, atol=1e-6)
     mx, my = pool(y), pool(x)
     vx, vy, cxy = pool(y * y) - mx ** 2, pool(x * x) - my ** 2, pool(x * y) - mx * my
     c1, c2 = 0.01 ** 2, 0.03 ** 2
