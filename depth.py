@@ -46,7 +46,8 @@ Deviations from Monodepth2, stated plainly:
   scale and has no gradient, so it is computed once per step under no_grad, not once per scale; the SSIM
   statistics of the target are pooled once and shared by all warps; back-projection, pose and projection are
   factored as p' ~ D(p) (K R K^-1 p) + K t, so only one multiply-add per scale depends on the depth; the
-  tie-break noise is drawn once per step (Monodepth2 draws it per scale).
+  tie-break noise is drawn once per step (Monodepth2 draws it per scale); the networks and SSIM's box filter
+  run on channels-last memory (faster oneDNN convolutions on CPU; tensor-core layout under AMP on GPU).
 - Smoothness images are the target downsampled by area averaging (Monodepth2: PIL antialiased resizes).
 - The toy-city preset (pipeline.sh) trains with lr 3e-4 and auto-masking off: its flat-shaded surfaces have
   near-zero identity error, so auto-masking drops about half the pixels there; real video keeps the default.
