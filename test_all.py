@@ -1375,7 +1375,7 @@ def test_cluster_end_to_end_tiny_city(tiny_city, cluster_swav_model, tmp_path):
     from PIL import Image
     work = cluster_work_with_model(tmp_path, cluster_swav_model)
     run_cli("cluster.py", "--work", work, "--data", tiny_city, "--dataset", "toycity", "--clusters", "9",
-            "--save-pred", "--pca", "1", "--device", "cpu")
+            "--save-pred", "--pca", "1", "--device", "cpu", "--no-amp")
     out = os.path.join(work, "cluster")
     metrics = json.load(open(os.path.join(out, "metrics.json")))
     assert metrics["protocol"] == "cpcdr" and metrics["matching"] == "iou" and metrics["clusters"] == 9
@@ -1398,7 +1398,7 @@ def test_cluster_end_to_end_tiny_city(tiny_city, cluster_swav_model, tmp_path):
     assert len(os.listdir(os.path.join(out, "pca"))) == 1
     # the random-initialisation baseline of the same architecture, and the PiCIE protocol, need only flags
     args = cluster.get_args_parser().parse_args(["--work", work, "--data", tiny_city, "--dataset", "toycity",
-                                                 "--init-random", "--protocol", "picie", "--device", "cpu",
+                                                 "--init-random", "--protocol", "picie", "--device", "cpu", "--no-amp",
                                                  "--out", os.path.join(work, "cluster_random")])
     random_metrics = cluster.run(args)
     assert random_metrics["init"] == "random" and random_metrics["matching"] == "pixels"
