@@ -1507,7 +1507,7 @@ def test_finetune_overfits_a_few_toy_images(tiny_city, tmp_path):
 def test_finetune_resume_is_exact(tiny_city, cluster_swav_model, tmp_path):
     import finetune
     work = cluster_work_with_model(tmp_path, cluster_swav_model)
-    common = ["--iters", "4", "--crop", "32", "64", "--ckpt-every", "0"]
+    common = ["--iters", "4", "--crop", "32", "64", "--save-every", "0"]
     torch.set_num_threads(1)
     finetune.run(finetune_args(work, tiny_city, *common, "--out", os.path.join(work, "straight")))
     resumed = os.path.join(work, "resumed")
