@@ -262,10 +262,9 @@ class TrainBatches(torch.utils.data.Dataset):
 
 
 def finetune_step(model, optimizer, scaler, images, labels, lr, amp_dtype=None):
-    """One SGD step at learning rate lr on uint8 images (B, H, W, 3) and trainIds (B, H, W) (moved to the model's
-    device); autocast with
-    amp_dtype (None: fp32), the loss in fp32, scaled by the GradScaler (enabled for fp16). Returns the loss;
-    raises FloatingPointError, before any update, on a non-finite loss."""
+    """One SGD step at learning rate lr on uint8 images (B, H, W, 3) and trainIds (B, H, W), moved to the model's
+    device; autocast with amp_dtype (None: fp32), the loss in fp32, scaled by the GradScaler (enabled for fp16).
+    Returns the loss; raises FloatingPointError, before any update, on a non-finite loss."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     device = next(model.parameters()).device

@@ -1513,6 +1513,10 @@ def test_finetune_resume_is_exact(tiny_city, cluster_swav_model, tmp_path):
     resumed = os.path.join(work, "resumed")
     assert finetune.run(finetune_args(work, tiny_city, *common, "--out", resumed, "--stop-after", "2")) is None
     assert torch.load(os.path.join(resumed, "checkpoint.pt"), weights_only=False)["iteration"] == 2
+    # --stop-after is a global iteration: resumed at 2, it stops once iteration 3 is done
+    again = finetune_args(work, tiny_city, *common, "--out", resumed, "--resume", "--stop-after", "3")
+    assert finetune.run(again) is None
+    assert torch.load(os.path.join(resumed, "checkpoint.pt"), weights_only=False)["iteration"] == 3
     finetune.run(finetune_args(work, tiny_city, *common, "--out", resumed, "--resume"))
     a = torch.load(os.path.join(work, "straight", "model.pt"), weights_only=True)["model"]
     b = torch.load(os.path.join(resumed, "model.pt"), weights_only=True)["model"]
