@@ -27,8 +27,8 @@ Tiny (toy city at its native size; it has 9 classes, so 9 clusters):
 
 Protocols. cpcdr (this paper): the full frame resized to 768 x 384 (KITTI 1280 x 384, the toy city native),
 labelIds mapped to the 19 trainIds by the official Cityscapes table, C = 19, Hungarian matching on -IoU.
-picie (PiCIE / STEGO): labelIds 7..33 -> 27 classes, short side 320 then the 320 x 320 centre crop, C = 27,
-Hungarian matching maximising the matched pixels.
+picie (PiCIE / STEGO): labelIds 7..33 -> 27 classes, short side 320 then the 320 x 320 center crop, C = 27,
+Hungarian matching maximizing the matched pixels.
 
 Deviations from the released code, stated plainly
 - The released evaluation keeps raw labelIds 0..18 as classes (void/flat/construction ids, so sky, person, car
@@ -59,7 +59,7 @@ from swav_dense import HEAD_DIM, build_model, load_model
 # ----------------------------------------------------------------------------------------------------------
 IGNORE = 255
 CPCDR_SIZE = {"cityscapes": (384, 768), "kitti": (384, 1280), "toycity": None}  # (H, W); None = native size
-PICIE_SIZE = 320                       # PiCIE / STEGO: short side 320, then a 320 x 320 centre crop
+PICIE_SIZE = 320                       # PiCIE / STEGO: short side 320, then a 320 x 320 center crop
 PICIE_FIRST_LABEL_ID, PICIE_LAST_LABEL_ID = 7, 33   # PiCIE's 27 classes: labelIds 7..33
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -221,7 +221,7 @@ def iou_table(conf):
 def match_clusters(conf, objective="iou"):
     """Hungarian matching of clusters (rows of conf) to classes (columns), one to one.
 
-    objective 'iou' (this paper): minimise -IoU summed over matched pairs; 'pixels' (PiCIE / STEGO): maximise
+    objective 'iou' (this paper): minimize -IoU summed over matched pairs; 'pixels' (PiCIE / STEGO): maximize
     the matched pixels. Returns int64 (P,) class of each cluster, 255 for clusters left unmatched (P > N).
     """
     if objective == "iou":
@@ -377,7 +377,7 @@ def list_eval_pairs(data, dataset, split):
 def read_pair(image_path, label_path, protocol="cpcdr", size=None):
     """(RGB uint8 (H, W, 3), labelIds uint8 (H, W)) of an image and its labelIds PNG, resized the protocol's way
     (image bilinear, labels nearest): cpcdr to size (H, W), None keeping the native size; picie short side
-    PICIE_SIZE, then the centred PICIE_SIZE x PICIE_SIZE crop."""
+    PICIE_SIZE, then the centered PICIE_SIZE x PICIE_SIZE crop."""
     with Image.open(image_path) as im:
         image = im.convert("RGB")
     with Image.open(label_path) as im:
@@ -494,7 +494,7 @@ def get_args_parser():
                    help="layout and default size (toycity: the Cityscapes layout at its native size)")
     p.add_argument("--protocol", default="cpcdr", choices=list(PROTOCOLS),
                    help="cpcdr: this paper's (19 trainIds, full frame 768 x 384, Hungarian on -IoU); picie: "
-                   "PiCIE / STEGO's (27 classes, 320 x 320 centre crop, Hungarian on matched pixels)")
+                   "PiCIE / STEGO's (27 classes, 320 x 320 center crop, Hungarian on matched pixels)")
     p.add_argument("--size", nargs=2, type=int, default=None, metavar=("H", "W"), help="cpcdr evaluation size "
                    "(default: the paper's 384 768 on Cityscapes, 384 1280 on KITTI; the toy city's native size); "
                    "picie always evaluates 320 x 320 crops")
@@ -523,7 +523,7 @@ def main():
     parser = get_args_parser()
     args = parser.parse_args()
     if args.size and args.protocol == "picie":
-        parser.error("--size applies to --protocol cpcdr only (picie: short side 320, 320 x 320 centre crop)")
+        parser.error("--size applies to --protocol cpcdr only (picie: short side 320, 320 x 320 center crop)")
     run(args)
 
 

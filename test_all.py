@@ -1392,11 +1392,11 @@ def test_cluster_end_to_end_tiny_city(tiny_city, cluster_swav_model, tmp_path):
         assert set(np.unique(pred).tolist()) <= set(range(19)) | {255}
         correct += int(((pred == gt) & (gt != 255)).sum())
         valid += int((gt != 255).sum())
-        colour = np.asarray(Image.open(os.path.join(out, "pred_color", f"{stem}.png")))
-        assert colour.shape == (gt.shape[0], 3 * gt.shape[1], 3)
+        color = np.asarray(Image.open(os.path.join(out, "pred_color", f"{stem}.png")))
+        assert color.shape == (gt.shape[0], 3 * gt.shape[1], 3)
     assert correct / valid == pytest.approx(metrics["pixel_accuracy"])
     assert len(os.listdir(os.path.join(out, "pca"))) == 1
-    # the random-initialisation baseline of the same architecture, and the PiCIE protocol, need only flags
+    # the random-initialization baseline of the same architecture, and the PiCIE protocol, need only flags
     args = cluster.get_args_parser().parse_args(["--work", work, "--data", tiny_city, "--dataset", "toycity",
                                                  "--init-random", "--protocol", "picie", "--device", "cpu", "--no-amp",
                                                  "--out", os.path.join(work, "cluster_random")])

@@ -44,7 +44,7 @@ CAMERA_HEIGHT = 1.5      # metres above the road, as the issue asks (Cityscapes'
 BASELINE = 0.209313      # metres, Cityscapes' stereo baseline, so disparities have Cityscapes' magnitude
 FOCAL = 0.55             # fx = fy = FOCAL * W (horizontal field of view about 85 degrees)
 ROAD_HALF, WALK, CURB = 6.5, 3.0, 0.15   # road half-width (2 lanes + parking each way), sidewalk, curb (m)
-LANES = {"ego": 1.75, "same": 4.0, "oncoming": -1.75, "parking": 5.4}  # lane centres, x (m)
+LANES = {"ego": 1.75, "same": 4.0, "oncoming": -1.75, "parking": 5.4}  # lane centers, x (m)
 VIEW_AHEAD = 120.0       # the street ends in a cross row of buildings this far beyond the last camera
 VAL_FIRST_SEQUENCE = 500
 SUN = np.array([-0.35, -0.85, -0.4]) / np.linalg.norm([-0.35, -0.85, -0.4])  # towards the sun (y down)
@@ -167,7 +167,7 @@ def camera_path(rng, frames):
 # Rendering: exact ray casting against boxes, one screen rectangle per box (its projected corners).
 # ----------------------------------------------------------------------------------------------------------
 def intrinsics(height, width):
-    """3x3 pixel intrinsics of the toy camera (square pixels, centred principal point)."""
+    """3x3 pixel intrinsics of the toy camera (square pixels, centered principal point)."""
     f = FOCAL * width
     return np.array([[f, 0, width / 2], [0, f, height / 2], [0, 0, 1.0]])
 
@@ -260,7 +260,7 @@ def shade(scene, index, axis, point, dirs, lo_hit, hi_hit):
     x, y, z = point[..., 0], point[..., 1], point[..., 2]
     is_ = lambda name: kind == KIND[name]  # noqa: E731
     top = axis == 1
-    # road: lane markings on the asphalt (dashed centre line, solid edge lines)
+    # road: lane markings on the asphalt (dashed center line, solid edge lines)
     lane_line = (np.abs(np.abs(x) - 2.9) < 0.07) & (np.mod(z, 6.0) < 3.0)
     marking = is_("road") & top & ((np.abs(x) < 0.1) | lane_line | (np.abs(np.abs(x) - 4.6) < 0.07))
     base[marking] = 0.92
