@@ -445,8 +445,7 @@ def run(args):
     assignment = cluster_prototypes(prototypes.cpu().numpy(), args.clusters or len(classes))
     num_clusters = int(assignment.max()) + 1
     atomic_write(os.path.join(out, "assignment.npy"), lambda f: np.save(f, assignment))
-    print(f"{model_path} ({ckpt['arch']}{', random initialization' if args.init_random else ''}): K = "
-          f"{len(prototypes)} prototypes -> {num_clusters} clusters; {len(pairs)} images, protocol {args.protocol}")
+    print(f"{model_path} ({ckpt['arch']}): K {len(prototypes)} -> {num_clusters} clusters; {len(pairs)} images")
 
     # ===== every pixel -> the cluster of its nearest prototype; confusion (clusters x classes) =====
     conf, kept, shown = np.zeros((num_clusters, len(classes)), dtype=np.int64), {}, []  # kept/shown: pictures

@@ -327,11 +327,9 @@ def run(args):
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
-    # ===== resume =====
+    # ===== resume, then loop over iterations start .. stop - 1 (--stop-after: a global iteration) =====
     parts = {"model": model, "optimizer": optimizer, "scaler": scaler}  # what checkpoint.pt holds, with iteration, args
     start = restore_checkpoint(ckpt_path, args.iters, **parts) if args.resume else 0
-
-    # ===== loop: iterations start .. stop - 1 (--stop-after: a global iteration) =====
     stop, tick, scores = min(args.iters, args.stop_after or args.iters), time.time(), None
     loader = torch.utils.data.DataLoader(TrainBatches(train, start, stop, base_size, args), batch_size=args.batch_size,
                                          num_workers=args.workers, pin_memory=device.type == "cuda")
