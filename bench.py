@@ -320,32 +320,34 @@ def bench_swav_dense(args, size=(128, 256), mix=8, arch="resnet50", num_prototyp
 
 # ===== cluster =====
 def bench_cluster(args, size=(384, 768), arch="resnet50", num_prototypes=1000, classes=19, repeat=3):
-    """cluster.py at the paper's setting: agglomerative clustering of K = 1000 prototypes into 19 clusters,
-    and the evaluation of one 384 x 768 image (network forward, projections upsampled to 384 x 768, nearest of
-    the K prototypes per pixel, confusion matrix). Random weights and input: the cost does not depend on them.
-    CPU runs the network in fp32 (bf16 autocast is slower on CPUs without bf16 units); CUDA in fp16 autocast."""
+    """cluster.py at the paper's setting: agglomerative clustering of K = 1000 prototypes into 19 clusters
+    (scipy linkage + cut_tree), and cluster.cluster_image on one 384 x 768 image (network forward, projections
+    upsampled to 384 x 768, nearest of the K prototypes per pixel) with its confusion matrix. Random weights and
+    input: the cost does not depend on them. CPU runs the network in fp32 (cluster.py --no-amp; bf16 autocast is
+    much slower on CPUs without bf16 units); CUDA in fp16 autocast."""
     import numpy as np
     import cluster
     import swav_dense
     device = torch.device(args.device)
+    amp_dtype = torch.float16 if device.type == "cuda" else None
     torch.manual_seed(0)
     model = swav_dense.build_model(arch, num_prototypes).to(device).eval()
     prototypes = torch.nn.functional.normalize(model.prototypes.weight.detach()[:, :, 0, 0], dim=1)
     protos_np = prototypes.cpu().numpy()
     assignment = cluster.cluster_prototypes(protos_np, classes)
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+    gt = rng.integers(0, classes, size).astype(np.uint8)
     x = torch.randn(1, 3, *size, device=device)
-    gt = np.random.default_rng(0).integers(0, classes, size).astype(np.uint8)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def evaluate_one():
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
-            proj = model(x)
-        clusters = cluster.assign_pixels(proj, prototypes, assignment, size)[0].cpu().numpy()
+        clusters, _ = cluster.cluster_image(model, image, prototypes, assignment, amp_dtype)
         cluster.confusion_matrix(clusters, gt, classes, classes)
         sync()
 
     def forward_only():
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+        with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             model(x)
         sync()
     H, W = size

@@ -1,77 +1,70 @@
 """Stage 5: unsupervised semantic segmentation by clustering the learned prototypes, and its evaluation.
 
-Paper Sec 3.5 and Sec 4.1 (Table 1, Fig 2): the K prototypes of the dense SwAV model are L2-normalised and
+Paper Sec 3.5 and Sec 4.1 (Table 1, Fig 2): the K prototypes of the dense SwAV model are L2-normalized and
 grouped into C classes by agglomerative clustering (cosine distance, average linkage); every pixel takes the
-cluster of its nearest prototype; clusters are matched to ground-truth classes with the Hungarian algorithm
-over the confusion matrix of the whole evaluation set; pixel accuracy, per-class IoU and mIoU are reported.
-This file also holds the one metric implementation (confusion matrix, matching, scores) that finetune.py
-imports.
+cluster of its nearest prototype; clusters are matched one to one to ground-truth classes by the Hungarian
+algorithm over the confusion matrix of the whole evaluation set; pixel accuracy, per-class IoU and mIoU are
+reported. The metric functions here are the project's only ones (finetune.py imports them).
 
     swav_dense.py (WORK/swav/model.pt) -> cluster.py -> (finetune.py imports the metric functions)
 
-Reads / writes
-| file                                   | shape, dtype            | meaning                                          |
-|----------------------------------------|-------------------------|--------------------------------------------------|
-| WORK/swav/model.pt (read; --model)     | dict, state_dict        | backbone, FPN, head, projector, prototypes (K)   |
-| DATA images + labelIds (read)          | uint8 (H, W, 3), (H, W) | Cityscapes layout, KITTI data_semantics, toy city |
-| WORK/cluster/assignment.npy            | int64 (K,)              | cluster id (0..C-1) of every prototype           |
-| WORK/cluster/metrics.json              | JSON                    | protocol, matching, accuracy, per-class IoU, mIoU |
-| WORK/cluster/pred/<stem>.png           | uint8 (h, w)            | matched class per pixel, 255: unmatched cluster  |
-| WORK/cluster/pred_color/<stem>.png     | RGB                     | image, ground truth, prediction side by side     |
-| WORK/cluster/pca/<stem>.png            | RGB                     | projections as RGB by a 3-component PCA (Fig 2)  |
-(--out replaces WORK/cluster.)
+| file                               | shape, dtype            | meaning                                            |
+|------------------------------------|-------------------------|----------------------------------------------------|
+| WORK/swav/model.pt (read; --model) | dict, state_dict        | backbone, FPN, head, projector, prototypes (K)     |
+| DATA images + labelIds (read)      | uint8 (H, W, 3), (H, W) | Cityscapes layout, KITTI data_semantics, toy city  |
+| WORK/cluster/assignment.npy        | int64 (K,)              | cluster id (0..C-1) of every prototype             |
+| WORK/cluster/pred/<stem>.png       | uint8 (h, w)            | matched class per pixel, 255: unmatched cluster    |
+| WORK/cluster/pred_color/<stem>.png | RGB                     | image, ground truth, prediction side by side       |
+| WORK/cluster/pca/<stem>.png        | RGB                     | image, projections as RGB by a 3-component PCA     |
+| WORK/cluster/metrics.json (last)   | JSON                    | protocol, matching, accuracy, per-class IoU, mIoU  |
 
-Paper scale (Cityscapes val, 768 x 384, 19 trainIds, Hungarian on -IoU):
+Paper scale (Cityscapes val; KITTI's 200 labelled images; the PiCIE / STEGO protocol):
     python cluster.py --work runs/cityscapes --data CITYSCAPES --split val --save-pred --pca 8
-    python cluster.py --work runs/cityscapes --data KITTI/data_semantics --dataset kitti     # Table 1, KITTI
-    python cluster.py --work runs/cityscapes --data CITYSCAPES --protocol picie             # PiCIE / STEGO protocol
+    python cluster.py --work runs/cityscapes --data KITTI/data_semantics --dataset kitti
+    python cluster.py --work runs/cityscapes --data CITYSCAPES --protocol picie
 Tiny (toy city at its native size; it has 9 classes, so 9 clusters):
-    python cluster.py --work runs/toy --data data/toycity --dataset toycity --clusters 9 --save-pred
+    python cluster.py --work runs/toy --data data/toycity --dataset toycity --clusters 9 --save-pred --no-amp
 
-Protocols
-- cpcdr (this paper): full frame resized to 768 x 384 (KITTI 1280 x 384; the toy city keeps its native size
-  unless --size is given), labelIds mapped to the 19 trainIds with the official Cityscapes table, C = 19,
-  Hungarian matching with cost -IoU.
-- picie (PiCIE / STEGO): labelIds 7..33 -> 27 classes, short side resized to 320 then a 320 x 320 centre crop,
-  C = 27, Hungarian matching maximising the matched pixels.
+Protocols. cpcdr (this paper): the full frame resized to 768 x 384 (KITTI 1280 x 384, the toy city native),
+labelIds mapped to the 19 trainIds by the official Cityscapes table, C = 19, Hungarian matching on -IoU.
+picie (PiCIE / STEGO): labelIds 7..33 -> 27 classes, short side 320 then the 320 x 320 center crop, C = 27,
+Hungarian matching maximizing the matched pixels.
 
 Deviations from the released code, stated plainly
 - The released evaluation keeps raw labelIds 0..18 as classes (void/flat/construction ids, so sky, person, car
   ... are dropped). Here labelIds are mapped to trainIds with the official table (others ignored, 255).
 - Classes absent from the ground truth of the evaluated set are listed and left out of the mean.
-- Predictions are evaluated at the resized label resolution of the protocol (768 x 384 for cpcdr), like the
-  released code; labels are resized with nearest neighbour.
-- The PCA images use the L2-normalised projections (the space that is clustered), one PCA fitted over all
-  the shown images so that colours are comparable between them.
+- Predictions are scored at the protocol's label size (labels resized nearest), like the released code.
+- The PCA images show the L2-normalized projections (the clustered space), one PCA over all shown images.
 """
 import argparse
 import json
 import os
 import random
-import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
 from PIL import Image
-from tqdm import tqdm
-from scipy.cluster.hierarchy import linkage
+from scipy.cluster.hierarchy import cut_tree, linkage
 from scipy.optimize import linear_sum_assignment
+from tqdm import tqdm
 
 from depth import image_stem, list_split_images, split_file
-from swav_dense import HEAD_DIM, PROJ_DIM, build_model, load_model
+from swav_dense import HEAD_DIM, build_model, load_model
 
 # ----------------------------------------------------------------------------------------------------------
 # Paper constants and the official Cityscapes label table
 # ----------------------------------------------------------------------------------------------------------
 IGNORE = 255
 CPCDR_SIZE = {"cityscapes": (384, 768), "kitti": (384, 1280), "toycity": None}  # (H, W); None = native size
-PICIE_SIZE = 320                       # PiCIE / STEGO: short side 320, then a 320 x 320 centre crop
+PICIE_SIZE = 320                       # PiCIE / STEGO: short side 320, then a 320 x 320 center crop
 PICIE_FIRST_LABEL_ID, PICIE_LAST_LABEL_ID = 7, 33   # PiCIE's 27 classes: labelIds 7..33
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# (name, labelId, trainId, colour) of cityscapesScripts/helpers/labels.py (MIT licence,
+# (name, labelId, trainId, color) of cityscapesScripts/helpers/labels.py (MIT licence,
 # https://github.com/mcordts/cityscapesScripts). trainId 255 = ignored. 'license plate' (id -1) never occurs
 # in labelIds PNGs and is left out.
 CITYSCAPES_LABELS = [
@@ -134,6 +127,11 @@ def labelids_to_picie(label_ids):
     return lut[np.asarray(label_ids, dtype=np.uint8)]
 
 
+# protocol -> (class names, their colors, labelIds -> class ids, the Hungarian matching's objective)
+PROTOCOLS = {"cpcdr": (TRAIN_CLASSES, TRAIN_COLORS, labelids_to_trainids, "iou"),
+             "picie": (PICIE_CLASSES, PICIE_COLORS, labelids_to_picie, "pixels")}
+
+
 def colorize(class_map, colors):
     """(H, W) class ids -> (H, W, 3) uint8 with colors[c]; 255 (ignored / unmatched) -> black."""
     palette = np.zeros((256, 3), dtype=np.uint8)
@@ -147,45 +145,31 @@ def colorize(class_map, colors):
 def cluster_prototypes(prototypes, num_clusters):
     """Agglomerative clustering of K prototypes into C clusters: cosine distance, average linkage (Sec 3.5).
 
-    prototypes: (K, D) array (L2-normalised here). Returns int64 (K,) cluster ids 0..C-1, numbered in order of
-    each cluster's first prototype. The tree is cut after its first K - C merges, which gives exactly C clusters
-    even where merge heights tie (scipy's fcluster 'maxclust' can then return fewer); if K < C every prototype
-    is its own cluster (K clusters).
+    prototypes: (K, D) array (L2-normalized here). Returns int64 (K,) cluster ids 0..C-1, numbered in order of
+    each cluster's first prototype. scipy's cut_tree undoes the tree's last C - 1 merges, which gives exactly C
+    clusters even where merge heights tie (fcluster's 'maxclust' can then give fewer; cut_tree's known miscounts,
+    scipy #8063, need a non-monotone tree, which average linkage is not); if K <= C every prototype is its own
+    cluster (K clusters).
     """
     protos = np.asarray(prototypes, dtype=np.float64)
     norms = np.linalg.norm(protos, axis=1, keepdims=True)
     if np.any(norms == 0):
         raise ValueError("a prototype is the zero vector: its cosine distance is undefined")
-    protos = protos / norms
-    k = len(protos)
-    if k <= num_clusters:
-        return np.arange(k, dtype=np.int64)
-    tree = linkage(protos, method="average", metric="cosine")  # (K-1, 4): merged ids a, b, height, size
-    # union-find over the first K - C merges; node K + i is the cluster made by merge i
-    parent = np.arange(2 * k - 1)
-
-    def root(i):
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for i in range(k - num_clusters):
-        a, b = int(tree[i, 0]), int(tree[i, 1])
-        parent[root(a)] = k + i
-        parent[root(b)] = k + i
-    roots = np.array([root(i) for i in range(k)])
-    _, first, inverse = np.unique(roots, return_index=True, return_inverse=True)
-    order = np.argsort(np.argsort(first))  # renumber clusters by their first prototype
-    return order[inverse].astype(np.int64)
+    if len(protos) <= num_clusters:
+        return np.arange(len(protos), dtype=np.int64)
+    tree = linkage(protos / norms, method="average", metric="cosine")  # (K-1, 4): merged ids a, b, height, size
+    clusters = cut_tree(tree, n_clusters=num_clusters)[:, 0].astype(np.int64)
+    if clusters.max() + 1 != num_clusters:
+        raise RuntimeError(f"cut_tree gave {clusters.max() + 1} clusters, not {num_clusters}")
+    return clusters
 
 
 def assign_pixels(projections, prototypes, assignment, size, chunk=1 << 16):
     """Per pixel: the cluster of its nearest prototype (Sec 3.5).
 
     projections: (B, D, h, w) projector output; prototypes: (K, D); assignment: (K,) int64 cluster ids;
-    size: (H, W) of the labels. The projections are bilinearly upsampled to (H, W) and L2-normalised, the
-    nearest prototype is the one of largest cosine (prototypes L2-normalised). Returns (B, H, W) int64.
+    size: (H, W) of the labels. The projections are bilinearly upsampled to (H, W) and L2-normalized, the
+    nearest prototype is the one of largest cosine (prototypes L2-normalized). Returns (B, H, W) int64.
     """
     z = F.interpolate(projections.float(), size=tuple(size), mode="bilinear", align_corners=False)
     z = F.normalize(z, dim=1).permute(0, 2, 3, 1).reshape(-1, z.shape[1])  # (B*H*W, D)
@@ -193,6 +177,17 @@ def assign_pixels(projections, prototypes, assignment, size, chunk=1 << 16):
     nearest = torch.cat([(z[i:i + chunk] @ c.T).argmax(1) for i in range(0, len(z), chunk)])
     assignment = torch.as_tensor(assignment, device=z.device)
     return assignment[nearest].reshape(projections.shape[0], *size)
+
+
+@torch.no_grad()
+def cluster_image(model, image, prototypes, assignment, amp_dtype=None):
+    """Sec 3.5 for one image: uint8 (H, W, 3) -> the cluster of every pixel, int64 (H, W) numpy, and the
+    projector output (1, D, H/4, W/4). prototypes (K, D) on the model's device; amp_dtype: the network's
+    autocast dtype (None: fp32)."""
+    x = normalize_images(torch.from_numpy(image)[None].to(prototypes.device))
+    with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        proj = model(x)
+    return assign_pixels(proj, prototypes, assignment, image.shape[:2])[0].cpu().numpy(), proj
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -226,7 +221,7 @@ def iou_table(conf):
 def match_clusters(conf, objective="iou"):
     """Hungarian matching of clusters (rows of conf) to classes (columns), one to one.
 
-    objective 'iou' (this paper): minimise -IoU summed over matched pairs; 'pixels' (PiCIE / STEGO): maximise
+    objective 'iou' (this paper): minimize -IoU summed over matched pairs; 'pixels' (PiCIE / STEGO): maximize
     the matched pixels. Returns int64 (P,) class of each cluster, 255 for clusters left unmatched (P > N).
     """
     if objective == "iou":
@@ -277,7 +272,7 @@ def segmentation_scores(conf):
 
 
 def pca_rgb(features, components=3):
-    """(N, D) features -> (N, 3) colours in [0, 1]: projection on the top 3 principal components, each scaled
+    """(N, D) features -> (N, 3) colors in [0, 1]: projection on the top 3 principal components, each scaled
     to [0, 1] by its 1st and 99th percentile (Fig 2)."""
     x = np.asarray(features, dtype=np.float64)
     x = x - x.mean(0)
@@ -287,16 +282,50 @@ def pca_rgb(features, components=3):
     return np.clip((y - lo) / np.maximum(hi - lo, 1e-12), 0, 1)
 
 
+def pca_images(images, projections):
+    """Fig 2: [image | its projections as RGB] for each image, by one PCA (pca_rgb) over all the images'
+    projections, so that colors compare between images. images: uint8 (H, W, 3); projections: (D, h, w), each
+    shown at its image's size (nearest). Returns uint8 (H, 2W, 3) panels."""
+    if not images:
+        return []
+    rgb = (pca_rgb(np.concatenate([p.reshape(len(p), -1).T for p in projections])) * 255).astype(np.uint8)
+    panels = []
+    for image, p in zip(images, projections):
+        tile, rgb = rgb[:p[0].size].reshape(*p.shape[1:], 3), rgb[p[0].size:]
+        tile = Image.fromarray(tile).resize((image.shape[1], image.shape[0]), Image.NEAREST)
+        panels.append(np.concatenate([image, np.asarray(tile)], axis=1))
+    return panels
+
+
+def scores_json(scores, classes):
+    """The JSON form of segmentation_scores: accuracy, mIoU, IoU by class name (None where absent), absent names."""
+    return {"pixel_accuracy": scores["pixel_accuracy"], "miou": scores["miou"],
+            "iou": {c: (None if np.isnan(v) else float(v)) for c, v in zip(classes, scores["iou"])},
+            "absent_classes": [classes[i] for i in scores["absent"]]}
+
+
+def print_scores(classes, scores):
+    """The per-class IoU table, then pixel accuracy and mIoU (cluster.py and finetune.py print it)."""
+    print(f"\n{'class':<16} {'IoU':>6}")
+    for c, v in zip(classes, scores["iou"]):
+        print(f"{c:<16} {'absent' if np.isnan(v) else f'{100 * v:6.2f}':>6}")
+    absent = ", ".join(classes[i] for i in scores["absent"]) or "none"
+    print(f"pixel accuracy {100 * scores['pixel_accuracy']:.2f}, mIoU {100 * scores['miou']:.2f} over "
+          f"{int(scores['present'].sum())} classes present; absent from the ground truth: {absent}")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Input / output
 # ----------------------------------------------------------------------------------------------------------
 def seed_everything(seed):
+    """Seed Python's, numpy's and torch's global generators (all devices)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
 def pick_device(name):
+    """--device auto|cpu|cuda[:i] -> torch.device; auto picks CUDA when torch sees one."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -304,10 +333,23 @@ def pick_device(name):
     return torch.device(name)
 
 
-def read_rgb(path):
-    """RGB uint8 (H, W, 3)."""
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+def amp_dtype_for(device, no_amp):
+    """Autocast dtype: fp16 (with a GradScaler) on CUDA, bf16 on CPU, None (fp32) with --no-amp."""
+    if no_amp:
+        return None
+    return torch.float16 if device.type == "cuda" else torch.bfloat16
+
+
+def atomic_write(path, write):
+    """Write `path` through write(file) into a temporary file beside it, then rename: never a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def list_eval_pairs(data, dataset, split):
@@ -332,246 +374,156 @@ def list_eval_pairs(data, dataset, split):
     return pairs
 
 
-def resize_pair(image, label_ids, protocol, size):
-    """Resize an image (bilinear, antialiased) and its labelIds (nearest) the protocol's way.
-
-    cpcdr: to size (H, W) (None keeps the native size); picie: short side PICIE_SIZE, centre crop square.
-    """
-    img, lab = Image.fromarray(image), Image.fromarray(label_ids)
+def read_pair(image_path, label_path, protocol="cpcdr", size=None):
+    """(RGB uint8 (H, W, 3), labelIds uint8 (H, W)) of an image and its labelIds PNG, resized the protocol's way
+    (image bilinear, labels nearest): cpcdr to size (H, W), None keeping the native size; picie short side
+    PICIE_SIZE, then the centered PICIE_SIZE x PICIE_SIZE crop."""
+    with Image.open(image_path) as im:
+        image = im.convert("RGB")
+    with Image.open(label_path) as im:
+        label = Image.fromarray(np.asarray(im))
+    if image.size != label.size:
+        raise ValueError(f"{image_path} {image.size} and {label_path} {label.size} differ in size")
     if protocol == "picie":
-        w, h = img.size
-        scale = PICIE_SIZE / min(h, w)
-        new = (max(PICIE_SIZE, round(w * scale)), max(PICIE_SIZE, round(h * scale)))
-        img, lab = img.resize(new, Image.BILINEAR), lab.resize(new, Image.NEAREST)
+        scale = PICIE_SIZE / min(image.size)
+        new = (max(PICIE_SIZE, round(image.width * scale)), max(PICIE_SIZE, round(image.height * scale)))
         left, top = (new[0] - PICIE_SIZE) // 2, (new[1] - PICIE_SIZE) // 2
         box = (left, top, left + PICIE_SIZE, top + PICIE_SIZE)
-        img, lab = img.crop(box), lab.crop(box)
+        image, label = image.resize(new, Image.BILINEAR).crop(box), label.resize(new, Image.NEAREST).crop(box)
     elif size is not None:
-        img, lab = img.resize((size[1], size[0]), Image.BILINEAR), lab.resize((size[1], size[0]), Image.NEAREST)
-    return np.asarray(img), np.asarray(lab)
+        image, label = image.resize(size[::-1], Image.BILINEAR), label.resize(size[::-1], Image.NEAREST)
+    return np.array(image), np.array(label)
 
 
-def to_tensor(image):
-    """uint8 (H, W, 3) -> ImageNet-normalised float32 (1, 3, H, W)."""
-    x = torch.from_numpy(np.array(image)).permute(2, 0, 1).float().div(255)
-    x = (x - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
-    return x[None]
+def normalize_images(images):
+    """uint8 (B, H, W, 3) tensor -> ImageNet-normalized float32 (B, 3, H, W)."""
+    return TF.normalize(images.permute(0, 3, 1, 2).float().div(255), IMAGENET_MEAN, IMAGENET_STD)
 
 
-def save_png(array, path):
-    tmp = path + ".tmp.png"
-    Image.fromarray(array).save(tmp)
-    os.replace(tmp, path)
-
-
-def save_json(obj, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
-def load_network(path, random_init, seed):
-    """The pre-trained network of swav_dense.py, or (random_init) a freshly initialised one of the same
-    architecture and number of prototypes. Returns (model, checkpoint dict)."""
+def load_network(path, random_init, seed, device="cpu"):
+    """The pre-trained network of swav_dense.py, or (random_init) a freshly initialized one of the same
+    architecture and number of prototypes (Table 1's random baseline), on device in eval mode.
+    Returns (model, checkpoint dict)."""
     model, ckpt = load_model(path)
     if random_init:
         torch.manual_seed(seed)
-        fresh = build_model(ckpt["arch"], ckpt["num_prototypes"], ckpt.get("proj_dim", PROJ_DIM),
+        fresh = build_model(ckpt["arch"], ckpt["num_prototypes"], ckpt.get("proj_dim", model.prototypes.in_channels),
                             ckpt.get("head_dim", HEAD_DIM))
-        want = {k: v.shape for k, v in model.state_dict().items()}
-        got = {k: v.shape for k, v in fresh.state_dict().items()}
-        if want != got:
+        if {k: v.shape for k, v in model.state_dict().items()} != {k: v.shape for k, v in fresh.state_dict().items()}:
             raise ValueError(f"{path}: build_model(arch={ckpt['arch']!r}) does not rebuild this model's shapes; "
                              "cannot make a random network of the same architecture")
         model = fresh
-    return model, ckpt
+    return model.to(device).eval(), ckpt
 
 
 # ----------------------------------------------------------------------------------------------------------
 # run
 # ----------------------------------------------------------------------------------------------------------
-def cluster_protocol(args):
-    """The protocol's classes, their colours, the labelIds -> class-id map, the matching objective and the
-    evaluation size (None: native)."""
-    if args.protocol == "cpcdr":
-        classes, colors, to_classes, objective = TRAIN_CLASSES, TRAIN_COLORS, labelids_to_trainids, "iou"
-        size = tuple(args.size) if args.size else CPCDR_SIZE[args.dataset]
-    else:
-        classes, colors, to_classes, objective = PICIE_CLASSES, PICIE_COLORS, labelids_to_picie, "pixels"
-        size = (PICIE_SIZE, PICIE_SIZE)
-    if args.size and args.protocol == "picie":
-        raise ValueError("--size applies to --protocol cpcdr only (picie: short side 320, 320 x 320 centre crop)")
-    return classes, colors, to_classes, objective, size
-
-
-def cluster_network(args, device, out, num_clusters):
-    """The network in eval mode, its checkpoint dict and path, its L2-normalised prototypes (K, D) and their
-    clustering into clusters (K,), also saved as OUT/assignment.npy."""
-    model_path = args.model or os.path.join(args.work, "swav", "model.pt")
-    model, ckpt = load_network(model_path, args.init_random, args.seed)
-    model.to(device).eval()
-    prototypes = F.normalize(model.prototypes.weight.detach().float()[:, :, 0, 0], dim=1)  # (K, D)
-    assignment = cluster_prototypes(prototypes.cpu().numpy(), num_clusters)
-    np.save(os.path.join(out, "assignment.npy"), assignment)
-    print(f"{model_path}: arch {ckpt['arch']}, K = {len(prototypes)} prototypes -> {int(assignment.max()) + 1} "
-          f"clusters{' (random initialisation of the same architecture)' if args.init_random else ''}")
-    return model, ckpt, model_path, prototypes, assignment
-
-
-def cluster_confusion(model, prototypes, assignment, pairs, args, device, size, to_classes, num_classes):
-    """Cluster every pixel of the evaluation pairs. Returns the (clusters, classes) confusion, the cluster
-    maps kept for --save-pred ({stem: (clusters, image path, label path)}) and the first --pca images'
-    normalised projections [(stem, image, (D, h, w))]."""
-    num_clusters = int(assignment.max()) + 1
-    amp = args.amp and device.type == "cuda"
-    conf = np.zeros((num_clusters, num_classes), dtype=np.int64)
-    kept, pca_feats = {}, []
-    with torch.no_grad():
-        for i, (stem, image_path, label_path) in enumerate(tqdm(pairs, desc="cluster", disable=None)):
-            ids = np.asarray(Image.open(label_path))
-            image = read_rgb(image_path)
-            if image.shape[:2] != ids.shape:
-                raise ValueError(f"{image_path} {image.shape[:2]} and {label_path} {ids.shape} differ in size")
-            image, ids = resize_pair(image, ids, args.protocol, size)
-            gt = to_classes(ids)
-            x = to_tensor(image).to(device)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-                proj = model(x)  # (1, D, H/4, W/4) projector output, not normalised
-            clusters = assign_pixels(proj, prototypes, assignment, gt.shape)[0].cpu().numpy()
-            conf += confusion_matrix(clusters, gt, num_clusters, num_classes)
-            if args.save_pred:
-                kept[stem] = (clusters.astype(np.uint8 if num_clusters < 256 else np.int32), image_path, label_path)
-            if i < args.pca:
-                pca_feats.append((stem, image, F.normalize(proj.float(), dim=1)[0].cpu().numpy()))
-    return conf, kept, pca_feats
-
-
-def print_cluster_scores(classes, scores, absent):
-    print(f"\n{'class':<16} {'IoU':>6}")
-    for c, v in zip(classes, scores["iou"]):
-        print(f"{c:<16} {'absent' if np.isnan(v) else f'{100 * v:6.2f}':>6}")
-    print(f"pixel accuracy {100 * scores['pixel_accuracy']:.2f}, mIoU {100 * scores['miou']:.2f} over "
-          f"{int(scores['present'].sum())} classes present; absent from the ground truth: {', '.join(absent) or 'none'}")
-
-
-def save_cluster_predictions(out, kept, mapping, protocol, size, to_classes, colors):
-    """OUT/pred: matched class ids (255 unmatched); OUT/pred_color: image | ground truth | prediction."""
-    os.makedirs(os.path.join(out, "pred"), exist_ok=True)
-    os.makedirs(os.path.join(out, "pred_color"), exist_ok=True)
-    lut = mapping.astype(np.uint8)
-    for stem, (clusters, image_path, label_path) in kept.items():
-        image, ids = resize_pair(read_rgb(image_path), np.asarray(Image.open(label_path)), protocol, size)
-        gt, pred = to_classes(ids), lut[clusters]
-        save_png(pred, os.path.join(out, "pred", f"{stem}.png"))
-        panel = np.concatenate([image, colorize(gt, colors), colorize(pred, colors)], axis=1)
-        save_png(panel, os.path.join(out, "pred_color", f"{stem}.png"))
-    print(f"predictions: {os.path.join(out, 'pred')} (class ids, 255 unmatched), "
-          f"{os.path.join(out, 'pred_color')} (image | ground truth | prediction)")
-
-
-def save_cluster_pca(out, pca_feats):
-    """OUT/pca: image | one PCA fitted to all kept images' projections, so colours compare across images."""
-    os.makedirs(os.path.join(out, "pca"), exist_ok=True)
-    feats = np.concatenate([f.reshape(f.shape[0], -1).T for _, _, f in pca_feats])  # (sum h*w, D)
-    rgb = (pca_rgb(feats) * 255).astype(np.uint8)
-    start = 0
-    for stem, image, f in pca_feats:
-        h, w = f.shape[1:]
-        tile = Image.fromarray(rgb[start:start + h * w].reshape(h, w, 3)).resize(
-            (image.shape[1], image.shape[0]), Image.NEAREST)
-        start += h * w
-        save_png(np.concatenate([image, np.asarray(tile)], axis=1), os.path.join(out, "pca", f"{stem}.png"))
-    print(f"PCA feature images: {os.path.join(out, 'pca')} (image | 3-component PCA of the projections)")
-
-
 def run(args):
-    t0 = time.time()
+    """Cluster the prototypes, then every pixel of the evaluation set; match clusters to classes; score."""
     print("args: " + ", ".join(f"{k}={v}" for k, v in sorted(vars(args).items())))
     seed_everything(args.seed)
     device = pick_device(args.device)
-    print(f"device: {device}")
+    amp_dtype = amp_dtype_for(device, args.no_amp)
+    print(f"device: {device}, autocast: {amp_dtype or 'off (fp32)'}")
     out = args.out or os.path.join(args.work, "cluster")
     metrics_path = os.path.join(out, "metrics.json")
-    if os.path.exists(metrics_path) and not args.overwrite:
+    if os.path.exists(metrics_path) and not args.overwrite:  # written last: its presence marks a finished run
         print(f"{metrics_path} exists; skipping (use --overwrite to redo)")
         return json.load(open(metrics_path))
-    os.makedirs(out, exist_ok=True)
+    for folder in [""] + ["pred", "pred_color"] * args.save_pred + ["pca"] * (args.pca > 0):
+        os.makedirs(os.path.join(out, folder), exist_ok=True)
 
-    classes, colors, to_classes, objective, size = cluster_protocol(args)
-    num_classes = len(classes)
-    num_clusters = args.clusters or num_classes
+    # ===== protocol, evaluation set, network and the clustering of its prototypes (Sec 3.5) =====
+    classes, colors, to_classes, objective = PROTOCOLS[args.protocol]
+    size = (PICIE_SIZE, PICIE_SIZE) if args.protocol == "picie" else tuple(args.size or ()) or CPCDR_SIZE[args.dataset]
     split = args.split or ("training" if args.dataset == "kitti" else "val")
-    print(f"protocol {args.protocol}: {num_classes} classes, matching on "
-          f"{'-IoU' if objective == 'iou' else 'matched pixels'}, size {size or 'native'}, {num_clusters} clusters")
-    model, ckpt, model_path, prototypes, assignment = cluster_network(args, device, out, num_clusters)
-    num_clusters = int(assignment.max()) + 1
-
     pairs = list_eval_pairs(args.data, args.dataset, split)
-    if args.limit:
-        pairs = pairs[:args.limit]
-    conf, kept, pca_feats = cluster_confusion(model, prototypes, assignment, pairs, args, device, size, to_classes,
-                                              num_classes)
+    model_path = args.model or os.path.join(args.work, "swav", "model.pt")
+    model, ckpt = load_network(model_path, args.init_random, args.seed, device)
+    prototypes = F.normalize(model.prototypes.weight.detach().float()[:, :, 0, 0], dim=1)  # (K, D)
+    assignment = cluster_prototypes(prototypes.cpu().numpy(), args.clusters or len(classes))
+    num_clusters = int(assignment.max()) + 1
+    atomic_write(os.path.join(out, "assignment.npy"), lambda f: np.save(f, assignment))
+    print(f"{model_path} ({ckpt['arch']}): K {len(prototypes)} -> {num_clusters} clusters; {len(pairs)} images")
+
+    # ===== every pixel -> the cluster of its nearest prototype; confusion (clusters x classes) =====
+    conf, kept, shown = np.zeros((num_clusters, len(classes)), dtype=np.int64), {}, []  # kept/shown: pictures
+    for i, (stem, image_path, label_path) in enumerate(tqdm(pairs, desc="cluster", disable=args.no_progress or None)):
+        image, label_ids = read_pair(image_path, label_path, args.protocol, size)
+        clusters, proj = cluster_image(model, image, prototypes, assignment, amp_dtype)
+        conf += confusion_matrix(clusters, to_classes(label_ids), num_clusters, len(classes))
+        if args.save_pred:
+            kept[stem] = (clusters.astype(np.uint8 if num_clusters < 256 else np.int32), image_path, label_path)
+        if i < args.pca:
+            shown.append((stem, image, F.normalize(proj.float(), dim=1)[0].cpu().numpy()))
+
+    # ===== Hungarian matching and scores over the whole set (Sec 4.1) =====
     mapping = match_clusters(conf, objective)
     scores = segmentation_scores(apply_matching(conf, mapping))
-    absent = [classes[c] for c in scores["absent"]]
-    metrics = {
-        "protocol": args.protocol, "matching": objective, "dataset": args.dataset, "split": split,
-        "size": list(size) if size else "native", "num_images": len(pairs), "model": model_path,
-        "init": "random" if args.init_random else "pretrained", "arch": ckpt["arch"],
-        "num_prototypes": int(len(prototypes)), "clusters": num_clusters,
-        "pixel_accuracy": scores["pixel_accuracy"], "miou": scores["miou"],
-        "iou": {c: (None if np.isnan(v) else float(v)) for c, v in zip(classes, scores["iou"])},
-        "absent_classes": absent,
-        "mapping": [classes[m] if m != IGNORE else None for m in mapping],
-        "confusion": conf.tolist(),
-    }
-    save_json(metrics, metrics_path)
-    print_cluster_scores(classes, scores, absent)
-    if args.save_pred:
-        save_cluster_predictions(out, kept, mapping, args.protocol, size, to_classes, colors)
-    if pca_feats:
-        save_cluster_pca(out, pca_feats)
-    print(f"wrote {metrics_path} in {time.time() - t0:.1f} s")
+    print_scores(classes, scores)
+    metrics = {"protocol": args.protocol, "matching": objective, "dataset": args.dataset, "split": split,
+               "size": list(size) if size else "native", "num_images": len(pairs), "model": model_path,
+               "init": "random" if args.init_random else "pretrained", "arch": ckpt["arch"],
+               "num_prototypes": int(len(prototypes)), "clusters": num_clusters, **scores_json(scores, classes),
+               "mapping": [classes[m] if m != IGNORE else None for m in mapping], "confusion": conf.tolist()}
+
+    # ===== pictures (--save-pred: class ids, 255 unmatched; image | ground truth | prediction), --pca =====
+    for stem, (clusters, image_path, label_path) in kept.items():
+        image, label_ids = read_pair(image_path, label_path, args.protocol, size)
+        pred = mapping.astype(np.uint8)[clusters]
+        panel = np.concatenate([image, colorize(to_classes(label_ids), colors), colorize(pred, colors)], axis=1)
+        for folder, picture in (("pred", pred), ("pred_color", panel)):
+            atomic_write(os.path.join(out, folder, f"{stem}.png"), lambda f: Image.fromarray(picture).save(f, "PNG"))
+    for (stem, _, _), panel in zip(shown, pca_images([s[1] for s in shown], [s[2] for s in shown])):
+        atomic_write(os.path.join(out, "pca", f"{stem}.png"), lambda f: Image.fromarray(panel).save(f, "PNG"))
+    atomic_write(metrics_path, lambda f: f.write(json.dumps(metrics, indent=2).encode()))  # last
     return metrics
 
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--work", required=True, help="work folder (reads WORK/swav/model.pt, writes WORK/cluster)")
-    p.add_argument("--data", required=True, help="dataset root: Cityscapes layout (also the toy city) or "
-                   "KITTI data_semantics")
-    p.add_argument("--split", default=None, help="evaluation split (default: val; KITTI: training, its 200 "
-                   "labelled images)")
+    p.add_argument("--work", required=True, help="work folder shared by all stages (reads WORK/swav/model.pt, "
+                   "writes WORK/cluster)")
+    p.add_argument("--data", required=True, help="dataset root: Cityscapes layout (also the toy city) or KITTI "
+                   "data_semantics")
+    p.add_argument("--split", default=None, help="evaluation split (default: val, the paper's; KITTI: training, "
+                   "its 200 labelled images)")
     p.add_argument("--dataset", default="cityscapes", choices=["cityscapes", "kitti", "toycity"],
                    help="layout and default size (toycity: the Cityscapes layout at its native size)")
-    p.add_argument("--protocol", default="cpcdr", choices=["cpcdr", "picie"],
+    p.add_argument("--protocol", default="cpcdr", choices=list(PROTOCOLS),
                    help="cpcdr: this paper's (19 trainIds, full frame 768 x 384, Hungarian on -IoU); picie: "
-                   "PiCIE / STEGO's (27 classes, 320 x 320 centre crop, Hungarian on matched pixels)")
-    p.add_argument("--size", nargs=2, type=int, default=None, metavar=("H", "W"),
-                   help="cpcdr evaluation size (default 384 768 Cityscapes, 384 1280 KITTI, native toy city)")
-    p.add_argument("--clusters", type=int, default=None,
-                   help="number of clusters C (default: the protocol's classes, 19 or 27; the toy city has 9)")
+                   "PiCIE / STEGO's (27 classes, 320 x 320 center crop, Hungarian on matched pixels)")
+    p.add_argument("--size", nargs=2, type=int, default=None, metavar=("H", "W"), help="cpcdr evaluation size "
+                   "(default: the paper's 384 768 on Cityscapes, 384 1280 on KITTI; the toy city's native size); "
+                   "picie always evaluates 320 x 320 crops")
+    p.add_argument("--clusters", type=int, default=None, help="number of clusters C (default: the protocol's "
+                   "classes, 19 or 27, as the paper; the toy city has 9)")
     p.add_argument("--model", default=None, help="pre-trained model (default WORK/swav/model.pt); another "
                    "dataset's model evaluates across datasets")
-    p.add_argument("--init-random", action="store_true", help="baseline: a randomly initialised network of the "
+    p.add_argument("--init-random", action="store_true", help="baseline: a randomly initialized network of the "
                    "model's architecture and number of prototypes through the same clustering")
-    p.add_argument("--out", default=None, help="output folder (default WORK/cluster)")
-    p.add_argument("--save-pred", action="store_true", help="write matched predictions (trainIds; picie: its "
-                   "27 class ids), 255 unmatched, at the evaluated label size, and colour panels")
+    p.add_argument("--out", default=None, help="where the outputs go (default WORK/cluster)")
+    p.add_argument("--save-pred", action="store_true", help="write the matched predictions (trainIds; picie: its "
+                   "27 class ids), 255 unmatched, at the evaluated label size, and color panels")
     p.add_argument("--pca", type=int, default=0, metavar="N", help="write the first N images' projections as "
                    "RGB by a 3-component PCA (Fig 2)")
-    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N images (0 = all)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--no-amp", dest="amp", action="store_false", help="fp32 network on CUDA (default fp16 "
-                   "autocast there; CPU runs fp32)")
-    p.add_argument("--seed", type=int, default=0, help="seed (the --init-random network)")
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda: auto picks CUDA when torch sees one, else CPU")
+    p.add_argument("--no-amp", action="store_true", help="fp32 throughout (default: autocast, fp16 on CUDA, "
+                   "bf16 on CPU; bf16 is much slower than fp32 on CPUs without bf16 units)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random draw of the run (the --init-random "
+                   "network)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar (the printed lines stay)")
     p.add_argument("--overwrite", action="store_true", help="redo even if metrics.json exists")
     return p
 
 
 def main():
-    run(get_args_parser().parse_args())
+    parser = get_args_parser()
+    args = parser.parse_args()
+    if args.size and args.protocol == "picie":
+        parser.error("--size applies to --protocol cpcdr only (picie: short side 320, 320 x 320 center crop)")
+    run(args)
 
 
 if __name__ == "__main__":

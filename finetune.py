@@ -9,24 +9,22 @@ iterations. Scores come from cluster.py's metric code (one implementation): pixe
 
     swav_dense.py (WORK/swav/model.pt) -> finetune.py        (cluster.py: the metric functions)
 
-Reads / writes
 | file                             | shape, dtype            | meaning                                       |
 |----------------------------------|-------------------------|-----------------------------------------------|
 | WORK/swav/model.pt (--init swav) | dict, state_dict        | backbone., fpn., head. transferred            |
 | DATA images + gtFine labelIds    | uint8 (H, W, 3), (H, W) | Cityscapes layout (also the toy city), KITTI  |
-| WORK/finetune/checkpoint.pt      | dict                    | model, optimiser, scaler, iteration, args     |
+| WORK/finetune/checkpoint.pt      | dict                    | model, optimizer, scaler, iteration, args     |
 | WORK/finetune/model.pt           | dict                    | arch, model, args, num_classes, classes, init |
 | WORK/finetune/metrics.json       | JSON                    | pixel accuracy, per-class IoU, mIoU (final)   |
 | WORK/finetune/log.jsonl          | JSON lines              | training steps (loss, lr) and evaluations     |
-(--out replaces WORK/finetune.)
 
 Paper scale (one GPU, AMP):
     python finetune.py --work runs/cityscapes --data CITYSCAPES --init swav --fraction 0.0625 --iters 6000
     python finetune.py --work runs/cityscapes --data KITTI/data_semantics --dataset kitti --folds 5 --fold 0 \\
         --out runs/cityscapes/finetune_kitti_fold0
-Tiny (toy city, CPU):
+Tiny (toy city, CPU; about a minute on 2 cores):
     python finetune.py --work runs/toy --data data/toycity --dataset toycity --init swav --fraction 0.25 \\
-        --iters 60 --batch-size 4 --crop 96 192 --no-amp --workers 0          # about a minute on 2 cores
+        --iters 60 --batch-size 4 --crop 96 192 --no-amp --workers 0
 
 Choices where the paper is silent (its supplement, with the schedule, could not be found), stated plainly
 - The schedule is common practice for the semantic-FPN head: SGD lr 0.01, momentum 0.9, weight decay 1e-4, poly
@@ -35,14 +33,13 @@ Choices where the paper is silent (its supplement, with the schedule, could not 
 - Scales are relative to a base size, 384 x 768 for Cityscapes (the paper's working resolution everywhere;
   KITTI 384 x 1280; the toy city its native size; --size). Evaluation: the whole frame at the base size, logits
   bilinearly upsampled to the label's own resolution, confusion over the whole split.
-- The classifier is a plain 1x1 convolution with PyTorch's default initialisation.
+- The classifier is a plain 1x1 convolution with PyTorch's default initialization.
 - KITTI folds: the labelled images sorted by name, permuted with --split-seed, dealt into --folds parts; run
   one fold per call (--fold i) and average the folds' metrics.json.
 """
 import argparse
 import json
 import os
-import random
 import time
 
 import numpy as np
@@ -52,8 +49,9 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from cluster import (IGNORE, IMAGENET_MEAN, IMAGENET_STD, TRAIN_CLASSES, confusion_matrix, labelids_to_trainids,
-                     list_eval_pairs, segmentation_scores)
+from cluster import (IGNORE, IMAGENET_MEAN, TRAIN_CLASSES, amp_dtype_for, atomic_write, confusion_matrix,
+                     labelids_to_trainids, list_eval_pairs, normalize_images, pick_device, print_scores, read_pair,
+                     scores_json, seed_everything, segmentation_scores)
 from swav_dense import HEAD_DIM, build_model, load_backbone_weights, load_model
 
 # ----------------------------------------------------------------------------------------------------------
@@ -68,11 +66,11 @@ SCALE_RANGE = (0.5, 2.0)
 CROP = (384, 768)             # (H, W)
 ABLATION_ITERS = 6000         # Sec 4.3: 6k iterations on 1/16 of Cityscapes train
 BASE_SIZE = {"cityscapes": (384, 768), "kitti": (384, 1280), "toycity": None}  # None = native size
-PAD_RGB = tuple(round(255 * m) for m in IMAGENET_MEAN)  # image padding: 0 after ImageNet normalisation
+PAD_RGB = tuple(round(255 * m) for m in IMAGENET_MEAN)  # image padding: 0 after ImageNet normalization
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Pure functions: schedule, subsets, batches, augmentation
+# Pure functions: schedule, subsets, batches, augmentation, loss
 # ----------------------------------------------------------------------------------------------------------
 def poly_lr(base_lr, iteration, total_iters, power=POLY_POWER):
     """Poly decay: base_lr * (1 - iteration / total_iters) ** power."""
@@ -111,42 +109,25 @@ def batch_indices(iteration, batch_size, num_items, seed):
     return out
 
 
-def resize(image, label, size):
-    """Image bilinear, label nearest, to size (H, W)."""
-    h, w = size
-    return (np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR)),
-            np.asarray(Image.fromarray(label).resize((w, h), Image.NEAREST)))
-
-
 def random_scale_crop_flip(image, label, base_size, scale_range, crop, flip, rng):
-    """Training augmentation: resize to base_size * s (s uniform in scale_range), pad (image with the ImageNet
-    mean, label with 255) to at least the crop, random crop (H, W) = crop, horizontal flip with p 0.5.
+    """Training augmentation: resize to base_size * s (s uniform in scale_range; image bilinear, label nearest),
+    pad (image with the ImageNet mean, label with 255) to at least the crop, random crop (H, W) = crop,
+    horizontal flip with p 0.5.
 
     image uint8 (H, W, 3), label uint8 (H, W); rng: numpy Generator. Returns uint8 (ch, cw, 3), (ch, cw)."""
     s = rng.uniform(*scale_range)
-    image, label = resize(image, label, (max(1, round(base_size[0] * s)), max(1, round(base_size[1] * s))))
-    ch, cw = crop
-    h, w = label.shape
-    ph, pw = max(ch - h, 0), max(cw - w, 0)
-    if ph or pw:
-        image = np.concatenate([image, np.broadcast_to(np.array(PAD_RGB, np.uint8), (ph, w, 3))], 0) if ph else image
-        image = np.concatenate([image, np.broadcast_to(np.array(PAD_RGB, np.uint8), (h + ph, pw, 3))], 1) if pw \
-            else image
-        label = np.pad(label, ((0, ph), (0, pw)), constant_values=IGNORE)
-        h, w = label.shape
-    top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+    h, w = max(1, round(base_size[0] * s)), max(1, round(base_size[1] * s))
+    image = np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+    label = np.asarray(Image.fromarray(label).resize((w, h), Image.NEAREST))
+    (ch, cw), (ph, pw) = crop, (max(crop[0] - h, 0), max(crop[1] - w, 0))
+    padded = np.empty((h + ph, w + pw, 3), dtype=np.uint8)
+    padded[:], padded[:h, :w] = PAD_RGB, image
+    image, label = padded, np.pad(label, ((0, ph), (0, pw)), constant_values=IGNORE)
+    top, left = int(rng.integers(0, h + ph - ch + 1)), int(rng.integers(0, w + pw - cw + 1))
     image, label = image[top:top + ch, left:left + cw], label[top:top + ch, left:left + cw]
     if flip and rng.random() < 0.5:
         image, label = image[:, ::-1], label[:, ::-1]
     return np.ascontiguousarray(image), np.ascontiguousarray(label)
-
-
-def normalize_images(images):
-    """uint8 (B, H, W, 3) tensor -> ImageNet-normalised float32 (B, 3, H, W)."""
-    x = images.permute(0, 3, 1, 2).float().div(255)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device)[:, None, None]
-    std = torch.tensor(IMAGENET_STD, device=x.device)[:, None, None]
-    return (x - mean) / std
 
 
 def segmentation_loss(logits, labels):
@@ -172,7 +153,7 @@ class SegmentationNet(nn.Module):
         self.classifier = nn.Conv2d(head_dim, num_classes, 1)
 
     def forward(self, x):
-        """(B, 3, H, W) ImageNet-normalised -> (B, num_classes, H, W) logits."""
+        """(B, 3, H, W) ImageNet-normalized -> (B, num_classes, H, W) logits."""
         logits = self.classifier(self.net.semantic_features(x))  # (B, C, H/4, W/4)
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
@@ -191,49 +172,104 @@ def transfer_swav_weights(seg_net, checkpoint, source="model.pt"):
     return sorted(state)
 
 
+def segmentation_network(args):
+    """The network of a Table 2 row, by --init: swav (backbone, FPN and head of swav_dense.py's model.pt, --arch
+    defaulting to its own), imagenet (--backbone-weights, a local torchvision ResNet state_dict, for the
+    backbone) or scratch (PyTorch's default initialization); a new 1x1 classifier in every case."""
+    swav_path = args.swav_model or os.path.join(args.work, "swav", "model.pt")
+    swav = load_model(swav_path)[1] if args.init == "swav" else {}  # a missing file: an error naming swav_dense.py
+    arch, head_dim = args.arch or swav.get("arch", "resnet50"), swav.get("head_dim", HEAD_DIM)
+    model = SegmentationNet(arch, len(TRAIN_CLASSES), head_dim)
+    if args.init == "swav":
+        print(f"--init swav: {len(transfer_swav_weights(model, swav, swav_path))} tensors from {swav_path}")
+    elif args.init == "imagenet":
+        load_backbone_weights(model.net, args.backbone_weights)
+    return model
+
+
+def restore_checkpoint(path, iters, **parts):
+    """--resume: restore every part (model=, optimizer=, scaler=) from checkpoint.pt's state_dict of that name and
+    return its iteration; 0 when there is no checkpoint yet. A checkpoint of another --iters (another poly
+    schedule) is refused: the resumed run would not equal an uninterrupted one."""
+    if not os.path.exists(path):
+        return 0
+    ckpt = torch.load(path, map_location="cpu")
+    if ckpt["args"]["iters"] != iters:
+        raise ValueError(f"{path} was made with --iters {ckpt['args']['iters']}, now {iters}: the poly schedule "
+                         "would differ")
+    for name, part in parts.items():
+        part.load_state_dict(ckpt[name])
+    print(f"resumed {path} at iteration {ckpt['iteration']}")
+    return ckpt["iteration"]
+
+
+def model_file(model, args):
+    """finetune.py's model.pt: a plain dict with all that rebuilds the network (SegmentationNet(arch,
+    num_classes, head_dim), then load_state_dict(model))."""
+    return {"arch": model.arch, "model": model.state_dict(), "args": vars(args), "num_classes": len(TRAIN_CLASSES),
+            "classes": TRAIN_CLASSES, "head_dim": model.classifier.in_channels, "init": args.init}
+
+
 # ----------------------------------------------------------------------------------------------------------
-# Data
+# Data, training step, evaluation
 # ----------------------------------------------------------------------------------------------------------
-def load_pair(image_path, label_path):
-    """(RGB uint8 (H, W, 3), trainIds uint8 (H, W)) from an image and its Cityscapes labelIds PNG."""
-    with Image.open(image_path) as im:
-        image = np.asarray(im.convert("RGB"))
-    with Image.open(label_path) as lab:
-        label = labelids_to_trainids(np.asarray(lab))
-    if image.shape[:2] != label.shape:
-        raise ValueError(f"{image_path} {image.shape[:2]} and {label_path} {label.shape} differ in size")
-    return image, label
+def labelled_sets(args):
+    """(train pairs, evaluation pairs) of (stem, image path, labelIds path): the split or --folds' fold, then
+    the --subset file's stems or a --fraction of the training pairs."""
+    train_split = args.train_split or ("training" if args.dataset == "kitti" else "train")
+    if args.folds > 1:
+        by_stem = {p[0]: p for p in list_eval_pairs(args.data, args.dataset, train_split)}
+        train_stems, held = kfold_split(list(by_stem), args.folds, args.fold, args.split_seed)
+        train, val = [by_stem[s] for s in train_stems], [by_stem[s] for s in held]
+    elif args.dataset == "kitti":
+        raise ValueError("KITTI has no labelled validation split: use --folds 5 --fold i")
+    else:
+        train = list_eval_pairs(args.data, args.dataset, train_split)
+        val = list_eval_pairs(args.data, args.dataset, args.val_split)
+    if args.subset:
+        with open(args.subset) as f:
+            wanted = sorted({line.strip() for line in f if line.strip()})
+        by_stem = {p[0]: p for p in train}
+        missing = [s for s in wanted if s not in by_stem]
+        if missing:
+            raise ValueError(f"--subset {args.subset}: {len(missing)} stems not in the training set, e.g. {missing[0]}")
+        return [by_stem[s] for s in wanted], val
+    keep = set(select_fraction([p[0] for p in train], args.fraction, args.seed)) if args.fraction < 1 else None
+    return [p for p in train if keep is None or p[0] in keep], val
 
 
 class TrainBatches(torch.utils.data.Dataset):
-    """Item k = slot k % B of iteration start + k // B: an augmented crop whose image and randomness depend
-    only on (seed, iteration, slot), so resuming reproduces an uninterrupted run exactly (any worker count)."""
+    """Item k = slot k % B of iteration start + k // B (B = args.batch_size): an augmented crop (args.scale_range,
+    args.crop, args.flip) whose image and randomness depend only on (args.seed, iteration, slot), so resuming
+    reproduces an uninterrupted run exactly (any worker count)."""
 
-    def __init__(self, pairs, start, iters, batch_size, seed, base_size, scale_range, crop, flip):
-        self.pairs, self.start, self.iters, self.batch_size, self.seed = pairs, start, iters, batch_size, seed
-        self.base_size, self.scale_range, self.crop, self.flip = base_size, scale_range, crop, flip
+    def __init__(self, pairs, start, stop, base_size, args):
+        self.pairs, self.start, self.stop, self.base_size, self.args = pairs, start, stop, base_size, args
 
     def __len__(self):
-        return (self.iters - self.start) * self.batch_size
+        return max(self.stop - self.start, 0) * self.args.batch_size
 
     def __getitem__(self, k):
-        iteration, slot = self.start + k // self.batch_size, k % self.batch_size
-        index = batch_indices(iteration, self.batch_size, len(self.pairs), self.seed)[slot]
-        image, label = load_pair(*self.pairs[index][1:])
-        base = self.base_size or label.shape
-        rng = np.random.default_rng([self.seed, iteration, slot, 1])
-        image, label = random_scale_crop_flip(image, label, base, self.scale_range, self.crop, self.flip, rng)
-        return torch.from_numpy(np.array(image)), torch.from_numpy(np.array(label))
+        args = self.args
+        iteration, slot = self.start + k // args.batch_size, k % args.batch_size
+        index = batch_indices(iteration, args.batch_size, len(self.pairs), args.seed)[slot]
+        image, label_ids = read_pair(*self.pairs[index][1:])
+        label = labelids_to_trainids(label_ids)
+        rng = np.random.default_rng([args.seed, iteration, slot, 1])
+        image, label = random_scale_crop_flip(image, label, self.base_size or label.shape, args.scale_range,
+                                              args.crop, args.flip, rng)
+        return torch.from_numpy(image), torch.from_numpy(label)
 
 
 def finetune_step(model, optimizer, scaler, images, labels, lr, amp_dtype=None):
-    """One SGD step at learning rate lr on uint8 images (B, H, W, 3) and trainIds (B, H, W); autocast with
-    amp_dtype (None: fp32), the loss in fp32, scaled by the GradScaler (enabled for fp16). Returns the loss;
-    raises FloatingPointError, before any update, on a non-finite loss."""
+    """One SGD step at learning rate lr on uint8 images (B, H, W, 3) and trainIds (B, H, W), moved to the model's
+    device; autocast with amp_dtype (None: fp32), the loss in fp32, scaled by the GradScaler (enabled for fp16).
+    Returns the loss; raises FloatingPointError, before any update, on a non-finite loss."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    x = normalize_images(images)
-    with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+    device = next(model.parameters()).device
+    x, labels = normalize_images(images.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
+    with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         logits = model(x)  # (B, C, H, W)
     loss = segmentation_loss(logits, labels)
     if not torch.isfinite(loss):
@@ -247,273 +283,148 @@ def finetune_step(model, optimizer, scaler, images, labels, lr, amp_dtype=None):
 
 @torch.no_grad()
 def evaluate_segmentation(model, pairs, size, device, amp_dtype=None, num_classes=len(TRAIN_CLASSES)):
-    """Confusion over a labelled set: each whole frame resized to size (None = native), logits upsampled to
-    the label's resolution, argmax. Returns (scores dict of cluster.segmentation_scores, confusion)."""
+    """Scores (cluster.segmentation_scores) over a labelled set: each whole frame resized to size (None =
+    native), logits bilinearly upsampled to the label's resolution, argmax, one confusion over the set."""
     was_training = model.training
     model.eval()
     conf = np.zeros((num_classes, num_classes), dtype=np.int64)
     for _, image_path, label_path in pairs:
-        image, label = load_pair(image_path, label_path)
+        image, label_ids = read_pair(image_path, label_path)
         if size is not None:
-            image = np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
-        x = normalize_images(torch.from_numpy(np.array(image))[None].to(device))
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits = model(x)
-        logits = F.interpolate(logits.float(), size=label.shape, mode="bilinear", align_corners=False)
-        conf += confusion_matrix(logits.argmax(1)[0].cpu().numpy(), label, num_classes, num_classes)
+            image = np.array(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(normalize_images(torch.from_numpy(image)[None].to(device)))
+        logits = F.interpolate(logits.float(), size=label_ids.shape, mode="bilinear", align_corners=False)
+        conf += confusion_matrix(logits.argmax(1)[0].cpu().numpy(), labelids_to_trainids(label_ids), num_classes,
+                                 num_classes)
     model.train(was_training)
-    return segmentation_scores(conf), conf
-
-
-def scores_json(scores, classes=TRAIN_CLASSES):
-    return {"pixel_accuracy": scores["pixel_accuracy"], "miou": scores["miou"],
-            "iou": {c: (None if np.isnan(v) else float(v)) for c, v in zip(classes, scores["iou"])},
-            "absent_classes": [classes[i] for i in scores["absent"]]}
+    return segmentation_scores(conf)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Input / output, run
+# Training, one function top to bottom (Sec 4.2): data, model, optimizer, resume, loop (log lines, checkpoints,
+# evaluations), model.pt, metrics.json
 # ----------------------------------------------------------------------------------------------------------
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def pick_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda asked for, but torch sees no CUDA device")
-    return torch.device(name)
-
-
-def atomic_save(obj, path, saver=torch.save):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        saver(f, obj) if saver is np.save else saver(obj, f)
-    os.replace(tmp, path)
-
-
-def save_json(obj, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
-def labelled_sets(args):
-    """(train pairs, evaluation pairs) of (stem, image path, labelIds path) for the dataset, folds, subset."""
-    train_split = args.train_split or ("training" if args.dataset == "kitti" else "train")
-    if args.folds > 1:
-        pairs = list_eval_pairs(args.data, args.dataset, train_split)
-        by_stem = {p[0]: p for p in pairs}
-        train_stems, held = kfold_split(list(by_stem), args.folds, args.fold, args.split_seed)
-        train, val = [by_stem[s] for s in train_stems], [by_stem[s] for s in held]
-    else:
-        if args.dataset == "kitti":
-            raise ValueError("KITTI has no labelled validation split: use --folds 5 --fold i")
-        train = list_eval_pairs(args.data, args.dataset, train_split)
-        val = list_eval_pairs(args.data, args.dataset, args.val_split)
-    if args.subset:
-        with open(args.subset) as f:
-            wanted = [line.strip() for line in f if line.strip()]
-        by_stem = {p[0]: p for p in train}
-        missing = [s for s in wanted if s not in by_stem]
-        if missing:
-            raise ValueError(f"--subset {args.subset}: {len(missing)} stems not in the training set, e.g. {missing[0]}")
-        train = [by_stem[s] for s in sorted(set(wanted))]
-    elif args.fraction < 1:
-        keep = set(select_fraction([p[0] for p in train], args.fraction, args.seed))
-        train = [p for p in train if p[0] in keep]
-    return train, val
-
-
-def finetune_network(args):
-    """The segmentation network, initialised by --init (swav: backbone, FPN and head of the pre-trained model;
-    imagenet: the backbone; scratch: random). Returns (model, arch, head_dim)."""
-    swav_path = args.swav_model or os.path.join(args.work, "swav", "model.pt")
-    arch = args.arch
-    if args.init == "swav":
-        _, swav = load_model(swav_path)  # checks the file (a clear 'pre-train with swav_dense.py' error if absent)
-        arch = arch or swav["arch"]
-    arch = arch or "resnet50"
-    head_dim = swav.get("head_dim", HEAD_DIM) if args.init == "swav" else HEAD_DIM
-    model = SegmentationNet(arch, len(TRAIN_CLASSES), head_dim)
-    if args.init == "swav":
-        keys = transfer_swav_weights(model, swav, swav_path)
-        print(f"--init swav: {len(keys)} tensors of backbone, FPN and head from {swav_path} (arch {arch})")
-    elif args.init == "imagenet":
-        load_backbone_weights(model.net, args.backbone_weights)
-        print(f"--init imagenet: backbone from {args.backbone_weights}")
-    return model, arch, head_dim
-
-
-def resume_finetune(args, ckpt_path, log_path, model, optimizer, scaler, device):
-    """With --resume and a checkpoint, restore it and return its iteration; otherwise start a fresh log at 0."""
-    if args.resume and os.path.exists(ckpt_path):
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start = ckpt["iteration"]
-        if ckpt["args"]["iters"] != args.iters:
-            raise ValueError(f"{ckpt_path} was made with --iters {ckpt['args']['iters']}, now {args.iters}: "
-                             "the poly schedule would differ")
-        print(f"resumed {ckpt_path} at iteration {start}")
-        return start
-    if os.path.exists(log_path):
-        os.remove(log_path)  # a fresh run starts a fresh log
-    return 0
-
-
-def save_finetune_checkpoint(ckpt_path, model, optimizer, scaler, iteration, args):
-    atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scaler": scaler.state_dict(), "iteration": iteration, "args": vars(args)}, ckpt_path)
-
-
-def append_finetune_log(log_path, record):
-    with open(log_path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def finetune_eval(model, val, base_size, device, amp_dtype, log_path, iteration):
-    """Evaluate on the held-out pairs, log and print the scores; returns them."""
-    scores, _ = evaluate_segmentation(model, val, base_size, device, amp_dtype)
-    record = {"iteration": iteration, **scores_json(scores)}
-    append_finetune_log(log_path, {"eval": True, **record})
-    print(f"eval @ {iteration}: mIoU {100 * scores['miou']:.2f}, pixel accuracy "
-          f"{100 * scores['pixel_accuracy']:.2f}")
-    return scores
-
-
-def train_finetune(model, optimizer, scaler, train, val, args, device, amp_dtype, base_size, out, start, stop):
-    """Iterations start .. stop - 1: a log line every --log-every, checkpoints every --ckpt-every and
-    evaluations every --eval-every (the final ones are the caller's)."""
-    ckpt_path, log_path = os.path.join(out, "checkpoint.pt"), os.path.join(out, "log.jsonl")
-    loader = torch.utils.data.DataLoader(
-        TrainBatches(train, start, stop, args.batch_size, args.seed, base_size, tuple(args.scale_range),
-                     tuple(args.crop), args.flip),
-        batch_size=args.batch_size, shuffle=False, num_workers=args.workers, drop_last=False,
-        pin_memory=device.type == "cuda", persistent_workers=False)
-    tick = time.time()
-    bar = tqdm(total=args.iters, initial=start, desc="finetune", disable=None)
-    for iteration, (images, labels) in enumerate(loader, start=start):
-        lr = poly_lr(args.lr, iteration, args.iters, args.poly_power)
-        loss = finetune_step(model, optimizer, scaler, images.to(device, non_blocking=True),
-                             labels.to(device, non_blocking=True), lr, amp_dtype)
-        bar.update(1)
-        done = iteration + 1
-        if done % args.log_every == 0 or done == stop:
-            speed = (done - start) / (time.time() - tick)
-            append_finetune_log(log_path, {"iteration": done, "loss": loss, "lr": lr, "it_per_s": speed})
-            print(f"iter {done:6d}/{args.iters}  loss {loss:.4f}  lr {lr:.5f}  {speed:.2f} it/s  "
-                  f"ETA {(args.iters - done) / max(speed, 1e-9) / 60:.1f} min", flush=True)
-        if args.ckpt_every and done % args.ckpt_every == 0:
-            save_finetune_checkpoint(ckpt_path, model, optimizer, scaler, done, args)
-        if args.eval_every and done % args.eval_every == 0 and done < args.iters:
-            finetune_eval(model, val, base_size, device, amp_dtype, log_path, done)
-    bar.close()
-
-
-def finetune_metrics(args, arch, train, val, base_size, scores):
-    return {"init": args.init, "arch": arch, "dataset": args.dataset, "iters": args.iters,
-            "train_images": len(train), "eval_images": len(val), "fraction": args.fraction,
-            "subset": args.subset, "seed": args.seed, "folds": args.folds, "fold": args.fold,
-            "eval_size": list(base_size) if base_size else "native", **scores_json(scores)}
-
-
 def run(args):
-    t0 = time.time()
     print("args: " + ", ".join(f"{k}={v}" for k, v in sorted(vars(args).items())))
     seed_everything(args.seed)
     device = pick_device(args.device)
-    print(f"device: {device}")
+    amp_dtype = amp_dtype_for(device, args.no_amp)
     out = args.out or os.path.join(args.work, "finetune")
-    os.makedirs(out, exist_ok=True)
-    model_path, ckpt_path = os.path.join(out, "model.pt"), os.path.join(out, "checkpoint.pt")
-    metrics_path, log_path = os.path.join(out, "metrics.json"), os.path.join(out, "log.jsonl")
+    ckpt_path, log_path, metrics_path = (os.path.join(out, f) for f in ("checkpoint.pt", "log.jsonl", "metrics.json"))
     if os.path.exists(metrics_path) and not args.overwrite and not args.resume:
         print(f"{metrics_path} exists; skipping (use --overwrite to redo)")
         return json.load(open(metrics_path))
+    os.makedirs(out, exist_ok=True)
 
+    # ===== data =====
     train, val = labelled_sets(args)
-    print(f"{len(train)} labelled training images, {len(val)} evaluation images")
     base_size = tuple(args.size) if args.size else BASE_SIZE[args.dataset]
-    model, arch, head_dim = finetune_network(args)
-    model.to(device).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
-    amp_dtype = (torch.float16 if device.type == "cuda" else torch.bfloat16) if args.amp else None
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    start = resume_finetune(args, ckpt_path, log_path, model, optimizer, scaler, device)
+    print(f"device {device}, autocast {amp_dtype}; {len(train)} labelled training images, {len(val)} evaluation images")
 
-    stop = args.iters if not args.stop_after else min(args.iters, start + args.stop_after)
-    train_finetune(model, optimizer, scaler, train, val, args, device, amp_dtype, base_size, out, start, stop)
-    done = max(stop, start)
-    save_finetune_checkpoint(ckpt_path, model, optimizer, scaler, done, args)
-    if done < args.iters:
-        print(f"stopped at iteration {done} of {args.iters} (--stop-after); continue with --resume")
+    # ===== model (a Table 2 row's initialization), optimizer (SGD, poly decay), GradScaler (fp16) =====
+    model = segmentation_network(args).to(device).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+    # ===== resume, then loop over iterations start .. stop - 1 (--stop-after: a global iteration) =====
+    parts = {"model": model, "optimizer": optimizer, "scaler": scaler}  # what checkpoint.pt holds, with iteration, args
+    start = restore_checkpoint(ckpt_path, args.iters, **parts) if args.resume else 0
+    stop, tick, scores = min(args.iters, args.stop_after or args.iters), time.time(), None
+    loader = torch.utils.data.DataLoader(TrainBatches(train, start, stop, base_size, args), batch_size=args.batch_size,
+                                         num_workers=args.workers, pin_memory=device.type == "cuda")
+    with open(log_path, "a" if start else "w", buffering=1) as log:  # a fresh run starts a fresh log
+        bar = tqdm(loader, desc="finetune", initial=start, total=args.iters, disable=args.no_progress or None)
+        for iteration, (images, labels) in enumerate(bar, start=start):
+            lr = poly_lr(args.lr, iteration, args.iters, args.poly_power)
+            loss = finetune_step(model, optimizer, scaler, images, labels, lr, amp_dtype)
+            done, speed = iteration + 1, (iteration + 1 - start) / (time.time() - tick)
+            if done % args.log_every == 0 or done == stop:
+                log.write(json.dumps({"iteration": done, "loss": loss, "lr": lr, "it_per_s": speed}) + "\n")
+                bar.write(f"iter {done}/{args.iters} loss {loss:.4f} lr {lr:.5f} {speed:.2f} it/s ETA "
+                          f"{(args.iters - done) / speed / 60:.1f} min")
+            if done == stop or (args.save_every and done % args.save_every == 0):
+                state = {**{k: v.state_dict() for k, v in parts.items()}, "iteration": done, "args": vars(args)}
+                atomic_write(ckpt_path, lambda f: torch.save(state, f))
+            if done == args.iters or (args.eval_every and done % args.eval_every == 0):
+                scores = evaluate_segmentation(model, val, base_size, device, amp_dtype)
+                log.write(json.dumps({"eval": True, "iteration": done, **scores_json(scores, TRAIN_CLASSES)}) + "\n")
+                bar.write(f"eval {done}: mIoU {100 * scores['miou']:.2f}, acc {100 * scores['pixel_accuracy']:.2f}")
+    if stop < args.iters:  # --stop-after: checkpoint.pt is written, as an interruption would leave it
+        print(f"stopped after iteration {stop} of {args.iters}; continue with --resume")
         return None
 
-    scores = finetune_eval(model, val, base_size, device, amp_dtype, log_path, done)
-    atomic_save({"arch": arch, "model": model.state_dict(), "args": vars(args), "num_classes": len(TRAIN_CLASSES),
-                 "classes": TRAIN_CLASSES, "head_dim": head_dim, "init": args.init}, model_path)
-    metrics = finetune_metrics(args, arch, train, val, base_size, scores)
-    save_json(metrics, metrics_path)
-    print(f"\n{'class':<16} {'IoU':>6}")
-    for c, v in metrics["iou"].items():
-        print(f"{c:<16} {'absent' if v is None else f'{100 * v:6.2f}':>6}")
-    print(f"pixel accuracy {100 * scores['pixel_accuracy']:.2f}, mIoU {100 * scores['miou']:.2f}; "
-          f"wrote {metrics_path}, {model_path} in {time.time() - t0:.1f} s")
+    # ===== save: model.pt, then metrics.json =====
+    scores = scores or evaluate_segmentation(model, val, base_size, device, amp_dtype)  # resumed at the very end
+    atomic_write(os.path.join(out, "model.pt"), lambda f: torch.save(model_file(model, args), f))
+    metrics = {"init": args.init, "arch": model.arch, "dataset": args.dataset, "iters": args.iters,
+               "train_images": len(train), "eval_images": len(val), "fraction": args.fraction, "subset": args.subset,
+               "seed": args.seed, "folds": args.folds, "fold": args.fold,
+               "eval_size": list(base_size) if base_size else "native", **scores_json(scores, TRAIN_CLASSES)}
+    atomic_write(metrics_path, lambda f: f.write(json.dumps(metrics, indent=2).encode()))
+    print_scores(TRAIN_CLASSES, scores)
     return metrics
 
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--work", required=True, help="work folder (reads WORK/swav/model.pt, writes WORK/finetune)")
+    p.add_argument("--work", required=True, help="work folder shared by all stages (reads WORK/swav/model.pt, "
+                   "writes WORK/finetune)")
     p.add_argument("--data", required=True, help="dataset root: Cityscapes layout (also the toy city) or KITTI "
                    "data_semantics")
-    p.add_argument("--dataset", default="cityscapes", choices=["cityscapes", "kitti", "toycity"])
-    p.add_argument("--out", default=None, help="output folder (default WORK/finetune)")
+    p.add_argument("--dataset", default="cityscapes", choices=["cityscapes", "kitti", "toycity"],
+                   help="layout, base size and splits (kitti: no validation split, use --folds 5)")
+    p.add_argument("--out", default=None, help="where the outputs go (default WORK/finetune)")
     p.add_argument("--init", default="swav", choices=["swav", "scratch", "imagenet"],
-                   help="swav: WORK/swav/model.pt (projector, prototypes dropped); scratch: random; imagenet: "
-                   "--backbone-weights FILE (Table 2 rows)")
+                   help="Table 2's rows: swav, WORK/swav/model.pt (projector, prototypes dropped); scratch, random; "
+                   "imagenet, --backbone-weights FILE for the backbone")
     p.add_argument("--swav-model", default=None, help="pre-trained model (default WORK/swav/model.pt)")
-    p.add_argument("--backbone-weights", default=None, help="local torchvision ResNet state_dict (--init imagenet)")
-    p.add_argument("--arch", default=None, help="ResNet (default: the swav model's; resnet50 otherwise)")
+    p.add_argument("--backbone-weights", default=None, help="local torchvision ResNet state_dict (--init imagenet; "
+                   "nothing is downloaded)")
+    p.add_argument("--arch", default=None, help="ResNet (default: the swav model's; else resnet50, the paper's)")
     p.add_argument("--train-split", default=None, help="labelled split (default train; KITTI training)")
-    p.add_argument("--val-split", default="val", help="evaluation split (Cityscapes val; not with --folds)")
+    p.add_argument("--val-split", default="val", help="evaluation split (Cityscapes val, the paper's; not with "
+                   "--folds)")
     p.add_argument("--fraction", type=float, default=1.0, help="labelled fraction of the training split, a "
-                   "deterministic subset by --seed (ablations: 1/16 = 0.0625)")
+                   "deterministic subset by --seed (the paper's ablations: 1/16 = 0.0625)")
     p.add_argument("--subset", default=None, help="file of training stems, one a line (replaces --fraction)")
-    p.add_argument("--folds", type=int, default=1, help="k-fold cross-validation of the training split (KITTI: 5)")
+    p.add_argument("--folds", type=int, default=1, help="k-fold cross-validation of the training split (KITTI: 5, "
+                   "as the paper)")
     p.add_argument("--fold", type=int, default=0, help="the held-out fold of this run (0..folds-1)")
-    p.add_argument("--split-seed", type=int, default=0, help="seed of the fold split (keep it across runs)")
-    p.add_argument("--iters", type=int, default=ABLATION_ITERS, help="iterations (ablations: 6000)")
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
-    p.add_argument("--lr", type=float, default=LR, help="SGD learning rate (poly-decayed per iteration)")
-    p.add_argument("--momentum", type=float, default=MOMENTUM)
-    p.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY)
-    p.add_argument("--poly-power", type=float, default=POLY_POWER)
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the fold split (keep it across the folds' runs)")
+    p.add_argument("--iters", type=int, default=ABLATION_ITERS, help="iterations (the paper's ablations: 6000)")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="crops per iteration (8: common practice for "
+                   "the semantic-FPN head; the paper does not say)")
+    p.add_argument("--lr", type=float, default=LR, help="SGD learning rate, poly-decayed per iteration (0.01: common "
+                   "practice)")
+    p.add_argument("--momentum", type=float, default=MOMENTUM, help="SGD momentum (0.9: common practice)")
+    p.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY, help="SGD weight decay (1e-4: common "
+                   "practice)")
+    p.add_argument("--poly-power", type=float, default=POLY_POWER, help="poly decay power (0.9: common practice)")
     p.add_argument("--size", nargs=2, type=int, default=None, metavar=("H", "W"), help="base size the scales "
-                   "refer to and evaluation size (default 384 768 Cityscapes, 384 1280 KITTI, native toy city)")
+                   "refer to, and the evaluation size (default: the paper's 384 768 on Cityscapes, 384 1280 on "
+                   "KITTI; the toy city's native size)")
     p.add_argument("--scale-range", nargs=2, type=float, default=list(SCALE_RANGE), metavar=("MIN", "MAX"),
-                   help="random scale range (1 1 turns it off)")
-    p.add_argument("--crop", nargs=2, type=int, default=list(CROP), metavar=("H", "W"), help="training crop")
+                   help="random scale range (0.5 2: common practice; 1 1 turns scaling off)")
+    p.add_argument("--crop", nargs=2, type=int, default=list(CROP), metavar=("H", "W"), help="training crop "
+                   "(384 768: the paper's working resolution)")
     p.add_argument("--no-flip", dest="flip", action="store_false", help="no random horizontal flip")
-    p.add_argument("--eval-every", type=int, default=0, help="evaluate every N iterations (and at the end)")
-    p.add_argument("--ckpt-every", type=int, default=500, help="checkpoint every N iterations (and at the end)")
-    p.add_argument("--log-every", type=int, default=20, help="log line every N iterations")
-    p.add_argument("--stop-after", type=int, default=0, help="stop (with a checkpoint) after N iterations of "
-                   "this run, e.g. to fit a job's time limit; continue with --resume")
-    p.add_argument("--resume", action="store_true", help="continue from WORK/finetune/checkpoint.pt exactly")
+    p.add_argument("--eval-every", type=int, default=0, help="also evaluate every N iterations (0: only at the end)")
+    p.add_argument("--save-every", type=int, default=500, help="write checkpoint.pt every N iterations (and at the "
+                   "end)")
+    p.add_argument("--log-every", type=int, default=20, help="iterations between log lines")
+    p.add_argument("--stop-after", type=int, default=0, help="stop once global iteration N is done, after writing "
+                   "checkpoint.pt, as an interruption would (for testing --resume); 0: run all --iters")
+    p.add_argument("--resume", action="store_true", help="continue from checkpoint.pt in the output folder; the "
+                   "result equals an uninterrupted run")
     p.add_argument("--overwrite", action="store_true", help="redo even if metrics.json exists")
-    p.add_argument("--workers", type=int, default=4, help="data loader processes (0: in the main process)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--no-amp", dest="amp", action="store_false", help="fp32 (default autocast: fp16 + "
-                   "GradScaler on CUDA, bf16 on CPU)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the subset, the initialisation and the batches")
+    p.add_argument("--workers", type=int, default=4, help="data loader worker processes; 0 = in the main process")
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda: auto picks CUDA when torch sees one, else CPU")
+    p.add_argument("--no-amp", action="store_true", help="fp32 throughout (default: autocast, fp16 + GradScaler on "
+                   "CUDA, bf16 on CPU; bf16 is much slower than fp32 on CPUs without bf16 units)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random draw of the run (the subset, the "
+                   "classifier's initialization, the batches and their augmentation)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar (the log lines stay)")
     return p
 
 

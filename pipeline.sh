@@ -55,8 +55,8 @@ if [ "$preset" = "toy" ]; then
   # ===== cluster (toy) =====
   need cluster.py   # stage 5: prototypes -> 9 clusters (the toy city has 9 classes), toy val at its native 192 x 384,
   # Hungarian matching on -IoU; then the same clustering of a randomly initialised network of the same architecture
-  $PY cluster.py --work "$WORK" --data "$DATA" --dataset toycity --split val --clusters 9 --save-pred --pca 4
-  $PY cluster.py --work "$WORK" --data "$DATA" --dataset toycity --split val --clusters 9 --init-random \
+  $PY cluster.py --work "$WORK" --data "$DATA" --dataset toycity --split val --clusters 9 --save-pred --pca 4 --no-amp
+  $PY cluster.py --work "$WORK" --data "$DATA" --dataset toycity --split val --clusters 9 --init-random --no-amp \
     --out "$WORK/cluster_random"
   # ===== finetune (toy) =====
   need finetune.py  # stage 6: 1/4 of toy train (5 labelled images), 60 iterations of batch 4 on 96 x 192 crops,
@@ -111,7 +111,7 @@ elif [ "$preset" = "toy-ablations" ]; then
     OMP_NUM_THREADS=1 $PY swav_dense.py --work "$w" --arch resnet18 --input-size 96 192 --num-prototypes 100 \
       --pixel-samples 1000 --region-samples 1000 --steps 150 --workers 0 --device cpu --no-amp --log-every 50 \
       --seed "$4" --no-progress
-    OMP_NUM_THREADS=1 $PY cluster.py --work "$w" --data "$DATA" --dataset toycity --split val --clusters 9
+    OMP_NUM_THREADS=1 $PY cluster.py --work "$w" --data "$DATA" --dataset toycity --split val --clusters 9 --no-amp
     OMP_NUM_THREADS=1 $PY finetune.py --work "$w" --data "$DATA" --dataset toycity --init swav --arch resnet18 \
       --fraction 0.25 --iters 60 --batch-size 4 --crop 96 192 --no-amp --workers 0 --seed "$4"
   }

@@ -1375,7 +1375,7 @@ def test_cluster_end_to_end_tiny_city(tiny_city, cluster_swav_model, tmp_path):
     from PIL import Image
     work = cluster_work_with_model(tmp_path, cluster_swav_model)
     run_cli("cluster.py", "--work", work, "--data", tiny_city, "--dataset", "toycity", "--clusters", "9",
-            "--save-pred", "--pca", "1", "--device", "cpu")
+            "--save-pred", "--pca", "1", "--device", "cpu", "--no-amp")
     out = os.path.join(work, "cluster")
     metrics = json.load(open(os.path.join(out, "metrics.json")))
     assert metrics["protocol"] == "cpcdr" and metrics["matching"] == "iou" and metrics["clusters"] == 9
@@ -1392,13 +1392,13 @@ def test_cluster_end_to_end_tiny_city(tiny_city, cluster_swav_model, tmp_path):
         assert set(np.unique(pred).tolist()) <= set(range(19)) | {255}
         correct += int(((pred == gt) & (gt != 255)).sum())
         valid += int((gt != 255).sum())
-        colour = np.asarray(Image.open(os.path.join(out, "pred_color", f"{stem}.png")))
-        assert colour.shape == (gt.shape[0], 3 * gt.shape[1], 3)
+        color = np.asarray(Image.open(os.path.join(out, "pred_color", f"{stem}.png")))
+        assert color.shape == (gt.shape[0], 3 * gt.shape[1], 3)
     assert correct / valid == pytest.approx(metrics["pixel_accuracy"])
     assert len(os.listdir(os.path.join(out, "pca"))) == 1
-    # the random-initialisation baseline of the same architecture, and the PiCIE protocol, need only flags
+    # the random-initialization baseline of the same architecture, and the PiCIE protocol, need only flags
     args = cluster.get_args_parser().parse_args(["--work", work, "--data", tiny_city, "--dataset", "toycity",
-                                                 "--init-random", "--protocol", "picie", "--device", "cpu",
+                                                 "--init-random", "--protocol", "picie", "--device", "cpu", "--no-amp",
                                                  "--out", os.path.join(work, "cluster_random")])
     random_metrics = cluster.run(args)
     assert random_metrics["init"] == "random" and random_metrics["matching"] == "pixels"
@@ -1507,12 +1507,16 @@ def test_finetune_overfits_a_few_toy_images(tiny_city, tmp_path):
 def test_finetune_resume_is_exact(tiny_city, cluster_swav_model, tmp_path):
     import finetune
     work = cluster_work_with_model(tmp_path, cluster_swav_model)
-    common = ["--iters", "4", "--crop", "32", "64", "--ckpt-every", "0"]
+    common = ["--iters", "4", "--crop", "32", "64", "--save-every", "0"]
     torch.set_num_threads(1)
     finetune.run(finetune_args(work, tiny_city, *common, "--out", os.path.join(work, "straight")))
     resumed = os.path.join(work, "resumed")
     assert finetune.run(finetune_args(work, tiny_city, *common, "--out", resumed, "--stop-after", "2")) is None
     assert torch.load(os.path.join(resumed, "checkpoint.pt"), weights_only=False)["iteration"] == 2
+    # --stop-after is a global iteration: resumed at 2, it stops once iteration 3 is done
+    again = finetune_args(work, tiny_city, *common, "--out", resumed, "--resume", "--stop-after", "3")
+    assert finetune.run(again) is None
+    assert torch.load(os.path.join(resumed, "checkpoint.pt"), weights_only=False)["iteration"] == 3
     finetune.run(finetune_args(work, tiny_city, *common, "--out", resumed, "--resume"))
     a = torch.load(os.path.join(work, "straight", "model.pt"), weights_only=True)["model"]
     b = torch.load(os.path.join(resumed, "model.pt"), weights_only=True)["model"]

@@ -44,7 +44,7 @@ CAMERA_HEIGHT = 1.5      # metres above the road, as the issue asks (Cityscapes'
 BASELINE = 0.209313      # metres, Cityscapes' stereo baseline, so disparities have Cityscapes' magnitude
 FOCAL = 0.55             # fx = fy = FOCAL * W (horizontal field of view about 85 degrees)
 ROAD_HALF, WALK, CURB = 6.5, 3.0, 0.15   # road half-width (2 lanes + parking each way), sidewalk, curb (m)
-LANES = {"ego": 1.75, "same": 4.0, "oncoming": -1.75, "parking": 5.4}  # lane centres, x (m)
+LANES = {"ego": 1.75, "same": 4.0, "oncoming": -1.75, "parking": 5.4}  # lane centers, x (m)
 VIEW_AHEAD = 120.0       # the street ends in a cross row of buildings this far beyond the last camera
 VAL_FIRST_SEQUENCE = 500
 SUN = np.array([-0.35, -0.85, -0.4]) / np.linalg.norm([-0.35, -0.85, -0.4])  # towards the sun (y down)
@@ -56,7 +56,7 @@ KIND_LABEL = {0: "road", 1: "sidewalk", 2: "building", 3: "pole", 4: "traffic si
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The scene: a list of axis-aligned boxes, each with a kind, a colour, an instance and a velocity.
+# The scene: a list of axis-aligned boxes, each with a kind, a color, an instance and a velocity.
 # ----------------------------------------------------------------------------------------------------------
 class SceneBuilder:
     def __init__(self):
@@ -96,7 +96,7 @@ def make_scene(rng, z_start, z_end):
         x0, x1 = sorted((side * ROAD_HALF, side * (ROAD_HALF + WALK)))
         scene.add((x0, -CURB, z_start), (x1, 1.0, z_end), "sidewalk", (0.62, 0.6, 0.56))
         z = z_start
-        while z < z_end:  # facades with varied colours, heights and gaps
+        while z < z_end:  # facades with varied colors, heights and gaps
             length, depth = rng.uniform(8, 22), rng.uniform(8, 14)
             if rng.random() < 0.15:  # a gap with a hedge
                 xh0, xh1 = sorted((side * (ROAD_HALF + WALK + 0.5), side * (ROAD_HALF + WALK + 2.0)))
@@ -167,7 +167,7 @@ def camera_path(rng, frames):
 # Rendering: exact ray casting against boxes, one screen rectangle per box (its projected corners).
 # ----------------------------------------------------------------------------------------------------------
 def intrinsics(height, width):
-    """3x3 pixel intrinsics of the toy camera (square pixels, centred principal point)."""
+    """3x3 pixel intrinsics of the toy camera (square pixels, centered principal point)."""
     f = FOCAL * width
     return np.array([[f, 0, width / 2], [0, f, height / 2], [0, 0, 1.0]])
 
@@ -250,7 +250,7 @@ def surface_coords(point, axis):
 
 
 def shade(scene, index, axis, point, dirs, lo_hit, hi_hit):
-    """RGB in [0, 1]: base colour x world-fixed texture x Lambertian shading by the face's orientation."""
+    """RGB in [0, 1]: base color x world-fixed texture x Lambertian shading by the face's orientation."""
     kind = scene["kind"][index]
     base = scene["color"][index].copy()
     u, v = surface_coords(point, axis)
@@ -260,7 +260,7 @@ def shade(scene, index, axis, point, dirs, lo_hit, hi_hit):
     x, y, z = point[..., 0], point[..., 1], point[..., 2]
     is_ = lambda name: kind == KIND[name]  # noqa: E731
     top = axis == 1
-    # road: lane markings on the asphalt (dashed centre line, solid edge lines)
+    # road: lane markings on the asphalt (dashed center line, solid edge lines)
     lane_line = (np.abs(np.abs(x) - 2.9) < 0.07) & (np.mod(z, 6.0) < 3.0)
     marking = is_("road") & top & ((np.abs(x) < 0.1) | lane_line | (np.abs(np.abs(x) - 4.6) < 0.07))
     base[marking] = 0.92
@@ -275,7 +275,7 @@ def shade(scene, index, axis, point, dirs, lo_hit, hi_hit):
     base[win] = (0.18, 0.22, 0.3)
     # cars: dark glass on the cabin's sides, front and back
     base[is_("glass") & ~top] = (0.12, 0.15, 0.2)
-    # persons: head (skin), shirt (own colour), trousers (dark)
+    # persons: head (skin), shirt (own color), trousers (dark)
     feet = hi_hit[..., 1]
     h_rel = feet - y
     person = is_("person")
@@ -296,7 +296,7 @@ def shade(scene, index, axis, point, dirs, lo_hit, hi_hit):
 
 
 def sky(dirs):
-    """Sky colour: a gradient from pale at the horizon to blue overhead."""
+    """Sky color: a gradient from pale at the horizon to blue overhead."""
     up = np.clip(-dirs[..., 1] / np.linalg.norm(dirs, axis=-1), 0, 1)[..., None]
     return (1 - up) * np.array([0.78, 0.85, 0.93]) + up * np.array([0.35, 0.55, 0.85])
 
