@@ -3,7 +3,7 @@
 Paper: Zeng et al., BMVC 2022, Sec 3.2, Eqn 1-3, Fig 4. SLIC superpixels -> 4-connected region adjacency
 graph -> per edge an occlusion distance (Eqn 1) and a support distance (Eqn 2) turned into a boundary
 probability W (Eqn 3) -> InfoMap on link weights 1 / W -> iterative merging of the modules that still have a
-weak boundary (W < tau) to a neighbour -> one int32 region id per pixel. `group_depth` is the whole method.
+weak boundary (W < tau) to a neighbor -> one int32 region id per pixel. `group_depth` is the whole method.
 
 depth.py (WORK/disp) -> group.py -> copypaste.py (WORK/regions)
 
@@ -251,7 +251,7 @@ def iterative_infomap(num_nodes, edges, weights, tau=MERGE_TAU, seed=INFOMAP_SEE
     return region
 
 
-def group_depth(image, disparity, intrinsics, segments=SLIC_SEGMENTS, w_ocln=W_OCLN, w_sup=W_SUP, bias=BIAS,
+def group_depth(image, disparity, intrinsics, *, segments=SLIC_SEGMENTS, w_ocln=W_OCLN, w_sup=W_SUP, bias=BIAS,
                 tau=MERGE_TAU, preferred_modules=PREFERRED_MODULES, seed=INFOMAP_SEED):
     """Coherent depth regions (Sec 3.2, Fig 4): image (H, W, 3) in [0, 1], disparity (H, W) of any positive
     scale (<= 0 invalid), normalized intrinsics (fx/W, fy/H, cx/W, cy/H) -> (H, W) int32 region ids,
