@@ -94,12 +94,13 @@ def bench_depth(args, size=(192, 640), batch=12, arch="resnet18", repeat=3):
 def bench_group(args, repeat=7):
     """group.py for one 384 x 768 image with 10000 superpixels: reading the inputs (image, stereo disparity,
     camera JSON) to the saved .npy, single process (SLIC, InfoMap and numpy run on one core here; run with
-    OMP_NUM_THREADS=1 to be sure). Median of `repeat` after a warm-up; phases from the same runs.
+    OMP_NUM_THREADS=1 to be sure). Median of `repeat` after a warm-up.
 
     This machine's speed drifts by up to 1.6x within minutes (a shared host), so the same loop also times the
     two library calls the stage cannot make cheaper, interleaved with it: skimage's SLIC alone and one InfoMap
     run alone on the first-level graph. "the stage's own work" (median of stage minus SLIC minus InfoMap, per
-    run) is what group.py itself adds: I/O, back-projection, graph, edge weights, the later merging levels.
+    run) is what group.py itself adds: I/O, back-projection, normals, graph, edge weights, the later merging
+    levels.
     """
     import shutil
     import tempfile
@@ -113,8 +114,7 @@ def bench_group(args, repeat=7):
     work = tempfile.mkdtemp(prefix="bench_group_")
     rows = []
     try:
-        for what, extra in [("", []), (", SLIC 5 iterations (ablation)", ["--slic-iterations", "5"]),
-                            (", InfoMap preferred modules 10 (released)", ["--preferred-modules", "10"])]:
+        for what, extra in [("", []), (", InfoMap preferred modules 10 (released)", ["--preferred-modules", "10"])]:
             a = group.get_args_parser().parse_args(["--work", work, "--data", data, "--split", split, "--stereo",
                                                     "--size", "384", "768", "--overwrite", *extra])
             os.makedirs(os.path.join(work, "regions"), exist_ok=True)
@@ -128,22 +128,20 @@ def bench_group(args, repeat=7):
             group.process_one(item, a)
             for _ in range(repeat):
                 start = time.perf_counter()
-                phases = group.process_one(item, a)[2]
+                group.process_one(item, a)
                 stage = time.perf_counter() - start
                 start = time.perf_counter()
-                group.slic_superpixels(image, max_num_iter=a.slic_iterations)
+                group.slic_superpixels(image, a.segments)
                 slic = time.perf_counter() - start
                 start = time.perf_counter()
                 group.infomap_modules(*graph, seed=a.seed, preferred_modules=a.preferred_modules)
                 infomap = time.perf_counter() - start
                 runs.append({"stage": stage, "slic alone": slic, "one InfoMap run alone": infomap,
-                             "own": stage - slic - infomap, **phases})
-            median = {k: sorted(r.get(k, 0.0) for r in runs)[len(runs) // 2] for k in runs[0]}
+                             "own": stage - slic - infomap})
+            median = {k: sorted(r[k] for r in runs)[len(runs) // 2] for k in runs[0]}
             rows.append(("group", f"one 384x768 image, 10000 superpixels, read -> .npy (median of {repeat})",
                          median["stage"], "s"))
             rows.append(("group", "  fastest of those runs", min(r["stage"] for r in runs), "s"))
-            for phase in ("io", "slic", "graph", "infomap", "merging"):
-                rows.append(("group", f"  phase {phase} (median)", median[phase], "s"))
             rows.append(("group", "  reference: skimage SLIC alone (median)", median["slic alone"], "s"))
             rows.append(("group", "  reference: one InfoMap run alone, first-level graph (median)",
                          median["one InfoMap run alone"], "s"))
@@ -154,15 +152,18 @@ def bench_group(args, repeat=7):
 
 
 def bench_group_inputs(group, a, item):
-    """The working-size image and the first-level graph (nodes, edges, 1 / W) of one bench item."""
+    """The working-size image and the first-level graph (nodes, edges, 1 / W) of one bench item (w_sup = 0,
+    so the normals do not enter W)."""
+    import numpy as np
     stem, path = item
     image, native = group.load_image(path, tuple(a.size))
     disparity = group.load_disparity(a, stem, native, tuple(a.size))
-    labels = group.slic_superpixels(image)
+    labels = group.slic_superpixels(image, a.segments)
     n = int(labels.max()) + 1
-    points = group.back_project(group.scale_free_depth(disparity, a.floor), group.intrinsics_of(a, stem, native))
+    points = group.back_project(group.scale_free_depth(disparity), group.intrinsics_of(a, stem, native)[0])
     edges = group.region_adjacency(labels)
-    weights = group.edge_weights(edges, group.superpixel_means(labels, points, n), None, a.w_ocln, 0.0, a.bias)
+    centers = group.superpixel_means(labels, points, n)
+    weights = group.edge_weights(edges, centers, np.zeros_like(centers), a.w_ocln, a.w_sup, a.bias)
     return image, (n, edges, 1.0 / weights)
 
 

@@ -3,7 +3,7 @@
 Paper: Zeng et al., BMVC 2022, Sec 3.2, Eqn 1-3, Fig 4. SLIC superpixels -> 4-connected region adjacency
 graph -> per edge an occlusion distance (Eqn 1) and a support distance (Eqn 2) turned into a boundary
 probability W (Eqn 3) -> InfoMap on link weights 1 / W -> iterative merging of the modules that still have a
-weak boundary (W < tau) to a neighbour -> one int32 region id per pixel.
+weak boundary (W < tau) to a neighbor -> one int32 region id per pixel. `group_depth` is the whole method.
 
 depth.py (WORK/disp) -> group.py -> copypaste.py (WORK/regions)
 
@@ -19,34 +19,32 @@ Reads / writes:
 | WORK/regions/preview/<stem>.png              | (H, W, 3) uint8     | --preview: regions over the image (Fig 4d)  |
 | WORK/regions/eval.json                       | JSON                | --eval: covering, purity, regions per image |
 
-    python group.py --work runs/cityscapes --data CITYSCAPES --split train              # paper scale, 384 x 768
+    python group.py --work runs/cityscapes --data CITYSCAPES --split train --workers 8   # paper scale, 384 x 768
     python group.py --work /tmp/w --data /tmp/tiny --split val --stereo --size 64 128 --segments 300
 
-Disparity: both sources are divided by their maximum over the image (scale-free, (0, 1]) and floored at
-0.005 (the released code's floor), then depth z = 1 / disparity. Stereo disparity PNGs mark invalid pixels
-(sky, occlusions) with 0; those get the floor, i.e. they are treated as the farthest plane, which is what the
-floor does to the sky of a predicted disparity map too.
+Disparity (predicted or stereo) is divided by its maximum over the image and floored at 0.005 (released),
+then z = 1 / disparity; invalid stereo pixels (0) get the floor: the farthest plane, as the sky does.
 
-Deviations from the paper / released code, stated plainly:
+Deviations from the paper / the released code (LeungTsang/CPCDR pixel_grouping), stated plainly:
 - The principal point is applied in top-down rows (Y = z (cy H - row) / (fy H), up positive); the released
   code flips the rows but not cy (the same for cy = 0.5, the KITTI K it uses for every dataset).
 - The dataset's own intrinsics are used when a camera JSON exists (released: the KITTI K everywhere).
-- The adjacency is 4-connected (the released code's skimage RAG is 8-connected).
-- Node ids are mapped to InfoMap modules explicitly (the released code relies on dict order), and the
-  merging has a depth guard (--max-levels).
-- InfoMap's preferred number of modules is off by default (released code: 10). With infomap 2.x the
-  preference charges |K - 10| bits, so the first InfoMap run returns exactly 10 modules and the merging,
-  which only merges, leaves at most 10 regions per image: on toy city val (ground-truth disparity, 192 x 384,
-  2500 superpixels) that gives purity 0.77, covering 0.43, 9.5 regions; with the preference off, purity 0.92,
-  covering 0.46, 79 regions. `--preferred-modules 10` restores the released setting.
-- `--method felzenszwalb` (skimage, colour only) stands in for the paper's owt-ucm proposals (Table 3).
+- Node ids are mapped to InfoMap modules explicitly (the released code relies on dict order); the merging
+  stops after 20 levels or when InfoMap merges nothing (a guard the released code does not have).
+- Eqn 2 uses the lower superpixel's height y1, as the paper (released: the pair's mean; its w_sup is 0).
+- InfoMap's preferred number of modules is off by default (released: 10). With infomap 2.x the preference
+  charges |K - 10| bits, so the first run returns exactly 10 modules and the merging, which only merges,
+  leaves at most 10 regions per image: toy city val (ground-truth disparity, 192 x 384, 2500 superpixels)
+  purity 0.77, covering 0.43, 9.5 regions; off: 0.92, 0.46, 79. `--preferred-modules 10` restores it.
+- `--method felzenszwalb` (skimage, color only) stands in for the paper's owt-ucm proposals (Table 3).
 """
 import argparse
+import contextlib
+import functools
 import glob
 import json
 import multiprocessing
 import os
-import sys
 import time
 import warnings
 
@@ -55,22 +53,16 @@ import numpy as np
 from PIL import Image
 from skimage.measure import label as connected_components
 from skimage.segmentation import felzenszwalb, find_boundaries, slic
+from tqdm import tqdm
 
 from depth import (find_camera_json, image_stem, list_split_images, read_camera_json, read_disparity_png,
                    split_file)
 
-# ----------------------------------------------------------------------------------------------------------
-# Paper constants (Sec 3.2; values of the released code LeungTsang/CPCDR pixel_grouping where the paper has none)
-# ----------------------------------------------------------------------------------------------------------
-KITTI_INTRINSICS = (0.58, 1.92, 0.5, 0.5)  # normalised fx, fy, cx, cy (Monodepth2's KITTI K; released default)
+# ===== paper constants (Sec 3.2; the released code's values where the paper gives none) =====
+KITTI_INTRINSICS = (0.58, 1.92, 0.5, 0.5)  # normalized fx, fy, cx, cy (Monodepth2's KITTI K; released default)
 DISPARITY_FLOOR = 0.005       # released code: disp[disp < 0.005] = 0.005 before z = 1 / disp
-SLIC_SEGMENTS = 10000         # released code: slic(n_segments=10000, compactness=10, sigma=1) at 384 x 768
-SLIC_COMPACTNESS = 10.0
-SLIC_SIGMA = 1.0
-SLIC_ITERATIONS = 10          # scikit-image's default max_num_iter (released code: default)
-W_OCLN = 48.0                 # Eqn 3 weights of the released code (w_sup 0 switches Eqn 2 off)
-W_SUP = 0.0
-BIAS = -4.0
+SLIC_SEGMENTS, SLIC_COMPACTNESS, SLIC_SIGMA = 10000, 10.0, 1.0  # released code's slic() at 384 x 768
+W_OCLN, W_SUP, BIAS = 48.0, 0.0, -4.0  # Eqn 3 weights of the released code (w_sup 0 switches Eqn 2 off)
 MERGE_TAU = 0.20              # iterative merging: a module with an edge W < tau to another module stays open
 PREFERRED_MODULES = 0         # InfoMap --preferred-number-of-modules: off (released code: 10; see the docstring)
 INFOMAP_SEED = 123            # infomap's own default seed (the released code left it at the default)
@@ -79,53 +71,36 @@ FZ_SCALE, FZ_SIGMA, FZ_MIN_SIZE = 300.0, 0.8, 100  # felzenszwalb: about depth's
 EVAL_IGNORE_LABEL_IDS = (0, 1, 2, 3)  # Cityscapes unlabeled, ego vehicle, rectification border, out of roi
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Pure functions, in pipeline order
-# ----------------------------------------------------------------------------------------------------------
+# ===== pure functions, in pipeline order =====
 def scale_free_depth(disparity, floor=DISPARITY_FLOOR):
-    """Scale-free depth z = 1 / d from disparity d (any positive scale; <= 0 marks invalid pixels).
-
-    d is divided by its maximum (so d in (0, 1]) and floored at `floor`: invalid pixels (stereo's 0) and the
-    sky become the farthest plane z = 1 / floor.
-    """
+    """Scale-free depth z = 1 / d: disparity d (any positive scale, <= 0 invalid) divided by its maximum and
+    floored at `floor`, so invalid pixels (stereo's 0) and the sky become the farthest plane z = 1 / floor."""
     d = np.asarray(disparity, dtype=np.float32)
-    peak = float(d.max()) if d.size else 0.0
-    d = d / peak if peak > 0 else np.zeros_like(d)
+    d = d / d.max() if d.size and d.max() > 0 else np.zeros_like(d)
     return 1.0 / np.maximum(d, np.float32(floor))
 
 
-def back_project(depth, intrinsics, normalise_axes=True):
-    """3-D point of every pixel, (3, H, W) float32: X right, Y up, Z forward (Sec 3.2).
-
-    (X, Y, Z) = z K^-1 (col, row', 1) with rows counted upwards; K from normalised (fx, fy, cx, cy):
-    X = z (col - cx W) / (fx W), Y = z (cy H - row) / (fy H), Z = z. So Y < 0 is below the principal row.
-    normalise_axes: the released code divides each axis by its standard deviation over the image (no mean
-    subtraction), which cancels fx and fy; the w_ocln = 48 of Eqn 3 was tuned with it on.
-    """
+def back_project(depth, intrinsics, normalize_axes=True):
+    """3-D point of every pixel, (3, H, W) float32, X right, Y up, Z forward (Sec 3.2): (X, Y, Z) = z K^-1
+    (col, row', 1), rows counted upwards, K from normalized (fx, fy, cx, cy): X = z (col - cx W) / (fx W),
+    Y = z (cy H - row) / (fy H), Z = z; Y < 0 is below the principal row. normalize_axes: divide each axis by
+    its standard deviation over the image (released code; no mean subtraction; it cancels fx and fy, and
+    Eqn 3's w_ocln = 48 was tuned with it)."""
     z = np.asarray(depth, dtype=np.float32)
     h, w = z.shape
     fx, fy, cx, cy = (float(v) for v in intrinsics)
     cols = (np.arange(w, dtype=np.float32) - np.float32(cx * w)) / np.float32(fx * w)   # (W,)
     rows = (np.float32(cy * h) - np.arange(h, dtype=np.float32)) / np.float32(fy * h)   # (H,)
-    points = np.empty((3, h, w), dtype=np.float32)
-    np.multiply(z, cols[None, :], out=points[0])
-    np.multiply(z, rows[:, None], out=points[1])
-    points[2] = z
-    if normalise_axes:
-        std = points.reshape(3, -1).std(axis=1)
-        points /= np.maximum(std, np.float32(1e-12))[:, None, None]
+    points = np.stack([z * cols[None, :], z * rows[:, None], z])                        # (3, H, W)
+    if normalize_axes:
+        points /= np.maximum(points.reshape(3, -1).std(axis=1), np.float32(1e-12))[:, None, None]
     return points
 
 
 def point_gradients(points):
-    """Finite-difference derivatives of the 3-D map along rows and columns, each divided by Z: (2, 3, H, W).
-
-    [0] = d/drow / Z, [1] = d/dcol / Z (central differences, np.gradient); dividing by Z makes near and far
-    surfaces weigh alike when averaged per superpixel (released code).
-    """
-    d_row, d_col = np.gradient(points, axis=(1, 2))
-    inv_z = 1.0 / points[2]
-    return np.stack([d_row * inv_z, d_col * inv_z])
+    """Derivatives of the 3-D map along rows and columns (np.gradient), divided by Z: (2, 3, H, W), [0] d/drow,
+    [1] d/dcol. Dividing by Z makes near and far surfaces weigh alike in a superpixel's mean (released code)."""
+    return np.stack(np.gradient(points, axis=(1, 2))) * (1.0 / points[2])
 
 
 def normals_from_gradients(d_row, d_col):
@@ -134,15 +109,12 @@ def normals_from_gradients(d_row, d_col):
     return n / np.maximum(np.linalg.norm(n, axis=-1, keepdims=True), 1e-12)
 
 
-def slic_superpixels(image, n_segments=SLIC_SEGMENTS, compactness=SLIC_COMPACTNESS, sigma=SLIC_SIGMA,
-                     max_num_iter=SLIC_ITERATIONS):
-    """SLIC superpixels (Lab) of an RGB image in [0, 1], (H, W) int32 labels contiguous from 0.
-
-    start_label=0 matters: newer scikit-image starts at 1 by default, which silently breaks code that
-    indexes per-superpixel arrays by label.
-    """
-    labels = slic(image, n_segments=n_segments, compactness=compactness, sigma=sigma, max_num_iter=max_num_iter,
-                  start_label=0, channel_axis=-1)
+def slic_superpixels(image, segments=SLIC_SEGMENTS):
+    """SLIC superpixels (Lab; released compactness 10, sigma 1) of an RGB image in [0, 1]: (H, W) int32,
+    contiguous from 0. start_label=0 matters: newer scikit-image starts at 1 by default, which silently
+    breaks code that indexes per-superpixel arrays by label."""
+    labels = slic(image, n_segments=segments, compactness=SLIC_COMPACTNESS, sigma=SLIC_SIGMA, start_label=0,
+                  channel_axis=-1)
     return relabel_contiguous(labels)
 
 
@@ -150,56 +122,45 @@ def relabel_contiguous(labels):
     """Map the ids of an integer array onto 0..R-1 (keeping their order), int32."""
     labels = np.asarray(labels)
     flat = labels.ravel().astype(np.int64)
-    low = int(flat.min()) if flat.size else 0
-    present = np.bincount(flat - low) > 0
-    if present.all():
-        return (labels - low).astype(np.int32)
-    lut = np.cumsum(present) - 1
-    return lut[flat - low].reshape(labels.shape).astype(np.int32)
+    flat = flat - flat.min() if flat.size else flat
+    return (np.cumsum(np.bincount(flat) > 0) - 1)[flat].reshape(labels.shape).astype(np.int32)
 
 
 def region_adjacency(labels):
-    """4-connected region adjacency graph of a label map: (E, 2) int64 edges (i < j), sorted, unique.
-
-    Every pair of horizontally or vertically neighbouring pixels with different labels gives a pair; the pair
-    (i, j) is encoded as one int64 key i * N + j and deduplicated with np.unique.
-    """
+    """4-connected region adjacency graph of a label map: (E, 2) int64 edges (i < j), sorted, unique: every
+    horizontally or vertically neighboring pixel pair with different labels. The same edges as skimage's
+    RAG(labels) with connectivity 1, which the released code builds (a Python call per pixel there)."""
     labels = np.asarray(labels)
     n = int(labels.max()) + 1 if labels.size else 0
     left, right, up, down = labels[:, :-1], labels[:, 1:], labels[:-1, :], labels[1:, :]
     horizontal, vertical = left != right, up != down
     a = np.concatenate([left[horizontal], up[vertical]]).astype(np.int64)
     b = np.concatenate([right[horizontal], down[vertical]]).astype(np.int64)
-    keys = np.unique(np.minimum(a, b) * n + np.maximum(a, b))
+    keys = np.unique(np.minimum(a, b) * n + np.maximum(a, b))     # the pair (i, j) as one key i * N + j
     return np.stack([keys // n, keys % n], axis=1)
 
 
-def superpixel_means(labels, channels, num_labels=None):
+def superpixel_means(labels, channels, num_labels):
     """Mean of each channel over each superpixel: labels (H, W), channels (C, H, W) -> (N, C) float64."""
     flat = np.asarray(labels).ravel()
-    n = int(flat.max()) + 1 if num_labels is None else num_labels
     channels = np.asarray(channels).reshape(len(channels), -1)
-    count = np.maximum(np.bincount(flat, minlength=n), 1)
-    return np.stack([np.bincount(flat, weights=c, minlength=n) for c in channels], axis=1) / count[:, None]
+    count = np.maximum(np.bincount(flat, minlength=num_labels), 1)
+    return np.stack([np.bincount(flat, weights=c, minlength=num_labels) for c in channels], axis=1) / count[:, None]
 
 
 # Eqn 1
 def occlusion_distance(c1, c2):
-    """D_ocln = ||c1 - c2|| / (z1 + z2): 3-D distance of two superpixel centres (N, 3), relative to depth."""
-    # D_ocln = ||c1 - c2|| / (z1 + z2), z the centres' (normalised) Z
+    """D_ocln = ||c1 - c2|| / (z1 + z2): 3-D distance of two superpixel centers (..., 3), relative to depth."""
+    # D_ocln = ||c1 - c2|| / (z1 + z2), z the centers' (normalized) Z
     return np.linalg.norm(c1 - c2, axis=-1) / (c1[..., 2] + c2[..., 2])
 
 
 # Eqn 2
-def support_distance(ny_lower, ny_upper, height):
-    """D_sup = max(n_y1, 0) max(n_y1 - n_y2, 0) y^2 if y < 0 else 0 (S1 the lower superpixel).
-
-    Large when a level surface (the ground, n_y1 ~ 1) below the principal row meets a steeper one above it:
-    the support boundary of an object standing on the ground. The paper's y is y1 (the lower superpixel's
-    height); the released code uses the pair's mean height (choose with `height`).
-    """
+def support_distance(ny1, ny2, y1):
+    """D_sup of S1 (the lower superpixel) and S2: large where a level surface (the ground, n_y1 ~ 1) below the
+    principal row meets a steeper one above it, the support boundary of an object standing on the ground."""
     # D_sup = max(n_y1, 0) * max(n_y1 - n_y2, 0) * y1^2  if y1 < 0
-    return np.maximum(ny_lower, 0) * np.maximum(ny_lower - ny_upper, 0) * np.where(height < 0, height ** 2, 0.0)
+    return np.maximum(ny1, 0) * np.maximum(ny1 - ny2, 0) * np.where(y1 < 0, y1 ** 2, 0.0)
 
 
 # Eqn 3
@@ -209,31 +170,21 @@ def boundary_probability(d_ocln, d_sup, w_ocln=W_OCLN, w_sup=W_SUP, bias=BIAS):
     return 1.0 / (1.0 + np.exp(-(w_ocln * d_ocln + w_sup * d_sup + bias)))
 
 
-def edge_weights(edges, centres, normals, w_ocln=W_OCLN, w_sup=W_SUP, bias=BIAS, support_height="lower"):
-    """W of every edge (E,) from superpixel centres (N, 3) and normals (N, 3), Eqn 1-3.
-
-    Each edge is oriented so that S1 is the lower superpixel (smaller Y). support_height: "lower" uses y1
-    (the paper), "mean" the pair's mean height (released code).
-    """
+def edge_weights(edges, centers, normals, w_ocln=W_OCLN, w_sup=W_SUP, bias=BIAS):
+    """W of every edge (E,) from superpixel centers (N, 3) and normals (N, 3): Eqn 1-3 with S1 the lower
+    superpixel of the edge (smaller Y)."""
     i, j = edges[:, 0], edges[:, 1]
-    swap = centres[j, 1] < centres[i, 1]
+    swap = centers[j, 1] < centers[i, 1]
     s1, s2 = np.where(swap, j, i), np.where(swap, i, j)
-    d_ocln = occlusion_distance(centres[s1], centres[s2])
-    if w_sup != 0:
-        height = centres[s1, 1] if support_height == "lower" else 0.5 * (centres[s1, 1] + centres[s2, 1])
-        d_sup = support_distance(normals[s1, 1], normals[s2, 1], height)
-    else:
-        d_sup = np.zeros_like(d_ocln)
+    d_ocln = occlusion_distance(centers[s1], centers[s2])
+    d_sup = support_distance(normals[s1, 1], normals[s2, 1], centers[s1, 1])
     return boundary_probability(d_ocln, d_sup, w_ocln, w_sup, bias)
 
 
 def infomap_modules(num_nodes, edges, link_weights, seed=INFOMAP_SEED, preferred_modules=PREFERRED_MODULES):
     """Two-level InfoMap on an undirected weighted graph: (num_nodes,) int64 module ids, contiguous from 0.
-
-    No teleportation, seeded, one trial; preferred_modules > 0 sets --preferred-number-of-modules (released
-    code: 10). Module ids are read per node id explicitly (the released code assumed the returned dict to be
-    in node order).
-    """
+    No teleportation, seeded, one trial; preferred_modules > 0 sets --preferred-number-of-modules (released:
+    10). Modules are read per node id (the released code assumed the dict to be in node order)."""
     if len(edges) == 0:
         return np.arange(num_nodes, dtype=np.int64)
     options = infomap.Options(two_level=True, flow_model="undirected", teleportation_probability=0.0,
@@ -241,120 +192,88 @@ def infomap_modules(num_nodes, edges, link_weights, seed=INFOMAP_SEED, preferred
                               num_trials=1, silent=True)
     im = infomap.Infomap(args=options.to_args())
     im.add_links(np.column_stack([edges, link_weights]).astype(np.float64))
-    result = im.run()
-    try:
-        # infomap 2.16: Infomap.get_modules reads the C++ map directly, about 0.05 s faster on a 10000-node
-        # graph than Result.modules(), which first builds a per-node snapshot in Python (same dict)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            modules = im.get_modules()
-    except AttributeError:                       # infomap >= 3 drops it
-        modules = result.modules()
-    node = np.fromiter(modules.keys(), dtype=np.int64, count=len(modules))
-    module = np.fromiter(modules.values(), dtype=np.int64, count=len(modules))
+    im.run()
+    with warnings.catch_warnings():
+        # deprecated in infomap 2.16 (pinned) for run().modules(), which returns the same dict but first
+        # builds a per-node Python snapshot: 0.2 s more on a 10000-node graph, a third of the stage
+        warnings.simplefilter("ignore", DeprecationWarning)
+        modules = im.get_modules()
     out = np.full(num_nodes, -1, dtype=np.int64)
-    out[node] = module
-    isolated = out < 0                            # nodes without links: a module each
-    out[isolated] = module.max() + 1 + np.arange(int(isolated.sum()))
+    out[np.fromiter(modules.keys(), np.int64, len(modules))] = np.fromiter(modules.values(), np.int64, len(modules))
+    isolated = out < 0                                   # nodes without links: a module each
+    out[isolated] = out.max() + 1 + np.arange(int(isolated.sum()))
     return relabel_contiguous(out).astype(np.int64)
 
 
 def merge_modules(edges, weights, modules, tau=MERGE_TAU):
-    """One merging step: which modules stay open, and the graph of the open modules.
-
-    A module is open if one of its edges to another module has W < tau; closed modules are final. The next
-    graph has the open modules as nodes (numbered in module order), an edge between two open modules that
-    touch, with W the arithmetic mean of the W's between them (released code).
+    """One merging step. A module is open if one of its edges to another module has W < tau; closed modules
+    are final. The next graph has the open modules as nodes (in module order), an edge between two open
+    modules that touch, with W the arithmetic mean of the W's between them (released code).
     Returns (open (K,) bool, next_node_of_module (K,) int64, -1 for closed, next_edges (E', 2), next_W (E',)).
     """
-    k = int(modules.max()) + 1
     a, b = modules[edges[:, 0]], modules[edges[:, 1]]
-    between = a != b
-    weak = between & (weights < tau)
-    is_open = np.zeros(k, dtype=bool)
-    is_open[a[weak]] = True
-    is_open[b[weak]] = True
-    next_id = np.where(is_open, np.cumsum(is_open) - 1, -1)
-    keep = between & is_open[a] & is_open[b]
-    na, nb = next_id[a[keep]], next_id[b[keep]]
-    n_next = int(is_open.sum())
-    keys, inverse = np.unique(np.minimum(na, nb) * n_next + np.maximum(na, nb), return_inverse=True)
-    mean_w = np.bincount(inverse, weights=weights[keep], minlength=len(keys)) / np.bincount(inverse,
-                                                                                         minlength=len(keys))
-    next_edges = np.stack([keys // max(n_next, 1), keys % max(n_next, 1)], axis=1)
-    return is_open, next_id, next_edges, mean_w
+    weak = (a != b) & (weights < tau)
+    is_open = np.zeros(int(modules.max()) + 1, dtype=bool)
+    is_open[np.concatenate([a[weak], b[weak]])] = True
+    next_node = np.where(is_open, np.cumsum(is_open) - 1, -1)
+    keep = (a != b) & is_open[a] & is_open[b]
+    na, nb = next_node[a[keep]], next_node[b[keep]]
+    n = max(int(is_open.sum()), 1)
+    keys, inverse = np.unique(np.minimum(na, nb) * n + np.maximum(na, nb), return_inverse=True)   # key i * n + j
+    mean_w = np.bincount(inverse, weights=weights[keep]) / np.bincount(inverse)
+    return is_open, next_node, np.stack([keys // n, keys % n], axis=1), mean_w
 
 
 def iterative_infomap(num_nodes, edges, weights, tau=MERGE_TAU, seed=INFOMAP_SEED,
-                      preferred_modules=PREFERRED_MODULES, max_levels=MAX_LEVELS, timings=None):
-    """Iterative merging (Sec 3.2): region id of every node, (num_nodes,) int64, contiguous from 0.
-
-    1. InfoMap on the current graph with link weights 1 / W; 2. modules with an edge W < tau to another
-    module are open, the others closed (final); 3. stop if none is open; 4. else the open modules form the
-    next graph (merge_modules); 5. repeat. Final ids: closed modules first, level by level, contiguous.
-    The depth guard: after max_levels levels, or when InfoMap no longer merges anything, the open modules
-    become final as they are.
-    """
+                      preferred_modules=PREFERRED_MODULES, max_levels=MAX_LEVELS):
+    """Iterative merging (Sec 3.2): region id of every node, (num_nodes,) int64, contiguous from 0. 1. InfoMap
+    on the current graph with link weights 1 / W; 2. modules with an edge W < tau to another module are open,
+    the others final; 3. stop if none is open; 4. else the open modules form the next graph (merge_modules);
+    5. repeat. Ids go to final modules level by level. After max_levels levels, or when InfoMap merges
+    nothing, the open modules become final as they are."""
     region = np.full(num_nodes, -1, dtype=np.int64)
-    current = np.arange(num_nodes, dtype=np.int64)      # node of the current graph of each original node
-    n_current, next_region = num_nodes, 0
+    node = np.arange(num_nodes, dtype=np.int64)        # node of the current graph of every original node, -1: final
+    n_current, n_regions = num_nodes, 0
     for level in range(max_levels):
-        start = time.perf_counter()
         modules = infomap_modules(n_current, edges, 1.0 / weights, seed, preferred_modules)
-        mid = time.perf_counter()
-        is_open, next_id, edges, weights = merge_modules(edges, weights, modules, tau)
+        is_open, next_node, edges, weights = merge_modules(edges, weights, modules, tau)
         stuck = int(modules.max()) + 1 == n_current          # InfoMap merged nothing: more levels change nothing
         last = level == max_levels - 1 or stuck or not is_open.any()
         final = np.ones_like(is_open) if last else ~is_open
-        # closed modules get the next ids, in module order
-        final_id = np.where(final, np.cumsum(final) - 1 + next_region, -1)
-        next_region += int(final.sum())
-        alive = current >= 0
-        module_of_node = np.full(num_nodes, -1, dtype=np.int64)
-        module_of_node[alive] = modules[current[alive]]
-        done = alive & final[np.maximum(module_of_node, 0)]
-        region[done] = final_id[module_of_node[done]]
-        current = np.where(alive & ~done, next_id[np.maximum(module_of_node, 0)], -1)
-        n_current = int(is_open.sum())
-        if timings is not None:
-            timings["infomap"] = timings.get("infomap", 0.0) + mid - start
-            timings["merging"] = timings.get("merging", 0.0) + time.perf_counter() - mid
+        final_id = np.cumsum(final) - 1 + n_regions          # closed modules get the next ids, in module order
+        live = node >= 0
+        module = modules[node[live]]
+        region[live] = np.where(final[module], final_id[module], -1)
+        node[live] = np.where(final[module], -1, next_node[module])
+        n_current, n_regions = int(is_open.sum()), n_regions + int(final.sum())
         if last:
             break
     return region
 
 
-def group_depth(image, disparity, intrinsics, n_segments=SLIC_SEGMENTS, compactness=SLIC_COMPACTNESS,
-                sigma=SLIC_SIGMA, slic_iterations=SLIC_ITERATIONS, normalise_axes=True, w_ocln=W_OCLN,
-                w_sup=W_SUP, bias=BIAS, support_height="lower", tau=MERGE_TAU, preferred_modules=PREFERRED_MODULES,
-                max_levels=MAX_LEVELS, seed=INFOMAP_SEED, floor=DISPARITY_FLOOR, timings=None):
-    """Coherent depth regions (Sec 3.2): image (H, W, 3) in [0, 1], disparity (H, W), normalised intrinsics
-    -> (H, W) int32 region ids, contiguous from 0. `timings` (a dict) accumulates seconds per phase."""
-    t0 = time.perf_counter()
-    labels = slic_superpixels(image, n_segments, compactness, sigma, slic_iterations)
-    t1 = time.perf_counter()
+def group_depth(image, disparity, intrinsics, *, segments=SLIC_SEGMENTS, w_ocln=W_OCLN, w_sup=W_SUP, bias=BIAS,
+                tau=MERGE_TAU, preferred_modules=PREFERRED_MODULES, seed=INFOMAP_SEED):
+    """Coherent depth regions (Sec 3.2, Fig 4): image (H, W, 3) in [0, 1], disparity (H, W) of any positive
+    scale (<= 0 invalid), normalized intrinsics (fx/W, fy/H, cx/W, cy/H) -> (H, W) int32 region ids,
+    contiguous from 0. The defaults are the released code's (and the paper's where it gives them)."""
+    # superpixels (Fig 4a) and their 4-connected adjacency graph
+    labels = slic_superpixels(image, segments)
     n = int(labels.max()) + 1
-    points = back_project(scale_free_depth(disparity, floor), intrinsics, normalise_axes)
     edges = region_adjacency(labels)
-    if w_sup != 0:   # the normals only enter Eqn 2
-        grads = point_gradients(points).reshape(6, *labels.shape)
-        stats = superpixel_means(labels, np.concatenate([points, grads]), n)
-        centres, mean_grads = stats[:, :3], stats[:, 3:].reshape(n, 2, 3)
-        normals = normals_from_gradients(mean_grads[:, 0], mean_grads[:, 1])
-    else:
-        centres, normals = superpixel_means(labels, points, n), None
-    weights = edge_weights(edges, centres, normals, w_ocln, w_sup, bias, support_height)
-    t2 = time.perf_counter()
-    if timings is not None:
-        timings["slic"] = timings.get("slic", 0.0) + t1 - t0
-        timings["graph"] = timings.get("graph", 0.0) + t2 - t1
-    node_region = iterative_infomap(n, edges, weights, tau, seed, preferred_modules, max_levels, timings)
-    return node_region[labels].astype(np.int32)
+    # per superpixel: the mean 3-D point (its center c) and the normal n of its mean point gradients
+    points = back_project(scale_free_depth(disparity), intrinsics)                       # (3, H, W)
+    channels = np.concatenate([points, point_gradients(points).reshape(6, *labels.shape)])  # (9, H, W)
+    stats = superpixel_means(labels, channels, n)                                         # (N, 9)
+    centers, normals = stats[:, :3], normals_from_gradients(stats[:, 3:6], stats[:, 6:9])
+    # W of every edge (Eqn 1-3, Fig 4b-c), then InfoMap and the iterative merging (Fig 4d)
+    weights = edge_weights(edges, centers, normals, w_ocln, w_sup, bias)
+    return iterative_infomap(n, edges, weights, tau, seed, preferred_modules)[labels].astype(np.int32)
 
 
-def group_felzenszwalb(image, scale=FZ_SCALE, sigma=FZ_SIGMA, min_size=FZ_MIN_SIZE):
-    """Colour-only proposals (Felzenszwalb-Huttenlocher graph segmentation; stands in for owt-ucm, Table 3)."""
-    return relabel_contiguous(felzenszwalb(image, scale=scale, sigma=sigma, min_size=min_size, channel_axis=-1))
+def group_felzenszwalb(image):
+    """Color-only proposals (Felzenszwalb-Huttenlocher graph segmentation; stands in for owt-ucm, Table 3)."""
+    return relabel_contiguous(felzenszwalb(image, scale=FZ_SCALE, sigma=FZ_SIGMA, min_size=FZ_MIN_SIZE,
+                                           channel_axis=-1))
 
 
 def connected_regions(ids):
@@ -364,46 +283,43 @@ def connected_regions(ids):
 
 
 def segment_scores(regions, segments, valid=None):
-    """Compare regions with ground-truth segments over the valid pixels.
-
-    covering: sum over segments S of |S| max_R IoU(R, S) / N (how well the regions cover the ground truth);
-    purity: sum over regions R of max_S |R n S| / N (the fraction of pixels in their region's majority
-    segment); regions: the number of regions with a valid pixel.
-    """
-    r = np.asarray(regions).ravel().astype(np.int64)
-    s = np.asarray(segments).ravel().astype(np.int64)
-    if valid is not None:
-        keep = np.asarray(valid).ravel()
-        r, s = r[keep], s[keep]
-    total = r.size
-    if total == 0:
+    """Regions against ground-truth segments over the valid pixels: covering = sum over segments S of
+    |S| max_R IoU(R, S) / N; purity = sum over regions R of max_S |R n S| / N (the fraction of pixels in their
+    region's majority segment); regions = the number of regions with a valid pixel."""
+    keep = slice(None) if valid is None else np.asarray(valid).ravel()
+    r = np.unique(np.asarray(regions).ravel()[keep], return_inverse=True)[1]
+    s = np.unique(np.asarray(segments).ravel()[keep], return_inverse=True)[1]
+    if r.size == 0:
         return {"covering": float("nan"), "purity": float("nan"), "regions": 0}
-    _, r = np.unique(r, return_inverse=True)
-    _, s = np.unique(s, return_inverse=True)
-    n_s = int(s.max()) + 1
-    keys, inter = np.unique(r * n_s + s, return_counts=True)
-    pr, ps = keys // n_s, keys % n_s
-    size_r, size_s = np.bincount(r), np.bincount(s)
-    best_in_region = np.zeros(len(size_r))
-    np.maximum.at(best_in_region, pr, inter)
-    iou = inter / (size_r[pr] + size_s[ps] - inter)
-    best_iou = np.zeros(n_s)
-    np.maximum.at(best_iou, ps, iou)
-    return {"covering": float((size_s * best_iou).sum() / total), "purity": float(best_in_region.sum() / total),
-            "regions": int(len(size_r))}
+    n_r, n_s = int(r.max()) + 1, int(s.max()) + 1
+    inter = np.bincount(r * n_s + s, minlength=n_r * n_s).reshape(n_r, n_s)     # |R n S|, (R, S)
+    size_r, size_s = inter.sum(axis=1), inter.sum(axis=0)
+    iou = inter / (size_r[:, None] + size_s[None, :] - inter)
+    return {"covering": float((size_s * iou.max(axis=0)).sum() / r.size),
+            "purity": float(inter.max(axis=1).sum() / r.size), "regions": n_r}
 
 
 def preview_image(image, regions, seed=0):
-    """Regions coloured over the image with their boundaries (Fig 4d): (H, W, 3) uint8."""
-    colours = np.random.default_rng(seed).random((int(regions.max()) + 1, 3))
-    out = 0.5 * colours[regions] + 0.5 * image
+    """Regions colored over the image with their boundaries (Fig 4d): (H, W, 3) uint8."""
+    colors = np.random.default_rng(seed).random((int(regions.max()) + 1, 3))
+    out = 0.5 * colors[regions] + 0.5 * image
     out[find_boundaries(regions, mode="inner")] = (1.0, 1.0, 0.0)
     return (np.clip(out, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Input / output
-# ----------------------------------------------------------------------------------------------------------
+# ===== input / output =====
+def atomic_write(path, write):
+    """Write `path` through write(file) into a temporary file beside it, then rename: never a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def load_image(path, size):
     """RGB image resized (antialiased bilinear) to size (H, W): float32 (H, W, 3) in [0, 1], native (H0, W0)."""
     with Image.open(path) as im:
@@ -423,80 +339,58 @@ def resize_float(array, size):
 
 
 def resize_nearest(array, size):
-    """Nearest-neighbour resize of an integer (h, w) map to size (H, W)."""
+    """Nearest-neighbor resize of an integer (h, w) map to size (H, W)."""
     array = np.asarray(array)
     if array.shape == tuple(size):
         return array
-    rows = ((np.arange(size[0]) + 0.5) * array.shape[0] / size[0]).astype(np.int64)   # pixel centres
+    rows = ((np.arange(size[0]) + 0.5) * array.shape[0] / size[0]).astype(np.int64)   # pixel centers
     cols = ((np.arange(size[1]) + 0.5) * array.shape[1] / size[1]).astype(np.int64)
     return array[rows[:, None], cols[None, :]]
 
 
 def check_aspect(image_size, other_size, what, path, tolerance=0.02):
     """Raise a clear error when two maps of one frame have different aspect ratios."""
-    a = image_size[1] / image_size[0]
-    b = other_size[1] / other_size[0]
+    a, b = image_size[1] / image_size[0], other_size[1] / other_size[0]
     if abs(a / b - 1.0) > tolerance:
         raise ValueError(f"{path}: {what} is {other_size[0]} x {other_size[1]} (aspect {b:.3f}) but the image is "
                          f"{image_size[0]} x {image_size[1]} (aspect {a:.3f}); they must show the same field of "
                          "view (was the disparity predicted on a cropped image?)")
 
 
-def read_label_png(path):
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im).astype(np.int64)
-    except OSError as e:
-        raise FileNotFoundError(f"{path}: cannot read the ground truth ({e}); --method gt and --eval need gtFine "
-                                "labelIds / instanceIds (the toy city writes them)")
-
-
 def read_gt_segments(data, split, stem):
     """Ground-truth ids at their native resolution, int64 (H0, W0): instanceIds (labelIds where absent; the
     callers split them into connected regions), and the valid mask (labelIds not in EVAL_IGNORE_LABEL_IDS)."""
-    label_path = split_file(data, "gtFine", split, stem, "gtFine_labelIds.png")
-    instance_path = split_file(data, "gtFine", split, stem, "gtFine_instanceIds.png")
-    label_ids = read_label_png(label_path)
-    ids = read_label_png(instance_path) if os.path.exists(instance_path) else label_ids
+    label_path, instance_path = (split_file(data, "gtFine", split, stem, f"gtFine_{kind}Ids.png")
+                                 for kind in ("label", "instance"))
+    try:
+        label_ids = np.asarray(Image.open(label_path)).astype(np.int64)
+        ids = np.asarray(Image.open(instance_path)).astype(np.int64) if os.path.exists(instance_path) else label_ids
+    except OSError as e:
+        raise FileNotFoundError(f"{label_path}: cannot read the ground truth ({e}); --method gt and --eval need "
+                                "gtFine labelIds / instanceIds (the toy city writes them)")
     return ids, ~np.isin(label_ids, EVAL_IGNORE_LABEL_IDS)
-
-
-def save_npy_atomic(path, array):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
-
-
-def save_png_atomic(path, array):
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    Image.fromarray(array).save(tmp)
-    os.replace(tmp, path)
 
 
 def list_items(args):
     """[(stem, image path)] of the run, sorted, this shard's share."""
-    if args.images:
-        paths = sorted(glob.glob(args.images))
-        if not paths:
-            raise FileNotFoundError(f"--images {args.images}: no file matches")
-    else:
-        paths = list_split_images(args.data, args.split)
-    items = [(image_stem(p), p) for p in paths]
+    paths = sorted(glob.glob(args.images)) if args.images else list_split_images(args.data, args.split)
+    if not paths:   # (list_split_images raises its own error)
+        raise FileNotFoundError(f"--images {args.images}: no file matches")
     shard, shards = args.shard
-    return items[shard::shards]
+    return [(image_stem(p), p) for p in paths][shard::shards]
 
 
 def intrinsics_of(args, stem, native):
-    """Normalised (fx, fy, cx, cy): --intrinsics, else the frame's camera JSON, else the KITTI K."""
+    """Normalized (fx, fy, cx, cy) and where they come from: --intrinsics, the frame's camera JSON, the KITTI K."""
     if args.intrinsics:
-        return np.array(args.intrinsics, dtype=np.float64)
+        return np.array(args.intrinsics, dtype=np.float64), "--intrinsics"
     if args.data and not args.images:
         try:
-            return read_camera_json(find_camera_json(args.data, args.split, stem), image_size=native)
+            path = find_camera_json(args.data, args.split, stem)
+            return read_camera_json(path, image_size=native), path
         except FileNotFoundError:
             pass
-    return np.array(KITTI_INTRINSICS, dtype=np.float64)
+    return np.array(KITTI_INTRINSICS, dtype=np.float64), f"no camera JSON: the KITTI K {KITTI_INTRINSICS}"
 
 
 def load_disparity(args, stem, native, size):
@@ -504,16 +398,12 @@ def load_disparity(args, stem, native, size):
     if args.stereo:
         path = split_file(args.data, "disparity", args.split, stem, "disparity.png")
         if not os.path.exists(path):
-            raise FileNotFoundError(f"{path}: no stereo disparity (--stereo reads DATA/disparity/SPLIT/CITY/"
-                                    "<stem>_disparity.png)")
+            raise FileNotFoundError(f"{path}: no stereo disparity (--stereo reads DATA/disparity)")
         disparity = read_disparity_png(path)
         check_aspect(native, disparity.shape, "the stereo disparity", path)
-        # divide by the maximum and fill invalid (0) pixels with the floor before resizing, so that
-        # bilinear resizing never blends valid disparity with the invalid 0
-        disparity = 1.0 / scale_free_depth(disparity, args.floor)
-        return resize_float(disparity, size)
-    disp_dir = args.disp_dir or os.path.join(args.work, "disp")
-    path = os.path.join(disp_dir, f"{stem}.npy")
+        # to (0, 1] and invalid (0) pixels to the floor before resizing: bilinear never blends valid with 0
+        return resize_float(1.0 / scale_free_depth(disparity), size)
+    path = os.path.join(args.disp_dir or os.path.join(args.work, "disp"), f"{stem}.npy")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no disparity for {stem}; make it with `python depth.py predict --work "
                                 "WORK ...` (or pass --disp-dir DIR, or --stereo for Cityscapes stereo disparity)")
@@ -526,73 +416,46 @@ def load_disparity(args, stem, native, size):
 
 
 def process_one(item, args):
-    """Group one image and write its regions (and preview). Returns (stem, number of regions, timings)."""
-    stem, image_path = item
-    out_path = os.path.join(args.work, "regions", f"{stem}.npy")
-    timings = {}
-    t0 = time.perf_counter()
-    size = tuple(args.size)
+    """Group one image (--method) and write its regions (and preview). Returns (stem, number of regions)."""
+    (stem, image_path), size = item, tuple(args.size)
     image, native = load_image(image_path, size)
     if args.method == "depth":
         disparity = load_disparity(args, stem, native, size)
-        intrinsics = intrinsics_of(args, stem, native)
-        timings["io"] = time.perf_counter() - t0
-        regions = group_depth(image, disparity, intrinsics, args.segments, args.compactness, args.sigma,
-                              args.slic_iterations, not args.no_axis_norm, args.w_ocln, args.w_sup, args.bias,
-                              args.support_height, args.tau, args.preferred_modules, args.max_levels, args.seed,
-                              args.floor, timings)
+        intrinsics = intrinsics_of(args, stem, native)[0]
+        regions = group_depth(image, disparity, intrinsics, segments=args.segments, w_ocln=args.w_ocln,
+                              w_sup=args.w_sup, bias=args.bias, tau=args.tau,
+                              preferred_modules=args.preferred_modules, seed=args.seed)
     elif args.method == "felzenszwalb":
-        timings["io"] = time.perf_counter() - t0
-        t = time.perf_counter()
-        regions = group_felzenszwalb(image, args.fz_scale, args.fz_sigma, args.fz_min_size)
-        timings["segment"] = time.perf_counter() - t
+        regions = group_felzenszwalb(image)
     else:  # gt
-        ids, _ = read_gt_segments(args.data, args.split, stem)
+        ids = read_gt_segments(args.data, args.split, stem)[0]
         check_aspect(native, ids.shape, "the ground truth", image_path)
-        timings["io"] = time.perf_counter() - t0
-        t = time.perf_counter()
         regions = connected_regions(resize_nearest(ids, size))
-        timings["segment"] = time.perf_counter() - t
-    t = time.perf_counter()
-    save_npy_atomic(out_path, regions.astype(np.int32))
+    atomic_write(os.path.join(args.work, "regions", f"{stem}.npy"), lambda f: np.save(f, regions.astype(np.int32)))
     if args.preview:
-        save_png_atomic(os.path.join(args.work, "regions", "preview", f"{stem}.png"),
-                        preview_image(image, regions, args.seed))
-    timings["io"] += time.perf_counter() - t
-    timings["total"] = time.perf_counter() - t0
-    return stem, int(regions.max()) + 1, timings
-
-
-def _worker(job):
-    item, args = job
-    return process_one(item, args)
+        atomic_write(os.path.join(args.work, "regions", "preview", f"{stem}.png"),
+                     lambda f: Image.fromarray(preview_image(image, regions, args.seed)).save(f, format="PNG"))
+    return stem, int(regions.max()) + 1
 
 
 def evaluate_regions(args):
     """Covering, purity and regions per image of WORK/regions against the split's gtFine segments."""
-    paths = list_split_images(args.data, args.split)
     per_image = []
-    for path in paths:
+    for path in list_split_images(args.data, args.split):
         stem = image_stem(path)
         region_path = os.path.join(args.work, "regions", f"{stem}.npy")
         if not os.path.exists(region_path):
             raise FileNotFoundError(f"{region_path}: no regions; run `python group.py --work {args.work} --data "
                                     f"{args.data} --split {args.split}` first")
-        regions = np.load(region_path)
-        ids, valid = read_gt_segments(args.data, args.split, stem)
+        regions, (ids, valid) = np.load(region_path), read_gt_segments(args.data, args.split, stem)
         check_aspect(ids.shape, regions.shape, "the regions", region_path)
-        scores = segment_scores(resize_nearest(regions, ids.shape), connected_regions(ids), valid)
-        per_image.append({"stem": stem, **scores})
+        per_image.append({"stem": stem, **segment_scores(resize_nearest(regions, ids.shape), connected_regions(ids),
+                                                         valid)})
     summary = {"split": args.split, "images": len(per_image),
-               "covering": float(np.mean([p["covering"] for p in per_image])),
-               "purity": float(np.mean([p["purity"] for p in per_image])),
-               "regions_per_image": float(np.mean([p["regions"] for p in per_image])),
-               "per_image": per_image}
+               **{k: float(np.mean([p[k] for p in per_image])) for k in ("covering", "purity")},
+               "regions_per_image": float(np.mean([p["regions"] for p in per_image])), "per_image": per_image}
     out = os.path.join(args.work, "regions", "eval.json")
-    tmp = f"{out}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(summary, f, indent=1)
-    os.replace(tmp, out)
+    atomic_write(out, lambda f: f.write(json.dumps(summary, indent=2).encode()))
     print(f"[group eval] {args.split}: {len(per_image)} images, covering {summary['covering']:.4f}, "
           f"purity {summary['purity']:.4f}, regions/image {summary['regions_per_image']:.1f} -> {out}")
     return summary
@@ -600,59 +463,41 @@ def evaluate_regions(args):
 
 def run(args):
     print("[group] " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())), flush=True)
+    # ===== evaluation (--eval) =====
     if args.eval:
         if not args.data:
             raise SystemExit("group.py --eval needs --data DATA --split S (Cityscapes-style gtFine)")
         return evaluate_regions(args)
+    # ===== inputs =====
     if not args.data and not args.images:
         raise SystemExit("group.py: give --data DATA --split S or --images GLOB")
     if (args.stereo or args.method == "gt") and not args.data:
         raise SystemExit("group.py: --stereo and --method gt read DATA (give --data DATA --split S)")
-    os.makedirs(os.path.join(args.work, "regions"), exist_ok=True)
-    if args.preview:
-        os.makedirs(os.path.join(args.work, "regions", "preview"), exist_ok=True)
+    os.makedirs(os.path.join(args.work, "regions", "preview" if args.preview else ""), exist_ok=True)
     items = list_items(args)
-    if items and args.method == "depth" and not args.intrinsics:
-        stem, path = items[0]
-        try:
-            source = find_camera_json(args.data, args.split, stem) if args.data and not args.images else None
-        except FileNotFoundError:
-            source = None
-        print(f"[group] intrinsics: {source or f'no camera JSON, the KITTI K {KITTI_INTRINSICS}'}", flush=True)
-    todo = [it for it in items
-            if args.overwrite or not os.path.exists(os.path.join(args.work, "regions", f"{it[0]}.npy"))]
+    todo = [(stem, path) for stem, path in items
+            if args.overwrite or not os.path.exists(os.path.join(args.work, "regions", f"{stem}.npy"))]
     print(f"[group] {len(items)} images in this shard, {len(items) - len(todo)} done, {len(todo)} to do "
           f"(method {args.method}, size {args.size[0]} x {args.size[1]})", flush=True)
-    from tqdm import tqdm
-    if args.workers > 1 and len(todo) > 1:
-        pool = multiprocessing.get_context("fork").Pool(args.workers)
-        results = pool.imap_unordered(_worker, [(it, args) for it in todo])
-    else:
-        pool, results = None, (process_one(it, args) for it in todo)
-    totals, counts = {}, []
-    try:
-        for stem, count, timings in tqdm(results, total=len(todo), disable=not todo, file=sys.stdout):
-            counts.append(count)
-            for k, v in timings.items():
-                totals[k] = totals.get(k, 0.0) + v
-            if args.profile:
-                print(f"[group profile] {stem}: {count} regions, "
-                      + ", ".join(f"{k} {v:.3f}s" for k, v in timings.items()), flush=True)
-    finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
+    if todo and args.method == "depth":
+        with Image.open(todo[0][1]) as im:
+            intrinsics, source = intrinsics_of(args, todo[0][0], (im.height, im.width))
+        print(f"[group] intrinsics of {todo[0][0]}: {np.round(intrinsics, 4).tolist()} ({source})", flush=True)
+    # ===== group every image: a pool of --workers processes, or the main process =====
+    start = time.perf_counter()
+    one = functools.partial(process_one, args=args)
+    use_pool = args.workers > 0 and len(todo) > 1
+    with multiprocessing.get_context("fork").Pool(args.workers) if use_pool else contextlib.nullcontext() as pool:
+        results = pool.imap_unordered(one, todo) if use_pool else map(one, todo)
+        counts = [count for _, count in tqdm(results, total=len(todo), disable=args.no_progress or not todo)]
     if counts:
         print(f"[group] wrote {len(counts)} region maps to {os.path.join(args.work, 'regions')}, "
-              f"{np.mean(counts):.1f} regions per image; mean seconds per image: "
-              + ", ".join(f"{k} {v / len(counts):.3f}" for k, v in totals.items()), flush=True)
+              f"{np.mean(counts):.1f} regions per image, {(time.perf_counter() - start) / len(counts):.3f} s per "
+              "image", flush=True)
 
 
 def parse_shard(text):
-    try:
-        i, n = (int(v) for v in text.split("/"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--shard {text}: expected i/n, e.g. 0/4")
+    i, n = (int(v) for v in text.split("/"))          # argparse reports a ValueError as an invalid value
     if not 0 <= i < n:
         raise argparse.ArgumentTypeError(f"--shard {text}: need 0 <= i < n")
     return i, n
@@ -660,59 +505,40 @@ def parse_shard(text):
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--work", required=True, help="work folder: reads WORK/disp, writes WORK/regions")
-    p.add_argument("--data", help="Cityscapes-layout root (images, camera JSON, stereo disparity, gtFine)")
-    p.add_argument("--split", default="train", help="split of --data (train, val, ...)")
-    p.add_argument("--images", help="glob of images instead of --data/--split (stem = file name)")
-    p.add_argument("--disp-dir", help="folder of <stem>.npy disparity (default WORK/disp, from depth.py predict)")
-    p.add_argument("--stereo", action="store_true",
-                   help="use DATA/disparity/*.png stereo disparity (Cityscapes encoding, 0 invalid) instead")
-    p.add_argument("--intrinsics", nargs=4, type=float, metavar=("FX", "FY", "CX", "CY"),
-                   help="normalised intrinsics (fx/W, fy/H, cx/W, cy/H); default: the camera JSON of --data, "
-                        f"else the KITTI K {KITTI_INTRINSICS} (the released code's K for every dataset)")
-    p.add_argument("--size", nargs=2, type=int, default=[384, 768], metavar=("H", "W"),
-                   help="working and output size (paper: 384 x 768 Cityscapes, 384 x 1280 KITTI)")
-    p.add_argument("--method", default="depth", choices=["depth", "felzenszwalb", "gt"],
-                   help="proposals (Table 3): depth = ours; felzenszwalb = colour only (stand-in for owt-ucm); "
-                        "gt = gtFine instances and classes split into connected regions")
-    p.add_argument("--segments", type=int, default=SLIC_SEGMENTS,
-                   help="SLIC n_segments (paper 10000 at 384 x 768, about 30 pixels each; scale it with the "
-                        "pixel count, e.g. 2500 at 192 x 384)")
-    p.add_argument("--compactness", type=float, default=SLIC_COMPACTNESS, help="SLIC compactness (released 10)")
-    p.add_argument("--sigma", type=float, default=SLIC_SIGMA, help="SLIC Gaussian pre-smoothing (released 1)")
-    p.add_argument("--slic-iterations", type=int, default=SLIC_ITERATIONS,
-                   help="SLIC k-means iterations (skimage default 10; fewer is a speed ablation)")
-    p.add_argument("--no-axis-norm", action="store_true",
-                   help="ablation: do not divide each 3-D axis by its standard deviation (released code does)")
-    p.add_argument("--w-ocln", type=float, default=W_OCLN, help="Eqn 3 weight of D_ocln (released 48)")
-    p.add_argument("--w-sup", type=float, default=W_SUP,
-                   help="Eqn 3 weight of D_sup (released 0: support term off; its alternative was 2.5 with "
-                        "w_ocln 36)")
-    p.add_argument("--bias", type=float, default=BIAS, help="Eqn 3 bias b (released -4)")
-    p.add_argument("--support-height", default="lower", choices=["lower", "mean"],
-                   help="height y in Eqn 2: the lower superpixel's (paper) or the pair's mean (released code)")
-    p.add_argument("--tau", type=float, default=MERGE_TAU, help="merging threshold on W (released 0.2)")
-    p.add_argument("--preferred-modules", type=int, default=PREFERRED_MODULES,
-                   help="InfoMap --preferred-number-of-modules, 0 = off (default; released code: 10, which caps "
-                        "the result at about 10 regions per image with infomap 2.x: see the docstring)")
-    p.add_argument("--max-levels", type=int, default=MAX_LEVELS, help="depth guard of the iterative merging")
-    p.add_argument("--floor", type=float, default=DISPARITY_FLOOR,
-                   help="disparity floor after normalising to (0, 1] (released 0.005); invalid stereo pixels "
-                        "get it too")
-    p.add_argument("--fz-scale", type=float, default=FZ_SCALE, help="felzenszwalb scale (higher: fewer regions)")
-    p.add_argument("--fz-sigma", type=float, default=FZ_SIGMA, help="felzenszwalb Gaussian pre-smoothing")
-    p.add_argument("--fz-min-size", type=int, default=FZ_MIN_SIZE, help="felzenszwalb minimum region size (px)")
-    p.add_argument("--seed", type=int, default=INFOMAP_SEED, help="InfoMap seed, >= 1 (and preview colours)")
-    p.add_argument("--workers", type=int, default=1, help="processes (each single-threaded)")
-    p.add_argument("--shard", type=parse_shard, default=(0, 1), metavar="i/n",
-                   help="process every n-th image starting at i (split the work across machines)")
-    p.add_argument("--overwrite", action="store_true", help="redo images whose regions exist")
-    p.add_argument("--preview", action="store_true", help="also write WORK/regions/preview/<stem>.png (Fig 4d)")
-    p.add_argument("--profile", action="store_true", help="print seconds per phase (io, slic, graph, infomap, "
-                                                          "merging) for every image")
-    p.add_argument("--eval", action="store_true",
-                   help="evaluate WORK/regions against DATA's gtFine of --split (covering, purity, regions per "
-                        "image) -> WORK/regions/eval.json")
+    add = p.add_argument
+    add("--work", required=True, help="work folder shared by all stages: reads WORK/disp, writes WORK/regions")
+    add("--data", help="Cityscapes-layout root (images, camera JSON, stereo disparity, gtFine)")
+    add("--split", default="train", help="split of --data (train, val, ...)")
+    add("--images", help="glob of images instead of --data/--split (stem = file name)")
+    add("--disp-dir", help="folder of <stem>.npy disparity (default WORK/disp, from depth.py predict)")
+    add("--stereo", action="store_true", help="read DATA/disparity/*.png stereo disparity (Cityscapes, 0 invalid)")
+    add("--intrinsics", nargs=4, type=float, metavar=("FX", "FY", "CX", "CY"),
+        help="normalized intrinsics (fx/W, fy/H, cx/W, cy/H); default: the camera JSON of --data, else the KITTI "
+             f"K {KITTI_INTRINSICS} (the released code's K for every dataset)")
+    add("--size", nargs=2, type=int, default=[384, 768], metavar=("H", "W"),
+        help="working and output size (paper: 384 x 768 Cityscapes, 384 x 1280 KITTI)")
+    add("--method", default="depth", choices=["depth", "felzenszwalb", "gt"],
+        help="proposals (Table 3): depth = ours; felzenszwalb = color only (stand-in for owt-ucm); gt = gtFine "
+             "instances and classes split into connected regions")
+    add("--segments", type=int, default=SLIC_SEGMENTS, help="SLIC n_segments (paper and released: 10000 at 384 x "
+        "768, about 30 pixels each; scale it with the pixel count, e.g. 2500 at 192 x 384)")
+    add("--w-ocln", type=float, default=W_OCLN, help="Eqn 3 weight of D_ocln (released 48)")
+    add("--w-sup", type=float, default=W_SUP, help="Eqn 3 weight of D_sup (released 0: the support term is off; "
+        "the released alternative was 2.5 with --w-ocln 36)")
+    add("--bias", type=float, default=BIAS, help="Eqn 3 bias b (released -4)")
+    add("--tau", type=float, default=MERGE_TAU, help="merging threshold on W (released 0.2): a module with an edge "
+        "W < tau to another stays open and is merged further")
+    add("--preferred-modules", type=int, default=PREFERRED_MODULES, help="InfoMap --preferred-number-of-modules, "
+        "0 = off (default; released: 10, which caps the result at about 10 regions per image: see the docstring)")
+    add("--seed", type=int, default=INFOMAP_SEED, help="seed of every random draw of the run: InfoMap's search and "
+        "the preview colors (default 123: infomap's own default, which the released code kept)")
+    add("--workers", type=int, default=0, help="worker processes (one image each); 0 = in the main process")
+    add("--shard", type=parse_shard, default=(0, 1), metavar="i/n", help="every n-th image from the i-th (0-based)")
+    add("--overwrite", action="store_true", help="redo images whose regions exist")
+    add("--no-progress", action="store_true", help="no tqdm bar (the log lines stay)")
+    add("--preview", action="store_true", help="also write WORK/regions/preview/<stem>.png (Fig 4d)")
+    add("--eval", action="store_true", help="evaluate WORK/regions against DATA's gtFine of --split (covering, "
+        "purity, regions per image) -> WORK/regions/eval.json")
     return p
 
 

@@ -455,8 +455,9 @@ def _group_box_on_plane(H=128, W=256, cam_height=1.5, box=(-0.3, 0.3, 1.2, 1.6, 
     return image, (1.0 / t).astype(np.float32), (fx, fy, cx, cy), ground, box_mask
 
 
-def test_group_adjacency_equals_brute_force():
+def test_group_adjacency_equals_brute_force_and_skimage_rag():
     import group
+    from skimage.graph import RAG
     rng = np.random.default_rng(0)
     for trial in range(5):
         labels = rng.integers(0, 6, size=(4, 5)).repeat(3, 0).repeat(2, 1)[:11, :9]
@@ -472,19 +473,23 @@ def test_group_adjacency_equals_brute_force():
         edges = group.region_adjacency(labels)
         assert edges.dtype == np.int64 and edges.shape[1] == 2
         assert [tuple(e) for e in edges.tolist()] == sorted(expected)
+        # the released code's graph: skimage's RAG, default connectivity 1 (4-connected): the same edges
+        assert sorted(tuple(sorted(e)) for e in RAG(labels).edges) == sorted(expected)
 
 
 def test_group_occlusion_distance_is_scale_invariant():
     import group
     image, disparity, intrinsics, _, _ = _group_box_on_plane(64, 128)
     labels = group.slic_superpixels(image, 200)
+    assert labels.min() == 0 and labels.dtype == np.int32                 # start_label=0, contiguous
     edges = group.region_adjacency(labels)
     depth = 1.0 / disparity
-    for normalise in (True, False):
+    for normalize in (True, False):
         out = []
         for scale in (1.0, 7.3):
-            centres = group.superpixel_means(labels, group.back_project(depth * scale, intrinsics, normalise))
-            out.append(group.occlusion_distance(centres[edges[:, 0]], centres[edges[:, 1]]))
+            points = group.back_project(depth * scale, intrinsics, normalize)
+            centers = group.superpixel_means(labels, points, int(labels.max()) + 1)
+            out.append(group.occlusion_distance(centers[edges[:, 0]], centers[edges[:, 1]]))
         np.testing.assert_allclose(out[0], out[1], rtol=1e-4)
     # disparity of any scale gives the same depth map up to scale (divided by its maximum)
     np.testing.assert_allclose(group.scale_free_depth(disparity), group.scale_free_depth(disparity * 40), rtol=1e-6)
@@ -501,16 +506,30 @@ def test_group_normals_of_level_plane_and_walls():
     near_box = binary_dilation(box, iterations=3)
     front = box & (np.abs(depth - 1.2) < 1e-6)
     front_inner = front & ~binary_dilation(~front, iterations=3)
-    for normalise in (True, False):   # per-axis scaling keeps level planes level and walls vertical
-        grads = group.point_gradients(group.back_project(depth, intrinsics, normalise))
+    for normalize in (True, False):   # per-axis scaling keeps level planes level and walls vertical
+        grads = group.point_gradients(group.back_project(depth, intrinsics, normalize))
         n = group.normals_from_gradients(np.moveaxis(grads[0], 0, -1), np.moveaxis(grads[1], 0, -1))
         assert np.all(n[ground & ~near_box][:, 1] > 0.999)           # level ground: up
         assert np.all(np.abs(n[front_inner][:, 1]) < 1e-3)           # the box's front face: horizontal
         assert np.all(n[front_inner][:, 2] < -0.999)                 # ... facing the camera
-        grads = group.point_gradients(group.back_project(side, intrinsics, normalise))
+        grads = group.point_gradients(group.back_project(side, intrinsics, normalize))
         n = group.normals_from_gradients(np.moveaxis(grads[0], 0, -1), np.moveaxis(grads[1], 0, -1))
         inner = n[2:-2, 2:int(0.5 * W - 0.05 * 0.55 * W) - 2]
         assert np.all(np.abs(inner[..., 1]) < 1e-3) and np.all(np.abs(inner[..., 0]) > 0.999)   # side wall
+
+
+def test_group_eqn_1_to_3_hand_worked():
+    import group
+    # Eqn 1: centers (0, 0, 1) and (2, 2, 2), ||(2, 2, 1)|| = 3 apart, z1 + z2 = 3: D_ocln = 1
+    assert group.occlusion_distance(np.array([0.0, 0.0, 1.0]), np.array([2.0, 2.0, 2.0])) == 1.0
+    # Eqn 3 with the released weights: W = sigmoid(48 * 0.1 - 4) = sigmoid(0.8)
+    assert abs(group.boundary_probability(0.1, 0.0) - 1 / (1 + np.exp(-0.8))) < 1e-12
+    assert abs(group.boundary_probability(0.1, 0.5, w_ocln=36.0, w_sup=2.5) - 1 / (1 + np.exp(-0.85))) < 1e-12
+    # the edge is oriented so that S1 is the lower superpixel: node 1 (y = -2, level, n_y = 1) below node 0
+    # (y = 1, a wall, n_y = 0): D_sup = 1 * 1 * (-2)^2 = 4, D_ocln = ||(0, 3, 0)|| / 4 = 0.75
+    centers, normals = np.array([[0.0, 1.0, 2.0], [0.0, -2.0, 2.0]]), np.array([[0.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
+    w = group.edge_weights(np.array([[0, 1]]), centers, normals, w_ocln=36.0, w_sup=2.5)
+    assert abs(w[0] - 1 / (1 + np.exp(-(36 * 0.75 + 2.5 * 4 - 4)))) < 1e-12
 
 
 def test_group_boundary_probability_grows_with_occlusion_distance():
@@ -530,12 +549,12 @@ def test_group_box_on_plane_gives_box_and_ground_regions():
     import group
     image, disparity, intrinsics, ground, box = _group_box_on_plane()
     # Eqn 2 switched on (the released alternative weights): the support boundary separates the box
-    regions = group.group_depth(image, disparity, intrinsics, n_segments=1200, w_ocln=36.0, w_sup=2.5)
+    regions = group.group_depth(image, disparity, intrinsics, segments=1200, w_ocln=36.0, w_sup=2.5)
     main = np.bincount(regions[ground]).argmax()
     assert (regions[ground] == main).mean() > 0.97            # the ground is one region
     assert (regions[box] == main).mean() < 0.05               # the box is not part of it
     # the released default (occlusion term only) keeps the ground as one region too
-    regions = group.group_depth(image, disparity, intrinsics, n_segments=1200)
+    regions = group.group_depth(image, disparity, intrinsics, segments=1200)
     assert (regions[ground] == np.bincount(regions[ground]).argmax()).mean() > 0.97
 
 
@@ -544,8 +563,8 @@ def test_group_ids_contiguous_and_deterministic():
     image, disparity, intrinsics, _, _ = _group_box_on_plane(64, 128)
     rng = np.random.default_rng(0)
     image = np.clip(image + 0.05 * rng.standard_normal(image.shape), 0, 1).astype(np.float32)
-    a = group.group_depth(image, disparity, intrinsics, n_segments=300, seed=5)
-    b = group.group_depth(image, disparity, intrinsics, n_segments=300, seed=5)
+    a = group.group_depth(image, disparity, intrinsics, segments=300, seed=5)
+    b = group.group_depth(image, disparity, intrinsics, segments=300, seed=5)
     assert a.dtype == np.int32 and a.shape == (64, 128)
     assert np.array_equal(a, b)
     assert np.array_equal(np.unique(a), np.arange(a.max() + 1))
@@ -557,6 +576,20 @@ def test_group_ids_contiguous_and_deterministic():
     assert sorted(set(regions.tolist())) == [0, 1]
     modules = group.infomap_modules(6, edges, 1.0 / weights)    # nodes 4, 5 have no links: a module each
     assert modules[4] != modules[5] and modules[4] not in modules[:4] and modules.max() == len(set(modules)) - 1
+
+
+def test_group_merge_modules_hand_worked():
+    import group
+    modules = np.array([0, 0, 1, 1, 2])
+    edges = np.array([[0, 2], [1, 3], [2, 3], [3, 4]])     # two edges between modules 0 and 1, one inside 1
+    weights = np.array([0.1, 0.3, 0.9, 0.05])
+    is_open, next_node, next_edges, next_w = group.merge_modules(edges, weights, modules, tau=0.2)
+    assert is_open.tolist() == [True, True, True] and next_node.tolist() == [0, 1, 2]
+    assert next_edges.tolist() == [[0, 1], [1, 2]]
+    np.testing.assert_allclose(next_w, [0.2, 0.05])          # W between modules: the mean of their W's
+    is_open, next_node, next_edges, next_w = group.merge_modules(edges, weights, modules, tau=0.08)
+    assert is_open.tolist() == [False, True, True] and next_node.tolist() == [-1, 0, 1]   # module 0 is final
+    assert next_edges.tolist() == [[0, 1]] and next_w.tolist() == [0.05]
 
 
 def test_group_segment_scores_hand_worked():
@@ -594,7 +627,7 @@ def test_group_cli_end_to_end(tiny_city, tmp_path, capsys):
     work = tmp_path / "work"
     common = ["--data", tiny_city, "--size", *TINY["size"]]
     run_cli("group.py", "--work", work, "--split", "train", "--stereo", "--segments", "300", "--preview",
-            "--workers", "2", "--profile", *common)
+            "--workers", "2", *common)
     stems = [depth.image_stem(p) for p in depth.list_split_images(tiny_city, "train")]
     for stem in stems:
         regions = np.load(work / "regions" / f"{stem}.npy")
