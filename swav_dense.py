@@ -54,12 +54,11 @@ import torch.nn.functional as F
 import torchvision
 import torchvision.transforms.v2.functional as TF
 from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.data import DataLoader, Dataset
 from torchvision.ops import FeaturePyramidNetwork
 from tqdm import tqdm
 
-# ----------------------------------------------------------------------------------------------------------
-# Paper constants (Sec 3.4 and Sec 4; SwAV for the Sinkhorn settings)
-# ----------------------------------------------------------------------------------------------------------
+# ===== Paper constants (Sec 3.4 and Sec 4; SwAV for the Sinkhorn settings) =====
 NUM_PROTOTYPES = 1000  # K, Sec 3.4
 PROJ_DIM = 128  # projector output dimension (released code)
 HEAD_DIM = 128  # semantic-FPN head channels (detectron2 SEM_SEG_HEAD.CONVS_DIM)
@@ -77,9 +76,7 @@ RESNET_CHANNELS = {"resnet18": [64, 128, 256, 512], "resnet34": [64, 128, 256, 5
                    "resnet50": [256, 512, 1024, 2048], "resnet101": [256, 512, 1024, 2048]}
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Geometry: normalized coordinates (grid_sample, align_corners=False), homogeneous 3x3 matrices
-# ----------------------------------------------------------------------------------------------------------
+# ===== Geometry: normalized coordinates (grid_sample, align_corners=False), homogeneous 3x3 matrices =====
 def apply_homography(matrix, points):
     """Map points (..., 2) by 3x3 matrices (..., 3, 3) acting on column vectors [x, y, 1]; fp32 or fp64."""
     x, y = points[..., 0], points[..., 1]
@@ -114,9 +111,7 @@ def uniform_points(num_canvases, num_points, generator=None):
     return torch.rand(num_canvases, num_points, 2, generator=generator) * 2 - 1
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Positives (Sec 3.4): pixel level (traced through the recorded matrices) and region level
-# ----------------------------------------------------------------------------------------------------------
+# ===== Positives (Sec 3.4): pixel level (traced through the recorded matrices) and region level =====
 def pixel_positives(labels, transforms, canvas_of, augment, num_points, generator=None):
     """Pixel-level positive groups of one sample (Sec 3.4), in fp32.
 
@@ -196,9 +191,7 @@ def batch_positives(samples, pixel_samples, region_samples, generator=None, pixe
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Loss (Eqn 4-7)
-# ----------------------------------------------------------------------------------------------------------
+# ===== Loss (Eqn 4-7) =====
 def sample_features(features, canvas, points):
     """Bilinearly sample features (B, D, h, w) at normalized points (N, 2) of canvases (N,) -> (N, D).
 
@@ -275,9 +268,7 @@ def learning_rate(step, total_steps, warmup_steps, base_lr, min_lr):
     return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Network: ResNet + FPN + semantic-FPN head + projector + prototypes
-# ----------------------------------------------------------------------------------------------------------
+# ===== Network: ResNet + FPN + semantic-FPN head + projector + prototypes =====
 class ResNetBackbone(nn.Module):
     """A torchvision ResNet without avgpool/fc, returning C2..C5 (strides 4, 8, 16, 32); keys as torchvision's."""
 
@@ -399,9 +390,7 @@ def load_model(path, map_location="cpu"):
 
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Data: samples (saved by copypaste.py or built on the fly), per-canvas augmentation
-# ----------------------------------------------------------------------------------------------------------
+# ===== Data: samples (saved by copypaste.py or built on the fly), per-canvas augmentation =====
 SAMPLE_KEYS = {"images": torch.uint8, "labels": torch.int32, "transforms": torch.float32, "canvas_of": torch.int64}
 
 
@@ -445,7 +434,7 @@ def augment_sample(sample, generator, augment=True, photometric=True, input_size
     return {**out, "images": torch.stack(images), "augment": torch.stack(matrices)}
 
 
-class TrainingSamples(torch.utils.data.Dataset):
+class TrainingSamples(Dataset):
     """Item i of epoch e: a copy-paste sample, read from copypaste.py's WORK/samples/epoch_{e mod E}/ or built on
     the fly by `on_the_fly` (a copypaste.CopyPasteDataset), checked, then augmented per canvas with a generator
     seeded by (seed, e, i)."""
@@ -478,9 +467,7 @@ class TrainingSamples(torch.utils.data.Dataset):
         return augment_sample(sample, generator, self.augment, self.photometric, self.input_size)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------------------------
+# ===== Training =====
 def seed_everything(seed):
     """Seed Python's, numpy's and torch's global generators (all devices)."""
     random.seed(seed)
@@ -588,10 +575,11 @@ def run(args):
     stop_at = min(total, args.stop_after or total)
     # ===== model =====
     seed_everything(args.seed)
-    model = build_model(args.arch, args.num_prototypes, args.proj_dim, args.head_dim,
+    model = build_model(args.arch, args.num_prototypes, PROJ_DIM, HEAD_DIM,
                         args.backbone_weights if args.init == "imagenet" else None)
     model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
-    info = dict(arch=args.arch, num_prototypes=args.num_prototypes, proj_dim=args.proj_dim, head_dim=args.head_dim)
+    info = dict(arch=args.arch, num_prototypes=args.num_prototypes, proj_dim=PROJ_DIM, head_dim=HEAD_DIM,
+                args=vars(args))  # what a consumer needs to rebuild the network
     # ===== optimizer: SGD, per-step linear warm-up then cosine, GradScaler for fp16 =====
     optimizer = torch.optim.SGD(parameter_groups(model), args.lr, args.momentum, weight_decay=args.weight_decay)
     warmup = min(total, round(args.warmup_epochs * steps_per_epoch))
@@ -608,27 +596,26 @@ def run(args):
             tqdm(total=total, initial=step, desc="swav_dense", dynamic_ncols=True, disable=args.no_progress) as bar:
         while step < stop_at:
             dataset.set_epoch(epoch := step // steps_per_epoch)
-            batches = epoch_batches(len(dataset), args.batch_samples, args.seed, epoch)[step % steps_per_epoch:][:stop_at - step]
-            for batch in torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=list,
-                                                     num_workers=args.workers, pin_memory=device.type == "cuda"):
+            batches = epoch_batches(len(dataset), args.batch_samples, args.seed, epoch)
+            for batch in DataLoader(dataset, batch_sampler=batches[step % steps_per_epoch:][:stop_at - step],
+                                    collate_fn=list, num_workers=args.workers, pin_memory=device.type == "cuda"):
                 loss, parts = train_step(model, batch, args, optimizer, scaler, amp_dtype, step)
+                record = {"step": step + 1, "epoch": epoch, "loss": loss, "lr": scheduler.get_last_lr()[0],
+                          **{f"loss_{k}": v for k, v in parts.items()}}
+                scheduler.step()
                 step += 1
                 bar.update(1)
-                lr = scheduler.get_last_lr()[0]
-                log.write(json.dumps({"step": step, "epoch": epoch, "loss": loss, "lr": lr,
-                                      **{f"loss_{k}": v for k, v in parts.items()}}) + "\n")
-                scheduler.step()
+                log.write(json.dumps(record) + "\n")
                 if step % args.log_every == 0 or step == stop_at:  # a loss stuck at ln K: uniform assignments
                     eta = (stop_at - step) * (time.time() - start_time) / (step - start_step) / 60
-                    bar.write(f"[swav_dense] step {step}/{total} epoch {epoch} loss {loss:.4f} " + " ".join(
-                        f"{k} {v:.4f}" for k, v in parts.items()) + f" lr {lr:.3e} eta {eta:.1f} min")
+                    bar.write(f"[swav_dense] {' '.join(f'{k} {v:.5g}' for k, v in record.items())} eta {eta:.1f} min")
                 # ===== checkpoint =====
                 if step % args.save_every == 0 or step % steps_per_epoch == 0 or step == stop_at:
                     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "args": vars(args), **info}
+                             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), **info}
                     atomic_write(ckpt_path, lambda f: torch.save(state, f))
     if step >= total:
-        atomic_write(final, lambda f: torch.save({"model": model.state_dict(), "step": step, "args": vars(args), **info}, f))
+        atomic_write(final, lambda f: torch.save({"model": model.state_dict(), "step": step, **info}, f))
     print(f"[swav_dense] {'wrote ' + final if step >= total else 'stopped (--stop-after): continue with --resume'}")
     return final if step >= total else ckpt_path
 
@@ -640,43 +627,33 @@ def get_args_parser():
     g = p.add_argument_group("network")
     g.add_argument("--arch", default="resnet50", choices=sorted(RESNET_CHANNELS), help="ResNet (paper: resnet50)")
     g.add_argument("--num-prototypes", type=int, default=NUM_PROTOTYPES, help="K prototypes (paper: 1000)")
-    g.add_argument("--proj-dim", type=int, default=PROJ_DIM, help="projection dimension (released code: 128)")
-    g.add_argument("--head-dim", type=int, default=HEAD_DIM, help="semantic head channels (detectron2: 128)")
     g.add_argument("--init", default="scratch", choices=["scratch", "imagenet"],
                    help="backbone initialization (paper Table 1: scratch, or 'IN' from --backbone-weights)")
-    g.add_argument("--backbone-weights", default=None,
-                   help="local torchvision ResNet state_dict for --init imagenet (nothing is downloaded)")
+    g.add_argument("--backbone-weights", help="local torchvision ResNet state_dict for --init imagenet (no download)")
     g = p.add_argument_group("data")
-    g.add_argument("--on-the-fly", action="store_true",
-                   help="build samples with copypaste.CopyPasteDataset instead of reading WORK/samples")
-    g.add_argument("--data", default=None, help="dataset root, with --split (only with --on-the-fly)")
-    g.add_argument("--images", default=None, help="glob of images instead of --data (only with --on-the-fly)")
+    g.add_argument("--on-the-fly", action="store_true", help="build samples with copypaste.CopyPasteDataset")
+    g.add_argument("--data", help="dataset root, with --split (only with --on-the-fly)")
+    g.add_argument("--images", help="glob of images instead of --data (only with --on-the-fly)")
     g.add_argument("--split", default="train", help="split (only with --on-the-fly)")
-    g.add_argument("--disp-dir", default=None, help="<stem>.npy disparity (--on-the-fly; default WORK/disp)")
-    g.add_argument("--regions-dir", default=None, help="<stem>.npy regions (--on-the-fly; default WORK/regions)")
+    g.add_argument("--disp-dir", help="<stem>.npy disparity (--on-the-fly; default WORK/disp)")
+    g.add_argument("--regions-dir", help="<stem>.npy regions (--on-the-fly; default WORK/regions)")
     g.add_argument("--size", type=int, nargs=2, default=[384, 768], metavar=("H", "W"),
                    help="canvas size (only with --on-the-fly; paper: 384 x 768)")
     g.add_argument("--mix", type=int, default=8, help="M source images per sample (only with --on-the-fly; paper: 8)")
     g.add_argument("--paste-times", type=int, nargs=2, default=[2, 4], metavar=("E1", "E2"),
                    help="pastes per region in rounds 1 and 2 (only with --on-the-fly; paper: 2 4)")
-    g.add_argument("--input-size", type=int, nargs=2, default=None, metavar=("H", "W"),
-                   help="resize the canvas images to H x W before the network (labels and matrices stay exact: "
-                        "coordinates are normalized); for cheap CPU runs. Default: the samples' size")
-    g.add_argument("--no-augment", action="store_true",
-                   help="no per-canvas training augmentation (G = identity): ablation and debugging")
+    g.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), help="resize the canvases to H x W for "
+                   "the network (labels and matrices stay exact); cheap CPU runs. Default: the samples' size")
+    g.add_argument("--no-augment", action="store_true", help="no per-canvas augmentation (G = identity): ablation")
     g.add_argument("--no-photometric", action="store_true", help="per-canvas augmentation without color changes")
-    g.add_argument("--batch-samples", type=int, default=1,
-                   help="samples per step (paper: 1 sample = 2M = 16 canvases)")
+    g.add_argument("--batch-samples", type=int, default=1, help="samples per step (paper: 1 sample = 2M canvases)")
     g.add_argument("--workers", type=int, default=4, help="DataLoader worker processes; 0 = in the main process")
     g = p.add_argument_group("loss (Eqn 4-7)")
-    g.add_argument("--pixel-samples", type=int, default=PIXEL_SAMPLES,
-                   help="pixel-level seed points per canvas (released code: 4000)")
-    g.add_argument("--region-samples", type=int, default=REGION_SAMPLES,
-                   help="region-level points per canvas (released code: 7200)")
+    g.add_argument("--pixel-samples", type=int, default=PIXEL_SAMPLES, help="pixel seeds per canvas (released: 4000)")
+    g.add_argument("--region-samples", type=int, default=REGION_SAMPLES, help="region points/canvas (released: 7200)")
     g.add_argument("--lam", type=float, default=LAMBDA,
                    help="Eqn 7 weight of the pixel-level loss (paper: 0.5; 1 = pixel only, 0 = region only)")
-    g.add_argument("--eps", type=float, default=SINKHORN_EPS,
-                   help="Sinkhorn epsilon (SwAV: 0.05); smaller = sharper codes")
+    g.add_argument("--eps", type=float, default=SINKHORN_EPS, help="Sinkhorn epsilon (SwAV: 0.05); smaller: sharper")
     g.add_argument("--sinkhorn-iters", type=int, default=SINKHORN_ITERS, help="Sinkhorn iterations (SwAV: 3)")
     g.add_argument("--tau", type=float, default=TAU, help="softmax temperature of Eqn 4 and 6 (paper: 0.1)")
     g = p.add_argument_group("optimizer")
@@ -684,8 +661,7 @@ def get_args_parser():
     g.add_argument("--steps", type=int, default=None, help="total steps instead of --epochs (short runs)")
     g.add_argument("--lr", type=float, default=0.1, help="SGD learning rate of each of the 4 groups (paper: 0.1)")
     g.add_argument("--min-lr", type=float, default=1e-5, help="final lr of the cosine schedule (paper: 1e-5)")
-    g.add_argument("--warmup-epochs", type=float, default=2,
-                   help="linear warm-up from 0, per iteration, over this many epochs (paper: 2)")
+    g.add_argument("--warmup-epochs", type=float, default=2, help="linear warm-up from lr 0 per step (paper: 2)")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (paper: 0.9)")
     g.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay, all parameters (paper: 1e-4)")
     g.add_argument("--no-amp", action="store_true", help="fp32 throughout (default: autocast, fp16 + GradScaler "
