@@ -17,7 +17,7 @@ target of a point is its group's mean code; Eqn 6 the cross-entropy -sum_k qbar_
 |---------------------------------------|----------------------------------------------------------------------|
 | WORK/samples/epoch_EEE/NNNNNN.pt (in) | copypaste.py: images uint8 (2M,3,H,W), labels int32 (2M,H,W) = r*T+s, |
 |                                       | transforms float32 (R,T,3,3), canvas_of int64 (R,T)                  |
-| WORK/swav/checkpoint.pt (out)         | model, optimizer, scheduler, scaler, step, torch RNG, args           |
+| WORK/swav/checkpoint.pt (out)         | model, optimizer, scheduler, scaler, step, args, arch, K, ...        |
 | WORK/swav/model.pt (out)              | {"arch", "model": state_dict, "args", "num_prototypes", "proj_dim", ...} |
 | WORK/swav/log.jsonl (out)             | one JSON line per step: step, epoch, loss, loss_pixel, loss_region, lr |
 
