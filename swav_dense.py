@@ -170,7 +170,7 @@ def batch_positives(samples, pixel_samples, region_samples, generator=None, pixe
     """Positives of a batch of samples, with canvas, seed and region ids offset per sample.
 
     samples: list of dicts with labels, transforms, canvas_of, augment (see pixel_positives). Returns
-    {"pixel": (points, canvas, group, num_groups), "region": (...)} for the levels asked for.
+    {"pixel": (points, canvas, group, num_groups), "region": (...)} for the levels asked for, sorted by canvas.
     """
     out = {}
     for level in [name for name, wanted in (("pixel", pixel), ("region", region)) if wanted]:
@@ -187,22 +187,24 @@ def batch_positives(samples, pixel_samples, region_samples, generator=None, pixe
             parts.append((points, canvas + canvas_offset, group + group_offset))
             canvas_offset += labels.shape[0]
             group_offset += num
-        out[level] = (*[torch.cat(x) for x in zip(*parts)], group_offset)
+        points, canvas, group = (torch.cat(x) for x in zip(*parts))
+        order = torch.argsort(canvas, stable=True)  # sorted by canvas, as sample_features wants them
+        out[level] = (points[order], canvas[order], group[order], group_offset)
     return out
 
 
 # ===== Loss (Eqn 4-7) =====
 def sample_features(features, canvas, points):
-    """Bilinearly sample features (B, D, h, w) at normalized points (N, 2) of canvases (N,) -> (N, D).
+    """Bilinearly sample features (B, D, h, w) at normalized points (N, 2) of canvases (N,), sorted by canvas.
 
-    F.grid_sample per canvas (align_corners=False: cell j of a map of width w is centred at x = (2j + 1)/w - 1),
-    border cells repeated outside; the points are grouped by canvas for it and put back in their order after.
+    One F.grid_sample call (align_corners=False: cell j of a map of width w is centred at x = (2j + 1)/w - 1;
+    border cells repeated outside) on the points of each canvas, padded to the longest. Returns (N, D).
     """
-    order = torch.argsort(canvas, stable=True)
     counts = torch.bincount(canvas, minlength=features.shape[0]).tolist()
-    sampled = [F.grid_sample(f[None], p[None, None], mode="bilinear", padding_mode="border", align_corners=False)
-               for f, p in zip(features, points[order].split(counts))]  # each (1, D, 1, n)
-    return torch.cat([s[0, :, 0].t() for s in sampled])[torch.argsort(order)]
+    points = torch.nn.utils.rnn.pad_sequence(points.split(counts), batch_first=True)  # (B, P, 2)
+    points = points[:, None]  # (B, 1, P, 2)
+    sampled = F.grid_sample(features, points, mode="bilinear", padding_mode="border", align_corners=False)
+    return torch.cat([s[:, 0, :n].t() for s, n in zip(sampled, counts)])  # (B, D, 1, P) -> (N, D)
 
 
 @torch.no_grad()
@@ -219,25 +221,26 @@ def sinkhorn(scores, eps=SINKHORN_EPS, iters=SINKHORN_ITERS):
     for _ in range(iters):
         q /= q.sum(dim=1, keepdim=True) * k  # rows (prototypes) to 1/K
         q /= q.sum(dim=0, keepdim=True) * b  # columns (samples) to 1/B
-    return (q * b).t()
+    q *= b
+    return q.t()
 
 
 def group_mean_codes(codes, group, num_groups):
     """Eqn 5: mean code of each group (num_groups, K); a point's target is row group[n] (itself included)."""
     sums = codes.new_zeros(num_groups, codes.shape[1]).index_add_(0, group, codes)
     counts = torch.bincount(group, minlength=num_groups).clamp(min=1).to(codes.dtype)
-    return sums / counts[:, None]
+    return sums.div_(counts[:, None])
 
 
-def swav_cross_entropy(scores, group_codes, group, tau=TAU):
+def swav_cross_entropy(logits, group_codes, group):
     """Eqn 6: mean over points n of -sum_k qbar_{g(n),k} log p_{n,k}, p_n = softmax(S_n / tau) (Eqn 4).
 
-    Computed as -(1/N) sum_g <qbar_g, sum_{n in g} log p_n>: the log-probabilities are summed per group first,
-    so no N x K target matrix is formed. scores (N, K), group_codes (G, K), group (N,) ids < G.
+    logits (N, K) = S / tau, group_codes (G, K), group (N,) ids < G. Computed as -(1/N) sum_g <qbar_g, sum_{n in
+    g} log p_n>: the log-probabilities are summed per group first, so no N x K target matrix is formed.
     """
-    log_p = F.log_softmax(scores / tau, dim=1)  # (N, K)
+    log_p = F.log_softmax(logits, dim=1)  # (N, K)
     summed = log_p.new_zeros(group_codes.shape).index_add_(0, group, log_p)  # (G, K)
-    return -(group_codes * summed).sum() / max(scores.shape[0], 1)
+    return -torch.dot(group_codes.flatten(), summed.flatten()) / max(logits.shape[0], 1)
 
 
 def dense_swav_loss(features, positives, prototypes, lam=LAMBDA, eps=SINKHORN_EPS, tau=TAU,
@@ -253,9 +256,9 @@ def dense_swav_loss(features, positives, prototypes, lam=LAMBDA, eps=SINKHORN_EP
             parts[level] = features.sum() * 0
             continue
         z = F.normalize(sample_features(features, canvas, points), dim=1)  # (N, D)
-        scores = z @ prototypes.t()  # S (N, K)
-        codes = sinkhorn(scores, eps, iters)  # q (N, K)
-        parts[level] = swav_cross_entropy(scores, group_mean_codes(codes, group, num_groups), group, tau)
+        logits = z @ (prototypes / tau).t()  # S / tau (N, K): 1/tau applied to the small (K, D) matrix
+        codes = sinkhorn(logits, eps / tau, iters)  # q (N, K); exp(S / eps) = exp((S / tau) / (eps / tau))
+        parts[level] = swav_cross_entropy(logits, group_mean_codes(codes, group, num_groups), group)
     loss = lam * parts.get("pixel", 0.0) + (1 - lam) * parts.get("region", 0.0)
     return loss, parts
 

@@ -1094,7 +1094,7 @@ def test_swav_dense_loss_hand_worked_and_per_point_form():
     targets = torch.tensor([[1.0, 0, 0], [0, 0.5, 0.5]])  # group codes; point n is in group n
     # row 0: -log(e^10 / (e^10 + 2)); row 1: -(0.5 log 1/3 + 0.5 log 1/3) = log 3
     expected = (math.log(1 + 2 * math.exp(-10)) + math.log(3)) / 2
-    assert abs(swav_dense.swav_cross_entropy(scores, targets, torch.tensor([0, 1]), 0.1).item() - expected) < 1e-6
+    assert abs(swav_dense.swav_cross_entropy(scores / 0.1, targets, torch.tensor([0, 1])).item() - expected) < 1e-6
     # the group sums equal Eqn 6 written per point, -mean_n sum_k qbar_{g(n),k} log softmax(S_n / tau)_k
     torch.manual_seed(0)
     s = torch.nn.functional.normalize(torch.randn(300, 8), dim=1) @ \
@@ -1102,7 +1102,7 @@ def test_swav_dense_loss_hand_worked_and_per_point_form():
     group = torch.randint(0, 40, (300,))
     qbar = swav_dense.group_mean_codes(swav_dense.sinkhorn(s), group, 40)
     per_point = -(qbar[group] * torch.log_softmax(s / 0.1, dim=1)).sum(1).mean()
-    torch.testing.assert_close(swav_dense.swav_cross_entropy(s, qbar, group, 0.1), per_point)
+    torch.testing.assert_close(swav_dense.swav_cross_entropy(s / 0.1, qbar, group), per_point)
     # Eqn 7 weights: lam 1 and 0 use one level only
     c = torch.nn.functional.normalize(torch.randn(20, 8), dim=1)
     feats = torch.randn(2, 8, 4, 8, requires_grad=True)
@@ -1137,10 +1137,10 @@ def test_swav_dense_sample_features_is_bilinear_with_border():
     centre = lambda j, n: (2 * j + 1) / n - 1
     points = torch.tensor([[centre(2, 8), centre(1, 4)], [centre(2.5, 8), centre(1, 4)], [-1.0, -1.0],
                            [centre(7, 8), centre(3, 4)]])
-    canvas = torch.tensor([1, 0, 1, 0])
-    got = swav_dense.sample_features(features, canvas, points)
-    expected = torch.stack([features[1, :, 1, 2], (features[0, :, 1, 2] + features[0, :, 1, 3]) / 2,
-                            features[1, :, 0, 0], features[0, :, 3, 7]])
+    canvas = torch.tensor([0, 0, 1, 1])
+    got = swav_dense.sample_features(features, canvas, points[[1, 3, 0, 2]])
+    expected = torch.stack([(features[0, :, 1, 2] + features[0, :, 1, 3]) / 2, features[0, :, 3, 7],
+                            features[1, :, 1, 2], features[1, :, 0, 0]])
     torch.testing.assert_close(got, expected)
 
 
