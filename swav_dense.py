@@ -197,7 +197,7 @@ def batch_positives(samples, pixel_samples, region_samples, generator=None, pixe
 def sample_features(features, canvas, points):
     """Bilinearly sample features (B, D, h, w) at normalized points (N, 2) of canvases (N,), sorted by canvas.
 
-    One F.grid_sample call (align_corners=False: cell j of a map of width w is centred at x = (2j + 1)/w - 1;
+    One F.grid_sample call (align_corners=False: cell j of a map of width w is centered at x = (2j + 1)/w - 1;
     border cells repeated outside) on the points of each canvas, padded to the longest. Returns (N, D).
     """
     counts = torch.bincount(canvas, minlength=features.shape[0]).tolist()

@@ -1170,7 +1170,7 @@ def test_swav_dense_feature_function_shapes_and_model_file(tmp_path):
 
 
 def _swav_write_block_samples(work, count=2, mix=2, size=(32, 64), seed=0):
-    """Samples in the DESIGN.md format without pasting (T = 2): each source a grid of coloured blocks."""
+    """Samples in the DESIGN.md format without pasting (T = 2): each source a grid of colored blocks."""
     gen = torch.Generator().manual_seed(seed)
     height, width = size
     folder = os.path.join(work, "samples", "epoch_000")
@@ -1179,8 +1179,8 @@ def _swav_write_block_samples(work, count=2, mix=2, size=(32, 64), seed=0):
         images, labels, offset = [], [], 0
         for _ in range(mix):
             regions = (torch.arange(height)[:, None] // 8) * (width // 16) + torch.arange(width)[None] // 16
-            colours = torch.randint(0, 256, (int(regions.max()) + 1, 3), generator=gen)
-            images.append(colours[regions].permute(2, 0, 1).to(torch.uint8))
+            colors = torch.randint(0, 256, (int(regions.max()) + 1, 3), generator=gen)
+            images.append(colors[regions].permute(2, 0, 1).to(torch.uint8))
             labels.append(regions + offset)
             offset += int(regions.max()) + 1
         labels = torch.stack(labels)
