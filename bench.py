@@ -253,7 +253,8 @@ def bench_swav_dense(args, size=(128, 256), mix=8, arch="resnet50", num_prototyp
                      region_samples=7200, repeat=3):
     """Training s/step of swav_dense.py at the reference setting (one sample of 2M = 16 canvases at 128 x 256,
     ResNet-50, K 1000, 4000 pixel and 7200 region samples per canvas, fp32), the network's forward + backward
-    alone (trivial loss, same SGD step) and their difference (sampling, Sinkhorn, loss and their backward).
+    alone (trivial loss, same SGD step) and their difference (positives, sampling, Sinkhorn, loss and their
+    backward); the two are timed alternately, medians of `repeat`.
 
     The sample is built by copypaste.build_sample from the toy city's annotated frames (ground-truth disparity,
     instance ids as regions), then augmented per canvas. The authors' released step at this setting on the
@@ -289,13 +290,10 @@ def bench_swav_dense(args, size=(128, 256), mix=8, arch="resnet50", num_prototyp
     model = swav_dense.build_model(arch, num_prototypes).to(device).train()
     optimizer = torch.optim.SGD(swav_dense.parameter_groups(model), lr=1e-4, momentum=0.9, weight_decay=1e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=False)
-    workspace = swav_dense.Workspace()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    counts = {}
 
     def step():
-        gen = torch.Generator().manual_seed(2)
-        swav_dense.dense_swav_step(model, model, batch, train_args, device, None, scaler, optimizer, workspace, gen)
+        swav_dense.train_step(model, batch, train_args, optimizer, scaler, None, 0)
         sync()
 
     def network_only():
@@ -306,10 +304,11 @@ def bench_swav_dense(args, size=(128, 256), mix=8, arch="resnet50", num_prototyp
         optimizer.step()
         sync()
     pos = swav_dense.batch_positives([{k: v.to(device) for k, v in batch[0].items()}], pixel_samples, region_samples,
-                                     torch.Generator().manual_seed(2))
+                                     torch.Generator().manual_seed(swav_dense.item_seed(1, 0, 0)))  # step's draws
     counts = {k: v[2].numel() for k, v in pos.items()}
-    whole = timed(step, repeat)
-    net = timed(network_only, repeat)
+    step(), network_only()  # warm-up; then the two alternate, so that load from other jobs hits both alike
+    pairs = [(timed(step, 1, 0), timed(network_only, 1, 0)) for _ in range(repeat)]
+    whole, net = (sorted(x)[len(x) // 2] for x in zip(*pairs))
     H, W = size
     what = f"{2 * mix}x{H}x{W} {arch} K{num_prototypes} ({pixel_samples}+{region_samples})/canvas fp32"
     return [("swav_dense", f"train step, {what}", whole, "s/step"),

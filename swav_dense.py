@@ -2,51 +2,41 @@
 
 Paper: Zeng et al., "Copy-Pasting Coherent Depth Regions Improves Contrastive Learning for Urban-Scene
 Segmentation", BMVC 2022, Sec 3.4, Eqn 4-7 (clustering losses after SwAV, Caron et al. NeurIPS 2020).
+copypaste.py (samples, every geometric transform recorded) -> swav_dense.py -> cluster.py and finetune.py.
 
-copypaste.py (cross-context samples, every geometric transform recorded) -> swav_dense.py -> cluster.py
-(unsupervised segmentation from the prototypes) and finetune.py (supervised semantic FPN).
+Network: torchvision ResNet (trainable BatchNorm) -> FeaturePyramidNetwork (256 ch) -> semantic-FPN head (128 ch,
+stride 4) -> projector (1x1 conv + BN + ReLU, 1x1 conv) -> K prototypes (1x1 conv, no bias, L2-normalized before
+every step). The 2M canvases of a sample are one batch, each after its own augmentation (a 3x3 matrix G).
+Positives (Sec 3.4): pixel level, a point traced back through G^-1 and the slot matrix A^-1 to its source image,
+then into every other copy of its region still visible (not occluded by a later paste): one group per seed;
+region level, all points on one region, on any canvas: one group per region. Per level: scores S = z^T c
+(z, c L2-normalized); Eqn 4 is the assignment p = softmax(S / tau); the codes q = Sinkhorn(S) (SwAV); Eqn 5 the
+target of a point is its group's mean code; Eqn 6 the cross-entropy -sum_k qbar_k log p_k; Eqn 7 mixes the levels.
 
-Network: torchvision ResNet (trainable BatchNorm) -> FeaturePyramidNetwork (256 ch) -> semantic-FPN head
-(128 ch at stride 4) -> projector (1x1 conv + BN + ReLU, 1x1 conv) -> K prototypes (1x1 conv, no bias, each
-prototype L2-normalised before every step). The 2M canvases of a sample go through the network as one batch,
-each after its own random augmentation (recorded as a 3x3 matrix G). Positives:
-  pixel level:  a point of a canvas is traced back to its source image through G^-1 and the slot matrix A^-1,
-                then forward into every other copy of its region; the copies that are still visible there
-                (not occluded by a later paste) form one group;
-  region level: all points that fall on one region, on any canvas, form one group.
-Per level, codes Q = Sinkhorn(scores) (Eqn 4), the target of a point is the mean code of its group (Eqn 5),
-the loss is the cross-entropy with the softmax of the scores (Eqn 6), and Eqn 7 mixes the two levels.
+| file (WORK = --work)                  | content                                                              |
+|---------------------------------------|----------------------------------------------------------------------|
+| WORK/samples/epoch_EEE/NNNNNN.pt (in) | copypaste.py: images uint8 (2M,3,H,W), labels int32 (2M,H,W) = r*T+s, |
+|                                       | transforms float32 (R,T,3,3), canvas_of int64 (R,T)                  |
+| WORK/swav/checkpoint.pt (out)         | model, optimizer, scheduler, scaler, step, args, arch, K, ...        |
+| WORK/swav/model.pt (out)              | {"arch", "model": state_dict, "args", "num_prototypes", "proj_dim", ...} |
+| WORK/swav/log.jsonl (out)             | one JSON line per step: step, epoch, loss, loss_pixel, loss_region, lr |
 
-Reads / writes (WORK = --work):
-| file                                   | content                                                            |
-|----------------------------------------|--------------------------------------------------------------------|
-| WORK/samples/epoch_EEE/NNNNNN.pt (in)  | copypaste.py samples: images uint8 (2M,3,H,W), labels int32 (2M,H,W)|
-|                                        | = r*T+s, transforms float32 (R,T,3,3), canvas_of int64 (R,T), slots |
-| WORK/swav/checkpoint.pt (out)          | model, optimiser, scheduler, scaler, epoch, step, RNG states, args |
-| WORK/swav/model.pt (out)               | {"arch", "model": state_dict, "args", "num_prototypes", ...}       |
-| WORK/swav/log.jsonl (out)              | one JSON line per step: step, epoch, loss, loss_pixel, loss_region, lr|
-
-Commands:
     python swav_dense.py --work runs/cityscapes --on-the-fly --data CITYSCAPES --size 384 768 --mix 8 --resume
-                                          # paper: ResNet-50, K 1000, 25 epochs of M = 8 samples, one GPU, AMP
+        # paper: ResNet-50, K 1000, 25 epochs of M = 8 samples, one GPU, AMP
     python swav_dense.py --work runs/toy --arch resnet18 --input-size 96 192 --num-prototypes 100 \
-        --pixel-samples 1000 --region-samples 1000 --steps 150 --workers 0 --device cpu --no-amp
-                                          # toy city samples of copypaste.py, CPU, a few minutes
+        --pixel-samples 1000 --region-samples 1000 --steps 150 --workers 0 --device cpu --no-amp   # CPU, minutes
 
-Deviations from the paper / released code, stated plainly:
+Departures from the paper / released code:
 - Region groups are label // T (the released code divides by M, right only when T = M = 8).
-- Batches of more than one sample work (canvas and region/seed ids offset per sample); the paper used 1.
-- The FPN is torchvision's FeaturePyramidNetwork (detectron2's FPN in the released code: same structure,
-  1x1 lateral, 3x3 output, nearest x2 top-down, sum). The semantic head upsamples to the exact size of the
-  next finer level (= bilinear x2 when H and W are multiples of 32, as in detectron2).
-- The four SGD parameter groups are backbone (ResNet + FPN, detectron2's "backbone"), head, projector,
-  prototypes; weight decay applies to all parameters.
-- The loss is computed by one fused function (Eqn 4-6) that keeps one N x K matrix per level for the backward
-  pass instead of several, runs Sinkhorn in its scaling-vector form and forms no N x K target matrix; it equals
-  the textbook composition (sinkhorn, group_mean_codes, swav_cross_entropy: tested, values and gradients).
-- Features are sampled bilinearly at the points with border cells repeated (grid_sample pads with zeros; after
-  the L2 normalisation the two agree).
-- --input-size (not in the paper) lets CPU runs feed smaller canvas images; labels and matrices stay exact.
+- Batches of more than one sample work (canvas and group ids offset per sample); the paper used 1.
+- The FPN is torchvision's (detectron2's in the released code: same structure). The semantic head upsamples to
+  the exact size of the next finer level (= bilinear x2 when H and W are multiples of 32, as in detectron2).
+- SGD groups: backbone (ResNet + FPN), head, projector, prototypes; weight decay on all parameters.
+- Features are sampled with grid_sample's border padding (the released code pads with zeros; after the L2
+  normalization the two agree). Sinkhorn subtracts the maximum of S / eps before exp (the same codes).
+- Eqn 6 sums the log-probabilities per group first, then takes the dot product with the group's mean code
+  (the same sum, without an N x K target matrix).
+- --input-size (not in the paper) feeds smaller canvas images on CPU; labels and matrices stay exact.
 """
 import argparse
 import glob
@@ -62,11 +52,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+import torchvision.transforms.v2.functional as TF
+from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.data import DataLoader, Dataset
 from torchvision.ops import FeaturePyramidNetwork
+from tqdm import tqdm
 
-# ----------------------------------------------------------------------------------------------------------
-# Paper constants (Sec 3.4 and Sec 4; SwAV for the Sinkhorn settings)
-# ----------------------------------------------------------------------------------------------------------
+# ===== Paper constants (Sec 3.4 and Sec 4; SwAV for the Sinkhorn settings) =====
 NUM_PROTOTYPES = 1000  # K, Sec 3.4
 PROJ_DIM = 128  # projector output dimension (released code)
 HEAD_DIM = 128  # semantic-FPN head channels (detectron2 SEM_SEG_HEAD.CONVS_DIM)
@@ -74,7 +66,7 @@ FPN_DIM = 256  # FPN channels (detectron2 default)
 HEAD_GROUPS = 32  # GroupNorm groups in the semantic head (detectron2 "GN")
 SINKHORN_EPS = 0.05  # epsilon of the Sinkhorn-Knopp codes (SwAV)
 SINKHORN_ITERS = 3  # Sinkhorn iterations (SwAV)
-TAU = 0.1  # softmax temperature, Eqn 6
+TAU = 0.1  # softmax temperature, Eqn 4 and 6
 LAMBDA = 0.5  # Eqn 7 weight of the pixel-level loss (Table 2 also uses 1)
 PIXEL_SAMPLES = 4000  # pixel-level seed points per canvas (released code)
 REGION_SAMPLES = 7200  # region-level points per canvas (released code)
@@ -84,9 +76,7 @@ RESNET_CHANNELS = {"resnet18": [64, 128, 256, 512], "resnet34": [64, 128, 256, 5
                    "resnet50": [256, 512, 1024, 2048], "resnet101": [256, 512, 1024, 2048]}
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Geometry: normalised coordinates (grid_sample, align_corners=False), homogeneous 3x3 matrices
-# ----------------------------------------------------------------------------------------------------------
+# ===== Geometry: normalized coordinates (grid_sample, align_corners=False), homogeneous 3x3 matrices =====
 def apply_homography(matrix, points):
     """Map points (..., 2) by 3x3 matrices (..., 3, 3) acting on column vectors [x, y, 1]; fp32 or fp64."""
     x, y = points[..., 0], points[..., 1]
@@ -98,7 +88,7 @@ def apply_homography(matrix, points):
 
 
 def label_lookup(labels, canvas, points):
-    """Nearest-pixel label of `labels` (C, H, W) at normalised `points` (N, 2) of canvases `canvas` (N,).
+    """Nearest-pixel label of `labels` (C, H, W) at normalized `points` (N, 2) of canvases `canvas` (N,).
 
     Pixel column i covers x in [2i/W - 1, 2(i+1)/W - 1), so its index is floor((x + 1) W / 2). Points outside
     the canvas, or with canvas < 0, get -1.
@@ -112,7 +102,7 @@ def label_lookup(labels, canvas, points):
 
 
 def inside_canvas(points):
-    """True where normalised points (..., 2) lie inside [-1, 1)^2 (the area the network sees)."""
+    """True where normalized points (..., 2) lie inside [-1, 1)^2 (the area the network sees)."""
     return (points >= -1).all(-1) & (points < 1).all(-1)
 
 
@@ -121,9 +111,7 @@ def uniform_points(num_canvases, num_points, generator=None):
     return torch.rand(num_canvases, num_points, 2, generator=generator) * 2 - 1
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Positives (Sec 3.4): pixel level (traced through the recorded matrices) and region level
-# ----------------------------------------------------------------------------------------------------------
+# ===== Positives (Sec 3.4): pixel level (traced through the recorded matrices) and region level =====
 def pixel_positives(labels, transforms, canvas_of, augment, num_points, generator=None):
     """Pixel-level positive groups of one sample (Sec 3.4), in fp32.
 
@@ -137,35 +125,28 @@ def pixel_positives(labels, transforms, canvas_of, augment, num_points, generato
     Returns points (N, 2) in augmented coordinates, canvas (N,), group (N,) (0..num_groups-1), num_groups.
     """
     device = labels.device
-    num_canvases = labels.shape[0]
-    num_slots = transforms.shape[1]
-    eye = torch.eye(3, device=device, dtype=torch.float32)
+    num_canvases, num_slots = labels.shape[0], transforms.shape[1]
     used = canvas_of >= 0
-    a = torch.where(used[..., None, None], transforms.float(), eye)  # (R, T, 3, 3), identity where unused
-    a_inv = torch.linalg.inv(a)
+    a = torch.where(used[..., None, None], transforms.float(), torch.eye(3, device=device))  # (R, T, 3, 3)
     g_aug = augment.float()
-    g_inv = torch.linalg.inv(g_aug)
-
     g = uniform_points(num_canvases, num_points, generator).to(device)  # (C, P, 2)
+    u = apply_homography(torch.linalg.inv(g_aug)[:, None], g).reshape(-1, 2)  # (C P, 2) before augmentation
     seed_canvas = torch.arange(num_canvases, device=device).repeat_interleave(num_points)
-    g = g.reshape(-1, 2)
-    u = apply_homography(g_inv[seed_canvas], g)
     label = label_lookup(labels, seed_canvas, u)
     ok = (label >= 0) & (label < transforms.shape[0] * num_slots)
     u, label = u[ok], label[ok]
     r, s = label // num_slots, label % num_slots
-    p = apply_homography(a_inv[r, s], u)  # (S, 2) in r's source image
-    # every slot s' of r: (S, T)
-    u_all = apply_homography(a[r], p[:, None, :])  # (S, T, 2) in the canvases before augmentation
+    p = apply_homography(torch.linalg.inv(a)[r, s], u)  # (S, 2) in r's source image
+    u_all = apply_homography(a[r], p[:, None, :])  # (S, T, 2) every slot s' of r, before augmentation
     c_all = canvas_of[r]  # (S, T)
-    g_all = apply_homography(g_aug[c_all.clamp(min=0)], u_all)  # (S, T, 2) in the augmented views
-    expect = r[:, None] * num_slots + torch.arange(num_slots, device=device)
     found = label_lookup(labels, c_all.reshape(-1), u_all.reshape(-1, 2)).view_as(c_all)
-    valid = (c_all >= 0) & (found == expect) & inside_canvas(g_all)
+    visible = found == r[:, None] * num_slots + torch.arange(num_slots, device=device)  # unused slots: found -1
+    g_all = apply_homography(g_aug[c_all.clamp(min=0)], u_all)  # (S, T, 2) in the augmented views
+    valid = visible & inside_canvas(g_all)
     keep = valid.sum(1) >= 2
     valid = valid[keep]
-    group = torch.arange(int(keep.sum()), device=device)[:, None].expand_as(valid)[valid]
-    return g_all[keep][valid], c_all[keep][valid], group, int(keep.sum())
+    group = torch.arange(valid.shape[0], device=device)[:, None].expand_as(valid)[valid]
+    return g_all[keep][valid], c_all[keep][valid], group, valid.shape[0]
 
 
 def region_positives(labels, augment, num_slots, num_points, generator=None):
@@ -173,232 +154,112 @@ def region_positives(labels, augment, num_slots, num_points, generator=None):
 
     Per canvas i, num_points points g uniform in the augmented view; the group of g is its region
     r = label_i(G_i^-1 g) // T (T slots per region; the released code divides by M, right only when T = M).
-    Returns points (N, 2), canvas (N,), group (N,) = region id, and None in place of the number of groups
-    (R = transforms.shape[0], which the caller has; batch_positives fills it in).
+    Returns points (N, 2), canvas (N,), group (N,) = region id.
     """
     device = labels.device
     num_canvases = labels.shape[0]
-    g = uniform_points(num_canvases, num_points, generator).to(device).reshape(-1, 2)
+    g = uniform_points(num_canvases, num_points, generator).to(device)  # (C, P, 2)
+    u = apply_homography(torch.linalg.inv(augment.float())[:, None], g).reshape(-1, 2)
     canvas = torch.arange(num_canvases, device=device).repeat_interleave(num_points)
-    u = apply_homography(torch.linalg.inv(augment.float())[canvas], g)
     label = label_lookup(labels, canvas, u)
     ok = label >= 0
-    return g[ok], canvas[ok], label[ok] // num_slots, None
+    return g.reshape(-1, 2)[ok], canvas[ok], label[ok] // num_slots
 
 
 def batch_positives(samples, pixel_samples, region_samples, generator=None, pixel=True, region=True):
     """Positives of a batch of samples, with canvas, seed and region ids offset per sample.
 
     samples: list of dicts with labels, transforms, canvas_of, augment (see pixel_positives). Returns
-    {"pixel": (points, canvas, group, num_groups), "region": (...)} for the levels asked for.
+    {"pixel": (points, canvas, group, num_groups), "region": (...)} for the levels asked for, sorted by canvas.
     """
     out = {}
-    levels = [("pixel", pixel), ("region", region)]
-    for level, wanted in levels:
-        if not wanted:
-            continue
-        points, canvases, groups = [], [], []
-        canvas_offset = group_offset = 0
+    for level in [name for name, wanted in (("pixel", pixel), ("region", region)) if wanted]:
+        parts, canvas_offset, group_offset = [], 0, 0
         for sample in samples:
-            labels, transforms = sample["labels"], sample["transforms"]
+            labels, transforms, augment = sample["labels"], sample["transforms"], sample["augment"]
             if level == "pixel":
-                pts, can, grp, num = pixel_positives(labels, transforms, sample["canvas_of"], sample["augment"],
-                                                    pixel_samples, generator)
+                points, canvas, group, num = pixel_positives(labels, transforms, sample["canvas_of"], augment,
+                                                             pixel_samples, generator)
             else:
-                pts, can, grp, _ = region_positives(labels, sample["augment"], transforms.shape[1],
-                                                    region_samples, generator)
+                points, canvas, group = region_positives(labels, augment, transforms.shape[1], region_samples,
+                                                         generator)
                 num = transforms.shape[0]
-            points.append(pts)
-            canvases.append(can + canvas_offset)
-            groups.append(grp + group_offset)
+            parts.append((points, canvas + canvas_offset, group + group_offset))
             canvas_offset += labels.shape[0]
             group_offset += num
-        out[level] = (torch.cat(points), torch.cat(canvases), torch.cat(groups), group_offset)
+        points, canvas, group = (torch.cat(x) for x in zip(*parts))
+        order = torch.argsort(canvas, stable=True)  # sorted by canvas, as sample_features wants them
+        out[level] = (points[order], canvas[order], group[order], group_offset)
     return out
 
 
+# ===== Loss (Eqn 4-7) =====
 def sample_features(features, canvas, points):
-    """Bilinearly sample features (B, D, h, w) at normalised points (N, 2) of canvases (N,) -> (N, D).
+    """Bilinearly sample features (B, D, h, w) at normalized points (N, 2) of canvases (N,), sorted by canvas.
 
-    Feature cell j of a map of width w is centred at x = (2j + 1)/w - 1 (align_corners=False, the image
-    convention). Border cells are repeated outside (after L2 normalisation this equals grid_sample's zero
-    padding). One embedding_bag call: 4 weighted rows per point, forward and backward much cheaper on CPU than
-    grid_sample over a padded grid.
+    One F.grid_sample call (align_corners=False: cell j of a map of width w is centered at x = (2j + 1)/w - 1;
+    border cells repeated outside) on the points of each canvas, padded to the longest. Returns (N, D).
     """
-    _, dim, height, width = features.shape
-    flat = features.permute(0, 2, 3, 1).reshape(-1, dim)  # (B h w, D)
-    x = (points[:, 0] + 1) * (width / 2) - 0.5  # continuous cell coordinates
-    y = (points[:, 1] + 1) * (height / 2) - 0.5
-    x0, y0 = torch.floor(x), torch.floor(y)
-    fx, fy = x - x0, y - y0
-    x0, y0 = x0.long(), y0.long()
-    xs = torch.stack([x0, x0 + 1, x0, x0 + 1], 1).clamp(0, width - 1)
-    ys = torch.stack([y0, y0, y0 + 1, y0 + 1], 1).clamp(0, height - 1)
-    weights = torch.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], 1).to(features.dtype)
-    index = (canvas[:, None] * height + ys) * width + xs  # (N, 4) rows of `flat`
-    return F.embedding_bag(index, flat, per_sample_weights=weights, mode="sum")
+    counts = torch.bincount(canvas, minlength=features.shape[0]).tolist()
+    points = torch.nn.utils.rnn.pad_sequence(points.split(counts), batch_first=True)  # (B, P, 2)
+    points = points[:, None]  # (B, 1, P, 2)
+    sampled = F.grid_sample(features, points, mode="bilinear", padding_mode="border", align_corners=False)
+    return torch.cat([s[:, 0, :n].t() for s, n in zip(sampled, counts)])  # (B, D, 1, P) -> (N, D)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Loss (Eqn 4-7)
-# ----------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def sinkhorn(scores, eps=SINKHORN_EPS, iters=SINKHORN_ITERS, out=None):
-    """Eqn 4: Sinkhorn-Knopp codes of scores (N samples, K prototypes), in fp32, in place in `out`.
+def sinkhorn(scores, eps=SINKHORN_EPS, iters=SINKHORN_ITERS):
+    """SwAV's Sinkhorn-Knopp codes of scores (B samples, K prototypes) -> (B, K), fp32, no gradient.
 
-    Q = exp(S / eps) normalised to total 1; each iteration scales every prototype (column) to total 1/K, then
-    every sample (row) to total 1/N; finally x N so each sample's code sums to 1 (in SwAV's K x B layout:
-    columns sum to 1, rows to B/K). The global maximum is subtracted first (cancels in the normalisation).
+    In SwAV's K x B layout: Q = exp(S / eps)^T divided by its sum; each iteration scales every prototype (row)
+    to total 1/K, then every sample (column) to total 1/B; finally x B, so each sample's code sums to 1. The
+    maximum of S / eps is subtracted before exp (it cancels in the first division; no overflow at small eps).
     """
-    num, k = scores.shape
-    q = out if out is not None else torch.empty(num, k, dtype=torch.float32, device=scores.device)
-    torch.sub(scores, scores.max(), out=q)
-    q.mul_(1.0 / eps).exp_()
-    q.div_(q.sum())
+    q = (scores.float() - scores.max()).div_(eps).exp_().t()  # Q (K, B)
+    q /= q.sum()
+    k, b = q.shape
     for _ in range(iters):
-        q.div_(q.sum(0, keepdim=True) * k)
-        q.div_(q.sum(1, keepdim=True) * num)
-    q.mul_(num)
-    return q
+        q /= q.sum(dim=1, keepdim=True) * k  # rows (prototypes) to 1/K
+        q /= q.sum(dim=0, keepdim=True) * b  # columns (samples) to 1/B
+    q *= b
+    return q.t()
 
 
 def group_mean_codes(codes, group, num_groups):
     """Eqn 5: mean code of each group (num_groups, K); a point's target is row group[n] (itself included)."""
     sums = codes.new_zeros(num_groups, codes.shape[1]).index_add_(0, group, codes)
     counts = torch.bincount(group, minlength=num_groups).clamp(min=1).to(codes.dtype)
-    return sums / counts[:, None]
+    return sums.div_(counts[:, None])
 
 
-def swav_cross_entropy(scores, targets, tau=TAU):
-    """Eqn 6 (textbook form): mean over samples of -sum_k target_k log softmax(scores / tau)_k."""
-    return -(targets * F.log_softmax(scores / tau, dim=1)).sum(1).mean()
+def swav_cross_entropy(logits, group_codes, group):
+    """Eqn 6: mean over points n of -sum_k qbar_{g(n),k} log p_{n,k}, p_n = softmax(S_n / tau) (Eqn 4).
 
-
-class Workspace:
-    """Persistent flat fp32 buffers reused across steps (keeps the large N x K matrices out of the allocator).
-
-    A buffer handed out by get() stays valid until the next get() with the same name; do not run two graphs
-    that share a workspace before their backward passes.
+    logits (N, K) = S / tau, group_codes (G, K), group (N,) ids < G. Computed as -(1/N) sum_g <qbar_g, sum_{n in
+    g} log p_n>: the log-probabilities are summed per group first, so no N x K target matrix is formed.
     """
-
-    def __init__(self):
-        self.buffers = {}
-
-    def get(self, name, shape, device):
-        size = math.prod(shape)
-        buf = self.buffers.get(name)
-        if buf is None or buf.numel() < size or buf.device != torch.device(device):
-            buf = torch.empty(int(size * 1.25) + 1, dtype=torch.float32, device=device)
-            self.buffers[name] = buf
-        return buf[:size].view(*shape)
-
-
-@torch.no_grad()
-def sinkhorn_scalings(kernel, iters=SINKHORN_ITERS):
-    """Eqn 4 in scaling form: vectors a (N,), b (K,) with sinkhorn codes Q_nk = a_n kernel_nk b_k.
-
-    kernel = exp(S / eps) (N, K), read only (2 matrix-vector products per iteration instead of rewriting the
-    matrix). Same iterations as sinkhorn(): b = 1 / (K kernel^T a) (prototypes to 1/K), a = 1 / (N kernel b)
-    (samples to 1/N), finally x N (each sample's code sums to 1); constant factors cancel.
-    """
-    num, k = kernel.shape
-    a = kernel.new_ones(num)
-    b = kernel.new_ones(k)
-    for _ in range(iters):
-        b = 1.0 / (k * torch.mv(kernel.t(), a))
-        a = 1.0 / (num * torch.mv(kernel, b))
-    return a * num, b
-
-
-class _GroupedSwAVLoss(torch.autograd.Function):
-    """Eqn 4-6 for one level, fused, fp32: L2 normalisation of the projections, Sinkhorn, group targets, loss.
-
-    z = x / |x|; L = 1/N sum_n [logsumexp_k(S_nk / tau) - sum_k qbar_{g(n),k} S_nk / tau] with S = Z C^T and
-    qbar the Eqn 5 group-mean codes (each sums to 1). dL/dS = (P - qbar_g) / (tau N), P = softmax(S / tau).
-    No N x K target matrix is formed: sum_n qbar_{g(n)} . S_n = sum_g (qbar_g C) . Zsum_g (Zsum_g = sum of the
-    group's z); P is kept unnormalised (E' = exp(S / tau), with its row sums). The large matrices and the N x D
-    temporaries live in workspace buffers reused from step to step. Needs |S| <= 1 (C L2-normalised).
-    """
-
-    @staticmethod
-    def forward(ctx, x, prototypes, group, num_groups, eps, tau, iters, workspace, name):
-        num, dim, k = x.shape[0], x.shape[1], prototypes.shape[0]
-        ws = workspace if workspace is not None else Workspace()
-        norms = x.norm(dim=1).clamp_(min=1e-12)
-        z = torch.div(x, norms[:, None], out=ws.get(f"z_{name}", (num, dim), x.device))  # Z
-        e = ws.get(f"softmax_{name}", (num, k), x.device)  # E' = exp(S / tau), kept for backward
-        torch.mm(z, prototypes.t() * (1.0 / tau), out=e).exp_()  # 1/tau folded into the small (D, K) factor
-        kernel = ws.get("kernel", (num, k), x.device)  # exp(S / eps) = E'^(tau / eps), scratch of both levels
-        torch.pow(e, tau / eps, out=kernel)  # a square for the paper's eps 0.05, tau 0.1
-        a, b = sinkhorn_scalings(kernel, iters)  # Eqn 4: Q = diag(a) kernel diag(b)
-        # Eqn 5: qbar_g = mean over the group of Q_n = (sum_n in g a_n kernel_n) * b / |g|
-        kernel.mul_(a[:, None])
-        qsum = ws.get("group_codes", (num_groups, k), x.device).zero_().index_add_(0, group, kernel)
-        counts = torch.bincount(group, minlength=num_groups).clamp(min=1).to(x.dtype)
-        qbar = qsum.mul_(b[None, :]).div_(counts[:, None])  # (G, K)
-        zsum = z.new_zeros(num_groups, dim).index_add_(0, group, z)  # (G, D)
-        qbar_c = qbar @ prototypes  # (G, D)
-        qbar_t_zsum = qbar.t() @ zsum  # (K, D)
-        target_term = (qbar_c * zsum).sum() / tau
-        # Eqn 6: logsumexp_k(S_nk / tau) = log sum_k E'_nk (|S| <= 1: no overflow)
-        row_sum = e.sum(1)
-        lse = row_sum.log().sum()
-        ctx.save_for_backward(z, norms, prototypes, e, row_sum, qbar_c, qbar_t_zsum, group)
-        ctx.scale = 1.0 / (tau * num)
-        ctx.workspace, ctx.name = ws, name
-        return (lse - target_term) / num
-
-    @staticmethod
-    def backward(ctx, grad):
-        z, norms, prototypes, e, row_sum, qbar_c, qbar_t_zsum, group = ctx.saved_tensors
-        g = grad * ctx.scale
-        num, dim = z.shape
-        ws = ctx.workspace
-        scratch = ws.get(f"scratch_{ctx.name}", (num, dim), z.device)
-        grad_x = grad_c = None
-        if ctx.needs_input_grad[1]:  # dL/dC = (P^T Z - qbar^T Zsum) g, P = E' / row_sum
-            torch.div(z, row_sum[:, None], out=scratch)
-            grad_c = (e.t() @ scratch - qbar_t_zsum) * g
-        if ctx.needs_input_grad[0]:
-            gz = torch.mm(e, prototypes, out=ws.get(f"grad_{ctx.name}", (num, dim), z.device))
-            gz.div_(row_sum[:, None]).sub_(torch.index_select(qbar_c, 0, group, out=scratch)).mul_(g)  # dL/dZ
-            # through z = x / |x|: dL/dx = (dL/dz - z (z . dL/dz)) / |x|, in place
-            dot = torch.bmm(gz[:, None, :], z[:, :, None])[:, 0]  # (N, 1)
-            grad_x = gz.addcmul_(z, dot, value=-1).div_(norms[:, None])
-        return grad_x, grad_c, None, None, None, None, None, None, None
-
-
-def grouped_swav_loss(x, prototypes, group, num_groups, eps=SINKHORN_EPS, tau=TAU, iters=SINKHORN_ITERS,
-                      workspace=None, name="level"):
-    """Eqn 4-6 for one level: x (N, D) sampled projections (L2-normalised here), prototypes (K, D)
-    L2-normalised, group (N,) ids < num_groups.
-
-    Equals swav_cross_entropy(S, group_mean_codes(sinkhorn(S), group)[group]) with S = normalize(x) C^T, in
-    fp32, keeping one N x K matrix (in `workspace` buffers when given) instead of several. A workspace's buffers
-    are reused by the next call of the same name: backward() before calling it again.
-    """
-    if x.shape[0] == 0:
-        return (x.sum() + prototypes.sum()) * 0.0
-    return _GroupedSwAVLoss.apply(x.float(), prototypes.float(), group, num_groups, eps, tau, iters, workspace,
-                                  name)
+    log_p = F.log_softmax(logits, dim=1)  # (N, K)
+    summed = log_p.new_zeros(group_codes.shape).index_add_(0, group, log_p)  # (G, K)
+    return -torch.dot(group_codes.flatten(), summed.flatten()) / max(logits.shape[0], 1)
 
 
 def dense_swav_loss(features, positives, prototypes, lam=LAMBDA, eps=SINKHORN_EPS, tau=TAU,
-                    iters=SINKHORN_ITERS, workspace=None):
-    """Eqn 7: L = lam L_pixel + (1 - lam) L_region, from projector features (B, D, h, w) and batch_positives().
-
-    Sampling, normalisation, Sinkhorn and the loss run in fp32. Returns (loss, {"pixel": ..., "region": ...}).
-    """
+                    iters=SINKHORN_ITERS):
+    """Eqn 7: L = lam L_pixel + (1 - lam) L_region, from projector features (B, D, h, w), batch_positives() and
+    the prototypes (K, D); all in fp32. Returns (loss, {"pixel": L_pixel, "region": L_region}) for the levels
+    in `positives`."""
     features = features.float()
-    protos = F.normalize(prototypes.float(), dim=1)
+    prototypes = F.normalize(prototypes.float(), dim=1)
     parts = {}
-    for lvl in ("pixel", "region"):
-        if lvl in positives:
-            points, canvas, group, num_groups = positives[lvl]
-            x = sample_features(features, canvas, points)  # sampled projections, normalised in the loss
-            parts[lvl] = grouped_swav_loss(x, protos, group, num_groups, eps, tau, iters, workspace, lvl)
-    weights = {"pixel": lam, "region": 1.0 - lam}
-    loss = sum(weights[lvl] * parts[lvl] for lvl in parts)
+    for level, (points, canvas, group, num_groups) in positives.items():
+        if len(group) == 0:  # no positives at this level (nothing visible twice): no loss, graph kept
+            parts[level] = features.sum() * 0
+            continue
+        z = F.normalize(sample_features(features, canvas, points), dim=1)  # (N, D)
+        logits = z @ (prototypes / tau).t()  # S / tau (N, K): 1/tau applied to the small (K, D) matrix
+        codes = sinkhorn(logits, eps / tau, iters)  # q (N, K); exp(S / eps) = exp((S / tau) / (eps / tau))
+        parts[level] = swav_cross_entropy(logits, group_mean_codes(codes, group, num_groups), group)
+    loss = lam * parts.get("pixel", 0.0) + (1 - lam) * parts.get("region", 0.0)
     return loss, parts
 
 
@@ -410,9 +271,7 @@ def learning_rate(step, total_steps, warmup_steps, base_lr, min_lr):
     return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Network: ResNet + FPN + semantic-FPN head + projector + prototypes
-# ----------------------------------------------------------------------------------------------------------
+# ===== Network: ResNet + FPN + semantic-FPN head + projector + prototypes =====
 class ResNetBackbone(nn.Module):
     """A torchvision ResNet without avgpool/fc, returning C2..C5 (strides 4, 8, 16, 32); keys as torchvision's."""
 
@@ -461,7 +320,7 @@ class SemanticFPNHead(nn.Module):
 
 
 class DenseSwAV(nn.Module):
-    """backbone -> fpn -> head (semantic_features) -> projector (forward); prototypes scored by dense_projections."""
+    """backbone -> fpn -> head (semantic_features) -> projector (forward); prototypes."""
 
     def __init__(self, arch="resnet50", num_prototypes=NUM_PROTOTYPES, proj_dim=PROJ_DIM, head_dim=HEAD_DIM):
         super().__init__()
@@ -475,34 +334,31 @@ class DenseSwAV(nn.Module):
         self.prototypes = nn.Conv2d(proj_dim, num_prototypes, 1, bias=False)
 
     def semantic_features(self, x):
-        """(B, 3, H, W) ImageNet-normalised -> (B, head_dim, H/4, W/4) head output (what fine-tuning uses)."""
+        """(B, 3, H, W) ImageNet-normalized -> (B, head_dim, H/4, W/4) head output (what fine-tuning uses)."""
         pyramid = self.fpn(self.backbone(x))
         return self.head([pyramid[k] for k in ("p2", "p3", "p4", "p5")])
 
     def forward(self, x):
-        """(B, 3, H, W) -> (B, proj_dim, H/4, W/4) projector output, not normalised."""
+        """(B, 3, H, W) -> (B, proj_dim, H/4, W/4) projector output, not normalized."""
         return self.projector(self.semantic_features(x))
 
     @torch.no_grad()
     def normalize_prototypes(self):
-        """Each prototype L2-normalised (before every step, as in SwAV)."""
+        """Each prototype L2-normalized (before every step, as in SwAV)."""
         w = self.prototypes.weight
         w.copy_(F.normalize(w.flatten(1), dim=1).view_as(w))
 
 
-def build_model(arch="resnet50", num_prototypes=NUM_PROTOTYPES, proj_dim=PROJ_DIM, head_dim=HEAD_DIM):
-    """The dense SwAV network (random initialisation; prototypes L2-normalised)."""
+def build_model(arch="resnet50", num_prototypes=NUM_PROTOTYPES, proj_dim=PROJ_DIM, head_dim=HEAD_DIM,
+                backbone_weights=None):
+    """The dense SwAV network, randomly initialized (the backbone from a local torchvision ResNet state_dict when
+    backbone_weights is given: Table 1 "IN"); prototypes L2-normalized."""
     model = DenseSwAV(arch, num_prototypes, proj_dim, head_dim)
+    if backbone_weights is not None:
+        load_backbone_weights(model, backbone_weights)
     model.normalize_prototypes()
     return model
 
-
-def dense_projections(model, images):
-    """(z (B, D, h, w) L2-normalised projections, scores (B, K, h, w) = z . L2-normalised prototypes), fp32."""
-    z = F.normalize(model(images).float(), dim=1)
-    protos = F.normalize(model.prototypes.weight.float().flatten(1), dim=1)
-    scores = F.conv2d(z, protos[:, :, None, None])
-    return z, scores
 
 
 def load_backbone_weights(model, path):
@@ -535,14 +391,14 @@ def load_model(path, map_location="cpu"):
     return model, ckpt
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Input / output: samples, per-canvas augmentation, batches, checkpoints
-# ----------------------------------------------------------------------------------------------------------
+
+
+# ===== Data: samples (saved by copypaste.py or built on the fly), per-canvas augmentation =====
 SAMPLE_KEYS = {"images": torch.uint8, "labels": torch.int32, "transforms": torch.float32, "canvas_of": torch.int64}
 
 
 def item_seed(seed, epoch, index):
-    """A reproducible per-(epoch, item) seed: augmentation draws do not depend on workers or resumption."""
+    """A reproducible per-(epoch, item) seed: random draws do not depend on workers or resumption."""
     return ((seed * 1000003 + epoch) * 1000003 + index) % (2 ** 63)
 
 
@@ -559,138 +415,71 @@ def check_sample(sample, where):
                          f"{(c, h, w)}, transforms {tuple(sample['transforms'].shape)}, canvas_of {(r, t)}")
 
 
-def normalize_image(image_uint8):
-    """uint8 (..., 3, H, W) -> float32 ImageNet-normalised (no augmentation: G = identity)."""
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (image_uint8.float() / 255 - mean) / std
-
-
 def augment_sample(sample, generator, augment=True, photometric=True, input_size=None):
     """Per-canvas training augmentation (copypaste.augment_canvas) of every canvas, recording G (2M, 3, 3).
 
-    input_size (H, W): resize the canvas images first (antialiased). Normalised coordinates do not depend on the
+    input_size (H, W): resize the canvas images first (antialiased). Normalized coordinates do not depend on the
     resolution, so labels, transforms and G stay exact; the network just sees fewer pixels.
     """
-    images, matrices = [], []
-    if augment:
-        from copypaste import augment_canvas  # stage 3 owns the augmentation and its matrices
+    from copypaste import augment_canvas  # stage 3 owns the augmentation and its matrices
     canvases = sample["images"]
     if input_size is not None and tuple(input_size) != tuple(canvases.shape[-2:]):
-        canvases = F.interpolate(canvases.float() / 255, size=tuple(input_size), mode="bilinear",
-                                 align_corners=False, antialias=True).clamp_(0, 1)
-        canvases = (canvases * 255).round_().to(torch.uint8)
+        canvases = TF.resize(canvases, list(input_size), antialias=True)
+    images, matrices = [], []
     for canvas in canvases:
         if augment:
             image, g = augment_canvas(canvas, generator, photometric=photometric)
         else:
-            image, g = normalize_image(canvas), torch.eye(3)
+            image, g = TF.normalize(canvas.float() / 255, IMAGENET_MEAN, IMAGENET_STD), torch.eye(3)
         images.append(image)
         matrices.append(g.float())
     out = {k: sample[k] for k in ("labels", "transforms", "canvas_of")}
-    out["images"] = torch.stack(images)
-    out["augment"] = torch.stack(matrices)
-    return out
+    return {**out, "images": torch.stack(images), "augment": torch.stack(matrices)}
 
 
-class SampleFiles(torch.utils.data.Dataset):
-    """Samples written by copypaste.py (WORK/samples/epoch_EEE/*.pt), augmented per canvas when read.
+class TrainingSamples(Dataset):
+    """Item i of epoch e: a copy-paste sample, read from copypaste.py's WORK/samples/epoch_{e mod E}/ or built on
+    the fly by `on_the_fly` (a copypaste.CopyPasteDataset), checked, then augmented per canvas with a generator
+    seeded by (seed, e, i)."""
 
-    Training epoch e reads folder epoch_{e mod E} (E folders written). Item i of epoch e is augmented with
-    a generator seeded by (seed, e, i).
-    """
-
-    def __init__(self, root, seed=0, augment=True, photometric=True, input_size=None):
-        self.input_size = input_size
-        self.folders = sorted(glob.glob(os.path.join(root, "epoch_*")))
-        self.files = [sorted(glob.glob(os.path.join(f, "*.pt"))) for f in self.folders]
-        if not self.folders or not self.files[0]:
+    def __init__(self, root, on_the_fly=None, seed=0, augment=True, photometric=True, input_size=None):
+        self.on_the_fly, self.seed, self.epoch = on_the_fly, seed, 0
+        self.augment, self.photometric, self.input_size = augment, photometric, input_size
+        self.files = [sorted(glob.glob(os.path.join(f, "*.pt"))) for f in sorted(glob.glob(f"{root}/epoch_*"))]
+        if on_the_fly is None and not (self.files and self.files[0]):
             raise FileNotFoundError(f"no samples in {root}/epoch_*/*.pt: make them with copypaste.py "
                                     f"(`python copypaste.py --work WORK --data DATA --split train`), or pass "
                                     f"--on-the-fly")
-        self.seed, self.augment, self.photometric = seed, augment, photometric
-        self.epoch = 0
 
     def set_epoch(self, epoch):
         self.epoch = epoch
+        if self.on_the_fly is not None:
+            self.on_the_fly.set_epoch(epoch)
 
     def __len__(self):
-        return len(self.files[self.epoch % len(self.files)])
+        return len(self.on_the_fly) if self.on_the_fly is not None else len(self.files[self.epoch % len(self.files)])
 
     def __getitem__(self, index):
-        path = self.files[self.epoch % len(self.files)][index]
-        sample = torch.load(path, map_location="cpu", weights_only=True)
-        check_sample(sample, path)
+        if self.on_the_fly is not None:
+            sample, where = self.on_the_fly[index], f"CopyPasteDataset[{index}]"
+        else:
+            where = self.files[self.epoch % len(self.files)][index]
+            sample = torch.load(where, map_location="cpu", weights_only=True)
+        check_sample(sample, where)
         generator = torch.Generator().manual_seed(item_seed(self.seed, self.epoch, index))
         return augment_sample(sample, generator, self.augment, self.photometric, self.input_size)
 
 
-class OnTheFlySamples(torch.utils.data.Dataset):
-    """copypaste.CopyPasteDataset built on the fly, then augmented per canvas like SampleFiles."""
-
-    def __init__(self, base, seed=0, augment=True, photometric=True, input_size=None):
-        self.input_size = input_size
-        self.base, self.seed, self.augment, self.photometric = base, seed, augment, photometric
-        self.epoch = 0
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-        self.base.set_epoch(epoch)
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, index):
-        sample = self.base[index]
-        check_sample(sample, f"CopyPasteDataset[{index}]")
-        generator = torch.Generator().manual_seed(item_seed(self.seed, self.epoch, index))
-        return augment_sample(sample, generator, self.augment, self.photometric, self.input_size)
-
-
-def collate_samples(samples):
-    """A batch is a list of samples (canvas counts and region counts may differ): kept as a list."""
-    return samples
-
-
-def epoch_batches(num_items, batch_samples, seed, epoch):
-    """The epoch's shuffled batches of item indices (drop the incomplete last one); reproducible."""
-    order = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
-    batches = [order[i:i + batch_samples] for i in range(0, num_items - batch_samples + 1, batch_samples)]
-    return batches or [order]
-
-
-def worker_init(_):
-    torch.set_num_threads(1)
-
-
-def save_atomic(obj, path):
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def global_rng_states():
-    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def set_global_rng_states(states):
-    torch.set_rng_state(states["torch"])
-    np.random.set_state(states["numpy"])
-    random.setstate(states["python"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
+# ===== Training =====
 def seed_everything(seed):
+    """Seed Python's, numpy's and torch's global generators (all devices)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
 def pick_device(name):
+    """--device auto|cpu|cuda[:i] -> torch.device; auto picks CUDA when torch sees one."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -698,10 +487,23 @@ def pick_device(name):
     return torch.device(name)
 
 
-def swav_model_file(model, args, step):
-    """The model.pt dict: everything a consumer needs to rebuild the network."""
-    return {"arch": args.arch, "model": model.state_dict(), "args": vars(args), "num_prototypes":
-            args.num_prototypes, "proj_dim": args.proj_dim, "head_dim": args.head_dim, "step": step}
+def amp_dtype_for(device, no_amp):
+    """Autocast dtype: fp16 (with a GradScaler) on CUDA, bf16 on CPU, None (fp32) with --no-amp."""
+    if no_amp:
+        return None
+    return torch.float16 if device.type == "cuda" else torch.bfloat16
+
+
+def atomic_write(path, write):
+    """Write `path` through write(file) into a temporary file beside it, then rename: never a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def parameter_groups(model):
@@ -712,263 +514,172 @@ def parameter_groups(model):
             {"name": "prototypes", "params": list(model.prototypes.parameters())}]
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------------------------
-def dense_swav_step(model, net, batch, args, device, amp_dtype, scaler, optimizer, workspace, generator):
-    """One SGD step on a batch (list of augmented samples); returns (loss, {level: loss}, images in the batch)."""
-    model.normalize_prototypes()  # each prototype L2-normalised before every step
+def train_step(model, batch, args, optimizer, scaler, amp_dtype, step):
+    """One SGD step of Eqn 7 on a batch (a list of augmented samples, all canvases through the network as one
+    batch); the positives are drawn with a generator seeded by (--seed, step). Returns (loss, {level: loss})."""
+    device = model.prototypes.weight.device
+    model.normalize_prototypes()  # each prototype L2-normalized before every step (SwAV)
     images = torch.cat([s["images"] for s in batch]).to(device, non_blocking=True)
-    if device.type == "cuda":
-        images = images.contiguous(memory_format=torch.channels_last)
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        features = net(images)  # (B, D, H/4, W/4) projector output
-    with torch.autocast(device.type, enabled=False):  # coordinate algebra, Sinkhorn and loss in fp32
-        samples = [{k: s[k].to(device) for k in ("labels", "transforms", "canvas_of", "augment")} for s in batch]
-        positives = batch_positives(samples, args.pixel_samples, args.region_samples, generator,
-                                    pixel=args.lam > 0, region=args.lam < 1)
-        loss, parts = dense_swav_loss(features, positives, model.prototypes.weight.flatten(1), args.lam,
-                                      args.eps, args.tau, args.sinkhorn_iters, workspace)
+        features = model(images)  # (B, D, H/4, W/4) projector output
+    # positives, Sinkhorn and the loss in fp32, outside autocast
+    samples = [{k: s[k].to(device) for k in ("labels", "transforms", "canvas_of", "augment")} for s in batch]
+    generator = torch.Generator().manual_seed(item_seed(args.seed + 1, 0, step))
+    positives = batch_positives(samples, args.pixel_samples, args.region_samples, generator,
+                                pixel=args.lam > 0, region=args.lam < 1)
+    loss, parts = dense_swav_loss(features.float(), positives, model.prototypes.weight.flatten(1), args.lam,
+                                  args.eps, args.tau, args.sinkhorn_iters)
     if not torch.isfinite(loss):
         raise FloatingPointError(f"non-finite loss {loss.item()}: stopping (lower --lr, or try --no-amp)")
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()
-    return loss.item(), {k: v.item() for k, v in parts.items()}, images.shape[0]
+    return loss.item(), {k: v.item() for k, v in parts.items()}
 
 
 def build_dataset(args):
-    augment = not args.no_augment
+    """The training samples: WORK/samples from copypaste.py, or (--on-the-fly) copypaste.CopyPasteDataset."""
+    on_the_fly = None
     if args.on_the_fly:
         import copypaste  # stage 3 builds the samples
         if not (args.data or args.images):
             raise ValueError("--on-the-fly needs --data DATA --split S (or --images GLOB)")
-        paths, _ = copypaste.list_images(args.data, args.split, args.images)
-        base = copypaste.CopyPasteDataset(
-            paths, args.disp_dir or os.path.join(args.work, "disp"),
-            args.regions_dir or os.path.join(args.work, "regions"), mix=args.mix, paste_times=args.paste_times,
-            size=args.size, photometric=not args.no_photometric, seed=args.seed)
-        return OnTheFlySamples(base, args.seed, augment, not args.no_photometric, args.input_size)
-    return SampleFiles(os.path.join(args.work, "samples"), args.seed, augment, not args.no_photometric,
-                       args.input_size)
+        on_the_fly = copypaste.CopyPasteDataset(
+            copypaste.list_images(args.data, args.split, args.images)[0],
+            args.disp_dir or os.path.join(args.work, "disp"), args.regions_dir or os.path.join(args.work, "regions"),
+            mix=args.mix, paste_times=args.paste_times, size=args.size, photometric=not args.no_photometric,
+            seed=args.seed)
+    return TrainingSamples(os.path.join(args.work, "samples"), on_the_fly, args.seed, not args.no_augment,
+                           not args.no_photometric, args.input_size)
 
 
-def swav_network(args, device):
-    """The seeded DenseSwAV on the device (ImageNet backbone with --init imagenet) and the view that runs it:
-    torch.compile'd with --compile, else the model itself. Returns (model, net)."""
-    seed_everything(args.seed)
-    model = build_model(args.arch, args.num_prototypes, args.proj_dim, args.head_dim)
-    if args.init == "imagenet":
-        load_backbone_weights(model, args.backbone_weights)
-    model.to(device)
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
-    net = torch.compile(model) if args.compile else model
-    return model, net
-
-
-def swav_optimiser(model, args, device, amp_dtype, total, warmup):
-    """SGD over the four groups, the per-step warm-up + cosine schedule (as a factor of --lr) and the fp16
-    GradScaler (a no-op otherwise). Returns (optimizer, scheduler, scaler)."""
-    optimizer = torch.optim.SGD(parameter_groups(model), lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: learning_rate(s, total, warmup, args.lr, args.min_lr) / args.lr)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    return optimizer, scheduler, scaler
-
-
-def resume_swav(args, ckpt_path, model, optimizer, scheduler, scaler):
-    """With --resume, restore checkpoint.pt (weights, optimiser, schedule, scaler and the global RNGs, so the
-    run continues exactly); returns the step to start from (0 for a fresh run)."""
-    if args.resume and os.path.exists(ckpt_path):
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        set_global_rng_states(ckpt["rng"])
-        step = ckpt["step"]
-        print(f"[swav_dense] resumed from {ckpt_path} at step {step} (epoch {ckpt['epoch']})")
-        return step
-    if args.resume:
-        print(f"[swav_dense] --resume: no {ckpt_path}, starting from scratch")
-    return 0
-
-
-def save_swav_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, args, epoch, step):
-    save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                 "step": step, "rng": global_rng_states(), "args": vars(args), "arch": args.arch,
-                 "num_prototypes": args.num_prototypes, "proj_dim": args.proj_dim,
-                 "head_dim": args.head_dim}, ckpt_path)
-
-
-def swav_epoch_loader(dataset, args, device, epoch, offset):
-    """The epoch's batches from the offset-th on (a resumed run skips the ones it has done)."""
-    dataset.set_epoch(epoch)
-    batches = epoch_batches(len(dataset), args.batch_samples, args.seed, epoch)[offset:]
-    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=args.workers,
-                                       collate_fn=collate_samples, worker_init_fn=worker_init,
-                                       pin_memory=device.type == "cuda")
-
-
-def log_swav_step(log, bar, args, record, parts, total, stop_at, start_time, start_step):
-    """log.jsonl gets every step; the printed line comes every --log-every steps and at the last one."""
-    step, epoch, loss, lr, speed = (record[k] for k in ("step", "epoch", "loss", "lr", "images_per_s"))
-    log.write(json.dumps(record) + "\n")
-    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{speed:.1f}")
-    bar.update(1)
-    if step % args.log_every == 0 or step == stop_at:
-        eta = (stop_at - step) * (time.time() - start_time) / max(step - start_step, 1)
-        levels = " ".join(f"{k} {v:.4f}" for k, v in parts.items())
-        bar.write(f"[swav_dense] step {step}/{total} epoch {epoch} loss {loss:.4f} ({levels}) lr {lr:.3e} "
-                  f"{speed:.1f} img/s eta {eta / 60:.1f} min")
-        log.flush()
-
-
-def warn_swav_collapse(bar, recent, loss, step, warmup, collapse_floor):
-    """A loss that stays at ln K after warm-up means uniform assignments: warn once per 50 such steps.
-    Returns the updated window of recent losses."""
-    recent = (recent + [loss])[-50:]
-    if step > warmup and len(recent) == 50 and min(recent) > 0.98 * collapse_floor:
-        bar.write(f"[swav_dense] WARNING: the loss stays near ln K = {collapse_floor:.3f} for 50 steps: "
-                  "the prototypes may have collapsed (uniform assignments)")
-        recent = []
-    return recent
-
-
-def train_swav(model, net, optimizer, scheduler, scaler, dataset, args, device, amp_dtype, out_dir, step,
-               steps_per_epoch, total, warmup):
-    """Train from step to --stop-after (or total), checkpointing every --checkpoint-every steps and at each
-    epoch's end; returns the step reached."""
-    from tqdm import tqdm
-    ckpt_path = os.path.join(out_dir, "checkpoint.pt")
-    workspace = Workspace()
-    log = open(os.path.join(out_dir, "log.jsonl"), "a" if step > 0 else "w")
-    bar = tqdm(total=total, initial=step, desc="swav_dense", dynamic_ncols=True, disable=args.no_progress)
-    collapse_floor, recent = math.log(args.num_prototypes), []
-    stop_at = min(total, args.stop_after) if args.stop_after else total
-    model.train()
-    start_time, start_step, images_seen = time.time(), step, 0
-    while step < stop_at:
-        epoch, offset = divmod(step, steps_per_epoch)
-        for batch in swav_epoch_loader(dataset, args, device, epoch, offset):
-            generator = torch.Generator().manual_seed(item_seed(args.seed + 1, 0, step))  # positives' draws
-            loss, parts, num_images = dense_swav_step(model, net, batch, args, device, amp_dtype, scaler, optimizer,
-                                                      workspace, generator)
-            lr = optimizer.param_groups[0]["lr"]
-            scheduler.step()
-            step += 1
-            images_seen += num_images
-            speed = images_seen / max(time.time() - start_time, 1e-9)
-            record = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "images_per_s": speed,
-                      **{f"loss_{k}": v for k, v in parts.items()}}
-            log_swav_step(log, bar, args, record, parts, total, stop_at, start_time, start_step)
-            recent = warn_swav_collapse(bar, recent, loss, step, warmup, collapse_floor)
-            if args.checkpoint_every and step % args.checkpoint_every == 0:
-                save_swav_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, args, epoch, step)
-            if step >= stop_at:
-                break
-        if step % steps_per_epoch == 0 or step >= stop_at:
-            save_swav_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, args, step // steps_per_epoch, step)
-    bar.close()
-    log.close()
-    return step
+def epoch_batches(num_items, batch_samples, seed, epoch):
+    """The epoch's batches of item indices, shuffled reproducibly (a resumed run skips the ones it has done)."""
+    order = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+    return [b.tolist() for b in order.split(batch_samples)]
 
 
 def run(args):
-    out_dir = os.path.join(args.work, "swav")
-    final = os.path.join(out_dir, "model.pt")
-    ckpt_path = os.path.join(out_dir, "checkpoint.pt")
+    """Dense SwAV pre-training (Sec 3.4): WORK/samples (or samples built on the fly) -> WORK/swav/model.pt."""
+    out_dir = args.out or os.path.join(args.work, "swav")
+    final, ckpt_path = os.path.join(out_dir, "model.pt"), os.path.join(out_dir, "checkpoint.pt")
     if os.path.exists(final) and not (args.overwrite or args.resume):
         print(f"[swav_dense] {final} exists: skipping (--overwrite to retrain)")
         return final
     os.makedirs(out_dir, exist_ok=True)
     device = pick_device(args.device)
-    amp_dtype = None if args.no_amp else (torch.float16 if device.type == "cuda" else torch.bfloat16)
-    print("[swav_dense] args: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())))
-    print(f"[swav_dense] device {device}, amp {amp_dtype}, torch threads {torch.get_num_threads()}")
-
-    dataset = build_dataset(args)  # fails early, naming copypaste.py, when there are no samples
-    model, net = swav_network(args, device)
-    steps_per_epoch = len(epoch_batches(len(dataset), args.batch_samples, args.seed, 0))
-    total = args.steps if args.steps else args.epochs * steps_per_epoch
-    warmup = min(total, args.warmup_epochs * steps_per_epoch)
-    optimizer, scheduler, scaler = swav_optimiser(model, args, device, amp_dtype, total, warmup)
-    step = resume_swav(args, ckpt_path, model, optimizer, scheduler, scaler)
-    step = train_swav(model, net, optimizer, scheduler, scaler, dataset, args, device, amp_dtype, out_dir, step,
-                      steps_per_epoch, total, warmup)
-    if step < total:
-        print(f"[swav_dense] stopped at step {step}/{total} (--stop-after); continue with --resume")
-        return ckpt_path
-    save_atomic(swav_model_file(model, args, step), final)
-    print(f"[swav_dense] wrote {final}")
-    return final
+    amp_dtype = amp_dtype_for(device, args.no_amp)
+    print(f"[swav_dense] device {device}, amp {amp_dtype}, threads {torch.get_num_threads()}, args {vars(args)}")
+    # ===== data =====
+    dataset = build_dataset(args)
+    steps_per_epoch = math.ceil(len(dataset) / args.batch_samples)
+    total = args.steps or args.epochs * steps_per_epoch
+    stop_at = min(total, args.stop_after or total)
+    # ===== model =====
+    seed_everything(args.seed)
+    model = build_model(args.arch, args.num_prototypes, PROJ_DIM, HEAD_DIM,
+                        args.backbone_weights if args.init == "imagenet" else None)
+    model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
+    info = dict(arch=args.arch, num_prototypes=args.num_prototypes, proj_dim=PROJ_DIM, head_dim=HEAD_DIM,
+                args=vars(args))  # what a consumer needs to rebuild the network
+    # ===== optimizer: SGD, per-step linear warm-up then cosine, GradScaler for fp16 =====
+    optimizer = torch.optim.SGD(parameter_groups(model), args.lr, args.momentum, weight_decay=args.weight_decay)
+    warmup = min(total, round(args.warmup_epochs * steps_per_epoch))
+    scheduler = LambdaLR(optimizer, lambda s: learning_rate(s, total, warmup, args.lr, args.min_lr) / args.lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    # ===== resume =====
+    ckpt = torch.load(ckpt_path, weights_only=True) if args.resume and os.path.exists(ckpt_path) else None
+    for name, obj in [("model", model), ("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)]:
+        obj.load_state_dict(ckpt[name]) if ckpt else None
+    step = ckpt["step"] if ckpt else 0
+    # ===== loop =====
+    start_time, start_step = time.time(), step
+    with open(os.path.join(out_dir, "log.jsonl"), "a" if step else "w") as log, \
+            tqdm(total=total, initial=step, desc="swav_dense", dynamic_ncols=True, disable=args.no_progress) as bar:
+        while step < stop_at:
+            dataset.set_epoch(epoch := step // steps_per_epoch)
+            batches = epoch_batches(len(dataset), args.batch_samples, args.seed, epoch)
+            for batch in DataLoader(dataset, batch_sampler=batches[step % steps_per_epoch:][:stop_at - step],
+                                    collate_fn=list, num_workers=args.workers, pin_memory=device.type == "cuda"):
+                loss, parts = train_step(model, batch, args, optimizer, scaler, amp_dtype, step)
+                record = {"step": step + 1, "epoch": epoch, "loss": loss, "lr": scheduler.get_last_lr()[0],
+                          **{f"loss_{k}": v for k, v in parts.items()}}
+                scheduler.step()
+                step += 1
+                bar.update(1)
+                log.write(json.dumps(record) + "\n")
+                if step % args.log_every == 0 or step == stop_at:  # a loss stuck at ln K: uniform assignments
+                    eta = (stop_at - step) * (time.time() - start_time) / (step - start_step) / 60
+                    bar.write(f"[swav_dense] {' '.join(f'{k} {v:.5g}' for k, v in record.items())} eta {eta:.1f} min")
+                # ===== checkpoint =====
+                if step % args.save_every == 0 or step % steps_per_epoch == 0 or step == stop_at:
+                    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), **info}
+                    atomic_write(ckpt_path, lambda f: torch.save(state, f))
+    if step >= total:
+        atomic_write(final, lambda f: torch.save({"model": model.state_dict(), "step": step, **info}, f))
+    print(f"[swav_dense] {'wrote ' + final if step >= total else 'stopped (--stop-after): continue with --resume'}")
+    return final if step >= total else ckpt_path
 
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--work", required=True, help="work folder: reads WORK/samples, writes WORK/swav")
+    p.add_argument("--work", required=True, help="work folder shared by all stages: reads WORK/samples")
+    p.add_argument("--out", default=None, help="output folder (default WORK/swav)")
     g = p.add_argument_group("network")
     g.add_argument("--arch", default="resnet50", choices=sorted(RESNET_CHANNELS), help="ResNet (paper: resnet50)")
-    g.add_argument("--num-prototypes", type=int, default=NUM_PROTOTYPES, help="K prototypes (paper 1000)")
-    g.add_argument("--proj-dim", type=int, default=PROJ_DIM, help="projection dimension (released code 128)")
-    g.add_argument("--head-dim", type=int, default=HEAD_DIM, help="semantic head channels (detectron2 128)")
+    g.add_argument("--num-prototypes", type=int, default=NUM_PROTOTYPES, help="K prototypes (paper: 1000)")
     g.add_argument("--init", default="scratch", choices=["scratch", "imagenet"],
-                   help="backbone initialisation (Table 1: scratch, or 'IN' from --backbone-weights)")
-    g.add_argument("--backbone-weights", default=None,
-                   help="local torchvision ResNet state_dict for --init imagenet (nothing is downloaded)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the network")
+                   help="backbone initialization (paper Table 1: scratch, or 'IN' from --backbone-weights)")
+    g.add_argument("--backbone-weights", help="local torchvision ResNet state_dict for --init imagenet (no download)")
     g = p.add_argument_group("data")
-    g.add_argument("--on-the-fly", action="store_true",
-                   help="build samples with copypaste.CopyPasteDataset instead of reading WORK/samples")
-    g.add_argument("--data", default=None, help="dataset root, with --split (only with --on-the-fly)")
-    g.add_argument("--images", default=None, help="glob of images instead of --data (only with --on-the-fly)")
+    g.add_argument("--on-the-fly", action="store_true", help="build samples with copypaste.CopyPasteDataset")
+    g.add_argument("--data", help="dataset root, with --split (only with --on-the-fly)")
+    g.add_argument("--images", help="glob of images instead of --data (only with --on-the-fly)")
     g.add_argument("--split", default="train", help="split (only with --on-the-fly)")
-    g.add_argument("--disp-dir", default=None, help="<stem>.npy disparity (--on-the-fly; default WORK/disp)")
-    g.add_argument("--regions-dir", default=None, help="<stem>.npy regions (--on-the-fly; default WORK/regions)")
+    g.add_argument("--disp-dir", help="<stem>.npy disparity (--on-the-fly; default WORK/disp)")
+    g.add_argument("--regions-dir", help="<stem>.npy regions (--on-the-fly; default WORK/regions)")
     g.add_argument("--size", type=int, nargs=2, default=[384, 768], metavar=("H", "W"),
-                   help="canvas size (only with --on-the-fly; paper 384 x 768)")
-    g.add_argument("--mix", type=int, default=8, help="M source images per sample (only with --on-the-fly)")
+                   help="canvas size (only with --on-the-fly; paper: 384 x 768)")
+    g.add_argument("--mix", type=int, default=8, help="M source images per sample (only with --on-the-fly; paper: 8)")
     g.add_argument("--paste-times", type=int, nargs=2, default=[2, 4], metavar=("E1", "E2"),
-                   help="pastes per region in rounds 1 and 2 (only with --on-the-fly; paper 2 4)")
-    g.add_argument("--input-size", type=int, nargs=2, default=None, metavar=("H", "W"),
-                   help="resize the canvas images to H x W before the network (labels and matrices stay exact: "
-                        "coordinates are normalised); for cheap CPU runs. Default: the samples' size")
-    g.add_argument("--no-augment", action="store_true",
-                   help="no per-canvas training augmentation (G = identity): ablation and debugging")
-    g.add_argument("--no-photometric", action="store_true", help="per-canvas augmentation without colour changes")
-    g.add_argument("--batch-samples", type=int, default=1,
-                   help="samples per step (paper 1 sample = 2M = 16 canvases)")
-    g.add_argument("--workers", type=int, default=4, help="DataLoader worker processes")
+                   help="pastes per region in rounds 1 and 2 (only with --on-the-fly; paper: 2 4)")
+    g.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), help="resize the canvases to H x W for "
+                   "the network (labels and matrices stay exact); cheap CPU runs. Default: the samples' size")
+    g.add_argument("--no-augment", action="store_true", help="no per-canvas augmentation (G = identity): ablation")
+    g.add_argument("--no-photometric", action="store_true", help="per-canvas augmentation without color changes")
+    g.add_argument("--batch-samples", type=int, default=1, help="samples per step (paper: 1 sample = 2M canvases)")
+    g.add_argument("--workers", type=int, default=4, help="DataLoader worker processes; 0 = in the main process")
     g = p.add_argument_group("loss (Eqn 4-7)")
-    g.add_argument("--pixel-samples", type=int, default=PIXEL_SAMPLES, help="pixel-level seeds per canvas")
-    g.add_argument("--region-samples", type=int, default=REGION_SAMPLES, help="region-level points per canvas")
+    g.add_argument("--pixel-samples", type=int, default=PIXEL_SAMPLES, help="pixel seeds per canvas (released: 4000)")
+    g.add_argument("--region-samples", type=int, default=REGION_SAMPLES, help="region points/canvas (released: 7200)")
     g.add_argument("--lam", type=float, default=LAMBDA,
-                   help="Eqn 7 weight of the pixel-level loss (paper 0.5; 1 = pixel only, 0 = region only)")
-    g.add_argument("--eps", type=float, default=SINKHORN_EPS, help="Sinkhorn epsilon (SwAV 0.05)")
-    g.add_argument("--sinkhorn-iters", type=int, default=SINKHORN_ITERS, help="Sinkhorn iterations (SwAV 3)")
-    g.add_argument("--tau", type=float, default=TAU, help="softmax temperature of Eqn 6 (0.1)")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=25, help="epochs (paper 25; ablations 100)")
+                   help="Eqn 7 weight of the pixel-level loss (paper: 0.5; 1 = pixel only, 0 = region only)")
+    g.add_argument("--eps", type=float, default=SINKHORN_EPS, help="Sinkhorn epsilon (SwAV: 0.05); smaller: sharper")
+    g.add_argument("--sinkhorn-iters", type=int, default=SINKHORN_ITERS, help="Sinkhorn iterations (SwAV: 3)")
+    g.add_argument("--tau", type=float, default=TAU, help="softmax temperature of Eqn 4 and 6 (paper: 0.1)")
+    g = p.add_argument_group("optimizer")
+    g.add_argument("--epochs", type=int, default=25, help="epochs (paper: 25; ablations 100)")
     g.add_argument("--steps", type=int, default=None, help="total steps instead of --epochs (short runs)")
-    g.add_argument("--lr", type=float, default=0.1, help="SGD learning rate of each of the 4 groups (0.1)")
-    g.add_argument("--min-lr", type=float, default=1e-5, help="final lr of the cosine schedule")
-    g.add_argument("--warmup-epochs", type=float, default=2, help="linear warm-up from 0 (per iteration)")
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=1e-4)
-    g.add_argument("--no-amp", action="store_true", help="fp32 (default: fp16 + GradScaler on CUDA, bf16 on CPU)")
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--lr", type=float, default=0.1, help="SGD learning rate of each of the 4 groups (paper: 0.1)")
+    g.add_argument("--min-lr", type=float, default=1e-5, help="final lr of the cosine schedule (paper: 1e-5)")
+    g.add_argument("--warmup-epochs", type=float, default=2, help="linear warm-up from lr 0 per step (paper: 2)")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (paper: 0.9)")
+    g.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay, all parameters (paper: 1e-4)")
+    g.add_argument("--no-amp", action="store_true", help="fp32 throughout (default: autocast, fp16 + GradScaler "
+                   "on CUDA, bf16 on CPU; the loss is fp32 either way)")
+    g.add_argument("--device", default="auto", help="auto|cpu|cuda: auto picks CUDA when torch sees one, else CPU")
+    g.add_argument("--seed", type=int, default=0, help="seed of every random draw of the run")
     g = p.add_argument_group("run")
-    g.add_argument("--resume", action="store_true", help="continue exactly from WORK/swav/checkpoint.pt")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from checkpoint.pt in the output folder; the result equals an uninterrupted run")
     g.add_argument("--stop-after", type=int, default=None,
-                   help="stop (checkpointed) once this global step is reached, for time-limited jobs; --resume")
-    g.add_argument("--checkpoint-every", type=int, default=500, help="also checkpoint every N steps (0: epochs only)")
-    g.add_argument("--log-every", type=int, default=20, help="print a line every N steps")
-    g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+                   help="stop once global step N is done, after writing checkpoint.pt, as an interruption would")
+    g.add_argument("--save-every", type=int, default=500,
+                   help="write checkpoint.pt every N global steps (and at each epoch's end and at the end)")
+    g.add_argument("--log-every", type=int, default=20, help="steps between log lines")
+    g.add_argument("--no-progress", action="store_true", help="no tqdm bar (the log lines stay)")
     g.add_argument("--overwrite", action="store_true", help="retrain even when WORK/swav/model.pt exists")
     return p
 

@@ -1065,7 +1065,7 @@ def test_swav_dense_region_positives_use_T_and_offset_batches():
     import swav_dense
     sample, _ = _swav_occlusion_sample()  # T = 3 slots, M = 1 (label // M would be the label itself)
     gen = torch.Generator().manual_seed(0)
-    points, canvas, group, _ = swav_dense.region_positives(sample["labels"], sample["augment"], 3, 500, gen)
+    points, canvas, group = swav_dense.region_positives(sample["labels"], sample["augment"], 3, 500, gen)
     cols_rows = _swav_pixel(points, 8, 16)
     labels = sample["labels"].numpy()
     for (col, row), c, g in zip(cols_rows, canvas.tolist(), group.tolist()):
@@ -1106,12 +1106,10 @@ def test_swav_dense_sinkhorn_sums_and_float64_reference():
     torch.testing.assert_close(q.sum(0), torch.full((40,), 500 / 40), rtol=0.25, atol=0)  # prototypes ~ B/K
     q = swav_dense.sinkhorn(scores, 0.05, 200)  # converged: equipartition
     torch.testing.assert_close(q.sum(0), torch.full((40,), 500 / 40), rtol=1e-3, atol=0)
-    out = torch.empty(500, 40)  # in place in a given buffer
-    assert swav_dense.sinkhorn(scores, 0.05, 3, out=out).data_ptr() == out.data_ptr()
-    kernel = torch.exp(scores / 0.05)  # the scaling form the fused loss uses: Q = diag(a) kernel diag(b)
-    a, b = swav_dense.sinkhorn_scalings(kernel, 3)
-    torch.testing.assert_close(a[:, None] * kernel * b[None], swav_dense.sinkhorn(scores, 0.05, 3), rtol=1e-4,
-                               atol=1e-9)
+    # eps 0.01: exp(S / eps) alone overflows fp32 at S > 0.89; the maximum subtracted first keeps it finite
+    q = swav_dense.sinkhorn(scores * 0.1 + 0.9, 0.01, 3)
+    assert torch.isfinite(q).all()
+    torch.testing.assert_close(q.double(), _swav_sinkhorn_reference(scores * 0.1 + 0.9, 0.01, 3), rtol=1e-4, atol=1e-9)
 
 
 def test_swav_dense_group_mean_codes_hand_worked():
@@ -1123,33 +1121,60 @@ def test_swav_dense_group_mean_codes_hand_worked():
     torch.testing.assert_close(means[group][1], torch.tensor([1 / 3, 1 / 3, 1 / 3]))
 
 
-def test_swav_dense_loss_hand_worked_and_fused_equals_textbook():
+def test_swav_dense_loss_hand_worked_and_per_point_form():
     import swav_dense
     scores = torch.tensor([[1.0, 0, 0], [0, 0, 0]])
-    targets = torch.tensor([[1.0, 0, 0], [0, 0.5, 0.5]])
+    targets = torch.tensor([[1.0, 0, 0], [0, 0.5, 0.5]])  # group codes; point n is in group n
     # row 0: -log(e^10 / (e^10 + 2)); row 1: -(0.5 log 1/3 + 0.5 log 1/3) = log 3
     expected = (math.log(1 + 2 * math.exp(-10)) + math.log(3)) / 2
-    assert abs(swav_dense.swav_cross_entropy(scores, targets, 0.1).item() - expected) < 1e-6
+    assert abs(swav_dense.swav_cross_entropy(scores / 0.1, targets, torch.tensor([0, 1])).item() - expected) < 1e-6
+    # the group sums equal Eqn 6 written per point, -mean_n sum_k qbar_{g(n),k} log softmax(S_n / tau)_k
     torch.manual_seed(0)
-    z = (torch.randn(300, 8) * 3).requires_grad_()  # sampled projections, normalised inside the loss
-    c = torch.nn.functional.normalize(torch.randn(20, 8), dim=1).requires_grad_()
+    s = torch.nn.functional.normalize(torch.randn(300, 8), dim=1) @ \
+        torch.nn.functional.normalize(torch.randn(20, 8), dim=1).t()
     group = torch.randint(0, 40, (300,))
-    loss = swav_dense.grouped_swav_loss(z, c, group, 40, workspace=swav_dense.Workspace())
-    gz, gc = torch.autograd.grad(loss, (z, c))
-    s = torch.nn.functional.normalize(z, dim=1) @ c.t()
-    ref = swav_dense.swav_cross_entropy(s, swav_dense.group_mean_codes(swav_dense.sinkhorn(s), group, 40)[group])
-    rz, rc = torch.autograd.grad(ref, (z, c))
-    torch.testing.assert_close(loss, ref)
-    torch.testing.assert_close(gz, rz, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(gc, rc, rtol=1e-4, atol=1e-6)
+    qbar = swav_dense.group_mean_codes(swav_dense.sinkhorn(s), group, 40)
+    per_point = -(qbar[group] * torch.log_softmax(s / 0.1, dim=1)).sum(1).mean()
+    torch.testing.assert_close(swav_dense.swav_cross_entropy(s / 0.1, qbar, group), per_point)
     # Eqn 7 weights: lam 1 and 0 use one level only
+    c = torch.nn.functional.normalize(torch.randn(20, 8), dim=1)
     feats = torch.randn(2, 8, 4, 8, requires_grad=True)
     sample, _ = _swav_occlusion_sample()
     pos = swav_dense.batch_positives([sample], 50, 50, torch.Generator().manual_seed(0))
-    total, parts = swav_dense.dense_swav_loss(feats, pos, c.detach(), lam=0.5)
+    total, parts = swav_dense.dense_swav_loss(feats, pos, c, lam=0.5)
     torch.testing.assert_close(total, 0.5 * parts["pixel"] + 0.5 * parts["region"])
-    total, parts = swav_dense.dense_swav_loss(feats, {"pixel": pos["pixel"]}, c.detach(), lam=1.0)
+    total, parts = swav_dense.dense_swav_loss(feats, {"pixel": pos["pixel"]}, c, lam=1.0)
     torch.testing.assert_close(total, parts["pixel"])
+
+
+def test_swav_dense_loss_finite_at_small_eps_and_tau():
+    """eps 0.01 and tau 0.01: exp(S / 0.01) overflows fp32 for S > 0.89 (the old fused loss gave NaN)."""
+    import swav_dense
+    torch.manual_seed(0)
+    sample, _ = _swav_occlusion_sample()
+    pos = swav_dense.batch_positives([sample], 50, 50, torch.Generator().manual_seed(0))
+    c = torch.nn.functional.normalize(torch.randn(20, 8), dim=1).requires_grad_()
+    feats = torch.randn(2, 8, 4, 8)
+    feats[0] = c[0, :, None, None].detach() * 5  # canvas 0 on prototype 0: S = 1, exp(S / 0.01) > fp32's max
+    feats.requires_grad_()
+    loss, parts = swav_dense.dense_swav_loss(feats, pos, c, lam=0.5, eps=0.01, tau=0.01)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(v) for v in parts.values())
+    assert torch.isfinite(feats.grad).all() and torch.isfinite(c.grad).all()
+
+
+def test_swav_dense_sample_features_is_bilinear_with_border():
+    """grid_sample at cell centres returns the cells; between them the bilinear mix; outside the border cell."""
+    import swav_dense
+    features = torch.arange(2 * 3 * 4 * 8, dtype=torch.float32).view(2, 3, 4, 8)
+    centre = lambda j, n: (2 * j + 1) / n - 1
+    points = torch.tensor([[centre(2, 8), centre(1, 4)], [centre(2.5, 8), centre(1, 4)], [-1.0, -1.0],
+                           [centre(7, 8), centre(3, 4)]])
+    canvas = torch.tensor([0, 0, 1, 1])
+    got = swav_dense.sample_features(features, canvas, points[[1, 3, 0, 2]])
+    expected = torch.stack([(features[0, :, 1, 2] + features[0, :, 1, 3]) / 2, features[0, :, 3, 7],
+                            features[1, :, 1, 2], features[1, :, 0, 0]])
+    torch.testing.assert_close(got, expected)
 
 
 def test_swav_dense_feature_function_shapes_and_model_file(tmp_path):
@@ -1160,27 +1185,25 @@ def test_swav_dense_feature_function_shapes_and_model_file(tmp_path):
     with torch.no_grad():
         assert model.semantic_features(x).shape == (2, 128, 16, 24)
         assert model(x).shape == (2, 128, 16, 24)
-        z, scores = swav_dense.dense_projections(model, x)
-    assert z.shape == (2, 128, 16, 24) and scores.shape == (2, 10, 16, 24)
-    torch.testing.assert_close(z.norm(dim=1), torch.ones(2, 16, 24))
-    assert scores.abs().max() <= 1 + 1e-5
+    torch.testing.assert_close(model.prototypes.weight.flatten(1).norm(dim=1), torch.ones(10))
     path = str(tmp_path / "model.pt")
     torch.save({"arch": "resnet18", "model": model.state_dict(), "args": {}, "num_prototypes": 10}, path)
     loaded, ckpt = swav_dense.load_model(path)
     with torch.no_grad():
-        torch.testing.assert_close(swav_dense.dense_projections(loaded.eval(), x)[1],
-                                   swav_dense.dense_projections(model.eval(), x)[1])
+        torch.testing.assert_close(loaded.eval()(x), model.eval()(x))
     with pytest.raises(FileNotFoundError, match="swav_dense.py"):
         swav_dense.load_model(str(tmp_path / "missing.pt"))
     with pytest.raises(FileNotFoundError, match="backbone-weights"):
         swav_dense.load_backbone_weights(model, str(tmp_path / "missing.pth"))
     import torchvision
-    torch.save(torchvision.models.resnet18().state_dict(), str(tmp_path / "r18.pth"))
-    swav_dense.load_backbone_weights(model, str(tmp_path / "r18.pth"))
+    resnet = torchvision.models.resnet18()
+    torch.save(resnet.state_dict(), str(tmp_path / "r18.pth"))
+    model = swav_dense.build_model("resnet18", 10, backbone_weights=str(tmp_path / "r18.pth"))
+    torch.testing.assert_close(model.backbone.conv1.weight, resnet.conv1.weight)
 
 
 def _swav_write_block_samples(work, count=2, mix=2, size=(32, 64), seed=0):
-    """Samples in the DESIGN.md format without pasting (T = 2): each source a grid of coloured blocks."""
+    """Samples in the DESIGN.md format without pasting (T = 2): each source a grid of colored blocks."""
     gen = torch.Generator().manual_seed(seed)
     height, width = size
     folder = os.path.join(work, "samples", "epoch_000")
@@ -1189,8 +1212,8 @@ def _swav_write_block_samples(work, count=2, mix=2, size=(32, 64), seed=0):
         images, labels, offset = [], [], 0
         for _ in range(mix):
             regions = (torch.arange(height)[:, None] // 8) * (width // 16) + torch.arange(width)[None] // 16
-            colours = torch.randint(0, 256, (int(regions.max()) + 1, 3), generator=gen)
-            images.append(colours[regions].permute(2, 0, 1).to(torch.uint8))
+            colors = torch.randint(0, 256, (int(regions.max()) + 1, 3), generator=gen)
+            images.append(colors[regions].permute(2, 0, 1).to(torch.uint8))
             labels.append(regions + offset)
             offset += int(regions.max()) + 1
         labels = torch.stack(labels)
@@ -1226,7 +1249,7 @@ def test_swav_dense_resume_equals_straight_run(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        common = ["--steps", "6", "--no-amp", "--checkpoint-every", "0", *SWAV_TINY]
+        common = ["--steps", "6", "--no-amp", "--save-every", "100", *SWAV_TINY]
         parser = swav_dense.get_args_parser()
         swav_dense.run(parser.parse_args(["--work", str(tmp_path / "a"), *common]))
         swav_dense.run(parser.parse_args(["--work", str(tmp_path / "b"), "--stop-after", "3", *common]))
