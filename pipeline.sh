@@ -9,23 +9,15 @@ cd "$(dirname "$0")"
 preset="${1:-toy}"
 PY="${PYTHON:-python}"
 
-need() {  # stop with a clear message when a stage script does not exist yet
-  [ -f "$1" ] || { echo "pipeline.sh: stage $1 is not implemented yet; stopping here." >&2; exit 2; }
-}
-
 if [ "$preset" = "toy" ]; then
   DATA="${DATA:-data/toycity}"
   WORK="${WORK:-runs/toy}"
   [ -f "$DATA/.complete" ] || $PY toycity.py --out "$DATA"
   # ===== depth (toy) =====
-  need depth.py  # stage 1: Monodepth2 from scratch on the 20 train sequences (560 triplets, frames 0 -1 +1) at
-  # 64 x 128, batch 6, lr 3e-4 (the paper's 1e-4 learns too little in this budget), 600 steps with the x0.1 drop
-  # at 75 %: about 5 min of 2 CPU cores. Auto-masking off: the toy city's flat-shaded road, walls and sky have
-  # near-zero identity error, so it masks about half of all pixels (measured on toy val after 600 steps:
-  # abs_rel 0.75 with it, 0.17 without). Budget measured on toy val (abs_rel / a1, then purity / regions per
-  # image of group.py on the predicted disparity): 300 steps 0.24 / 0.65, 0.65 / 10; 450 steps 0.19 / 0.76,
-  # 0.73 / 16; 600 steps 0.16 / 0.81, 0.76 / 23 (96 x 192, 300 steps: 0.32 / 0.54). Then the disparity of the
-  # annotated train (for group.py) and val frames at the toy city's 192 x 384, and depth metrics on val.
+  # stage 1: Monodepth2 from scratch on the 20 train sequences (frames 0 -1 +1) at 64 x 128, batch 6, lr 3e-4
+  # (the paper's 1e-4 learns too little in this budget), 600 steps with the x0.1 drop at 75 %; auto-masking off
+  # (the toy city's flat-shaded road, walls and sky have near-zero identity error; README, departures). Then the
+  # disparity of the annotated train (for group.py) and val frames at the toy city's 192 x 384, and depth metrics.
   $PY depth.py train --data "$DATA" --work "$WORK" --size 64 128 --frame-offset 1 --batch-size 6 --lr 3e-4 \
     --steps 600 --no-automask --workers 1 --log-every 50 --resume
   for split in train val; do
@@ -33,33 +25,33 @@ if [ "$preset" = "toy" ]; then
   done
   $PY depth.py eval --work "$WORK" --data "$DATA" --split val
   # ===== group (toy) =====
-  need group.py   # stage 2: depth regions of the annotated frames from WORK/disp (2500 superpixels at 192 x 384 =
-  for split in train val; do   # the paper's superpixel size), then covering / purity against gtFine
+  # stage 2: depth regions of the annotated frames from WORK/disp (2500 superpixels at 192 x 384 = the paper's
+  # superpixel size), then covering / purity against gtFine
+  for split in train val; do
     $PY group.py --work "$WORK" --data "$DATA" --split "$split" --size 192 384 --segments 2500 --workers 2
   done
   $PY group.py --eval --work "$WORK" --data "$DATA" --split val
   # ===== copypaste (toy) =====
-  need copypaste.py  # stage 3: cross-context samples from WORK/regions + WORK/disp of toy train (20 frames) at
+  # stage 3: cross-context samples from WORK/regions + WORK/disp of toy train (20 frames) at
   # 192 x 384: M 4 sources per sample (5 samples per epoch), paste times 2 4 (T 8), 10 epochs = 50 samples of 8
   # canvases (~4 MB each), 2 workers, previews of the first 2 in WORK/samples/preview
   $PY copypaste.py --work "$WORK" --data "$DATA" --split train --size 192 384 --mix 4 --paste-times 2 4 \
     --epochs 10 --workers 2 --preview 2
   # ===== swav_dense (toy) =====
-  need swav_dense.py  # stage 4: dense SwAV on the 50 toy samples (8 canvases each), ResNet-18, canvases fed at
+  # stage 4: dense SwAV on the 50 toy samples (8 canvases each), ResNet-18, canvases fed at
   # 96 x 192 (labels and matrices stay exact), K 100, 1000 pixel + 1000 region points per canvas, lambda 0.5,
   # 150 steps = 30 epochs of 5 samples cycling through the 10 epoch folders (each sample seen 3 times), fp32
-  # (bf16 autocast is slower on most CPUs), one thread (two oversubscribe a shared 2-core machine badly): about
-  # 3 minutes; the loss goes from ln 100 = 4.6 to about 3.9
+  # (bf16 autocast is slower on most CPUs), one thread
   OMP_NUM_THREADS=1 $PY swav_dense.py --work "$WORK" --arch resnet18 --input-size 96 192 --num-prototypes 100 \
     --pixel-samples 1000 --region-samples 1000 --steps 150 --workers 0 --device cpu --no-amp --log-every 25
   # ===== cluster (toy) =====
-  need cluster.py   # stage 5: prototypes -> 9 clusters (the toy city has 9 classes), toy val at its native 192 x 384,
+  # stage 5: prototypes -> 9 clusters (the toy city has 9 classes), toy val at its native 192 x 384,
   # Hungarian matching on -IoU; then the same clustering of a randomly initialised network of the same architecture
   $PY cluster.py --work "$WORK" --data "$DATA" --dataset toycity --split val --clusters 9 --save-pred --pca 4 --no-amp
   $PY cluster.py --work "$WORK" --data "$DATA" --dataset toycity --split val --clusters 9 --init-random --no-amp \
     --out "$WORK/cluster_random"
   # ===== finetune (toy) =====
-  need finetune.py  # stage 6: 1/4 of toy train (5 labelled images), 60 iterations of batch 4 on 96 x 192 crops,
+  # stage 6: 1/4 of toy train (5 labelled images), 60 iterations of batch 4 on 96 x 192 crops,
   # fp32 (bf16 autocast is slower on most CPUs), from the swav model and from scratch (same architecture, same
   # budget), seeds 0 and 1; mIoU on toy val. Seed 0 from swav is WORK/finetune, the others WORK/finetune_*.
   ARCH=$($PY -c "import sys, torch; print(torch.load(sys.argv[1], weights_only=True)['arch'])" "$WORK/swav/model.pt")
@@ -137,7 +129,7 @@ elif [ "$preset" = "cityscapes" ]; then
   DATA="${2:?usage: bash pipeline.sh cityscapes ROOT}"
   WORK="${WORK:-runs/cityscapes}"
   # ===== depth (cityscapes) =====
-  need depth.py  # stage 1, Monodepth2 on the train video sequences (leftImg8bit_sequence): bottom quarter
+  # stage 1, Monodepth2 on the train video sequences (leftImg8bit_sequence): bottom quarter
   # cropped (ego car), 192 x 512, frames 0 -2 +2 (17 Hz), ResNet-18, batch 12, Adam 1e-4, 20 epochs (x0.1 after
   # 15), AMP; then disparity of the annotated train and val frames at the later stages' 384 x 768 (full frame);
   # depth metrics on val against the SGM disparity (bottom quarter ignored). Add --weights FILE for ImageNet init.
@@ -147,20 +139,20 @@ elif [ "$preset" = "cityscapes" ]; then
   done
   $PY depth.py eval --work "$WORK" --data "$DATA" --split val --crop-bottom 0.25
   # ===== group (cityscapes) =====
-  need group.py   # stage 2 at paper scale: 384 x 768, 10000 superpixels, the camera JSON's intrinsics
+  # stage 2 at paper scale: 384 x 768, 10000 superpixels, the camera JSON's intrinsics
   for split in train val; do
     $PY group.py --work "$WORK" --data "$DATA" --split "$split" --size 384 768 --workers "$(nproc)"
   done
   $PY group.py --eval --work "$WORK" --data "$DATA" --split val
   # ===== copypaste (cityscapes) =====
-  need copypaste.py  # stage 3 at paper scale (M 8, E 2 4, 384 x 768): a saved sample is ~33 MB (16 canvases +
+  # stage 3 at paper scale (M 8, E 2 4, 384 x 768): a saved sample is ~33 MB (16 canvases +
   # int32 labels), so 25 epochs of 371 samples would fill ~300 GB; here only previews are written and
   # swav_dense.py builds the same samples on the fly (--on-the-fly, copypaste.CopyPasteDataset, same seeds).
   # To save epochs instead: add --epochs E --workers "$(nproc)".
   $PY copypaste.py --work "$WORK" --data "$DATA" --split train --size 384 768 --mix 8 --paste-times 2 4 \
     --epochs 0 --preview 8
   # ===== swav_dense (cityscapes) =====
-  need swav_dense.py  # stage 4, Sec 3.4: ResNet-50 from scratch, FPN + semantic head + projector, K 1000,
+  # stage 4, Sec 3.4: ResNet-50 from scratch, FPN + semantic head + projector, K 1000,
   # 4000 pixel + 7200 region points per canvas, lambda 0.5, SGD lr 0.1, 25 epochs of the 371 M = 8 samples of
   # Cityscapes train (2 warm-up), one GPU, AMP fp16; samples built on the fly by copypaste.CopyPasteDataset in
   # DataLoader workers; checkpoint every epoch and 500 steps, so the same command continues after a stop.
@@ -168,7 +160,7 @@ elif [ "$preset" = "cityscapes" ]; then
   $PY swav_dense.py --work "$WORK" --on-the-fly --data "$DATA" --split train --size 384 768 --mix 8 \
     --paste-times 2 4 --arch resnet50 --epochs 25 --workers "$(nproc)" --resume
   # ===== cluster (cityscapes) =====
-  need cluster.py   # stage 5, Table 1: Cityscapes val at 768 x 384, 19 trainIds, Hungarian on -IoU; the PiCIE /
+  # stage 5, Table 1: Cityscapes val at 768 x 384, 19 trainIds, Hungarian on -IoU; the PiCIE /
   # STEGO protocol for comparison; KITTI's 200 labelled images when KITTI=.../data_semantics is set
   $PY cluster.py --work "$WORK" --data "$DATA" --split val --save-pred --pca 8
   $PY cluster.py --work "$WORK" --data "$DATA" --split val --protocol picie --out "$WORK/cluster_picie"
@@ -176,7 +168,7 @@ elif [ "$preset" = "cityscapes" ]; then
     $PY cluster.py --work "$WORK" --data "$KITTI" --dataset kitti --out "$WORK/cluster_kitti"
   fi
   # ===== finetune (cityscapes) =====
-  need finetune.py  # stage 6, ablation setting (Table 4): 1/16 of Cityscapes train, 6000 iterations, val mIoU;
+  # stage 6, ablation setting (Table 4): 1/16 of Cityscapes train, 6000 iterations, val mIoU;
   # from the swav model and from scratch; KITTI 5-fold cross-validation when KITTI is set
   $PY finetune.py --work "$WORK" --data "$DATA" --init swav --fraction 0.0625 --iters 6000 --eval-every 1000
   $PY finetune.py --work "$WORK" --data "$DATA" --init scratch --arch resnet50 --fraction 0.0625 --iters 6000 \
