@@ -256,11 +256,9 @@ def build_sample(images, disparities, regions, stems, paste_times=PASTE_TIMES, g
     global RNG inside fork_rng: the caller's is untouched). photometric=False: no color change (same geometry).
     height_jitter: h_t in px at 384 rows. size: (H, W) of the canvases (default: the first image's size).
 
-    Canvas j (round 1) and M + j (round 2) start as source j: slot 0 of each region of source j is on canvas j,
-    slot 1 on canvas M + j (identity). Round i: all regions repeated e_i times, shuffled, dealt to the round's M
-    canvases in turn (canvas b gets items b, b + M, ...), each paste (`paste_region`) taking the region's next slot.
-    Returns the sample dict (module docstring).
-    """
+    Canvas j and M + j start as source j (slots 0 and 1). Round i: all regions repeated e_i times, shuffled, dealt
+    to the round's M canvases in turn, each paste (`paste_region`) taking the region's next slot. Returns the
+    sample dict (module docstring)."""
     if generator is None:
         raise ValueError("build_sample needs a torch.Generator (all randomness comes from it)")
     M = len(images)
@@ -286,9 +284,8 @@ def build_sample(images, disparities, regions, stems, paste_times=PASTE_TIMES, g
     # each region's bounding box, its crop (color and disparity) there, its mask in it, the crop's max disparity
     boxes = [b for j, (_, _, reg) in enumerate(sources) for b in region_boxes(reg, counts[j])]
     crops = [stacked[j][:, t:t + h, l:l + w] for j, (t, l, h, w) in zip(source_of, boxes)]
-    masks = [sources[j][2][t:t + h, l:l + w] == r - int(offsets[j])
-             for r, (j, (t, l, h, w)) in enumerate(zip(source_of, boxes))]
-    paste_sources = [(box, crop, mask, float(crop[3].max())) for box, crop, mask in zip(boxes, crops, masks)]
+    paste_sources = [(box, crop, sources[j][2][t:t + h, l:l + w] == r - int(offsets[j]), float(crop[3].max()))
+                     for r, (j, box, crop) in enumerate(zip(source_of, boxes, crops)) for t, l, h, w in [box]]
     jitter_px = round(height_jitter * H / REFERENCE_ROWS)
     augment = photometric_augmentation() if photometric else None
     next_slot = [2] * R
@@ -298,8 +295,7 @@ def build_sample(images, disparities, regions, stems, paste_times=PASTE_TIMES, g
         for round_index, e in enumerate((e1, e2)):
             items = torch.arange(R).repeat(e)[torch.randperm(R * e, generator=generator)].tolist()
             for k, r in enumerate(items):
-                target, slot = round_index * M + k % M, next_slot[r]
-                next_slot[r] += 1
+                target, slot, next_slot[r] = round_index * M + k % M, next_slot[r], next_slot[r] + 1
                 matrix = paste_region(canvas[target], canvas_labels[target], paste_sources[r], r * T + slot,
                                       generator, jitter_px, augment)
                 if matrix is not None:
