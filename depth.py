@@ -9,8 +9,7 @@ Pipeline: (video) -> depth.py -> group.py (coherent depth regions) -> copypaste.
 
 | reads / writes | file | shape, dtype | meaning |
 |---|---|---|---|
-| reads (train) | DATA/leftImg8bit_sequence/SPLIT/CITY/*_leftImg8bit.png, DATA/camera/SPLIT/CITY/*_camera.json | | frames, intrinsics |
-| reads (train, KITTI) | DATA/DATE/DRIVE_sync/image_02/data/*.png, DATA/DATE/calib_cam_to_cam.txt | | raw KITTI, P_rect_02 |
+| reads (train) | DATA/leftImg8bit_sequence/SPLIT/CITY/*.png, DATA/camera/SPLIT/CITY/*_camera.json (or KITTI raw) | | |
 | writes (train) | WORK/depth/model.pt | dict | {"arch", "model": depth net state_dict, "pose_model", "args", "size", ...} |
 | writes (train) | WORK/depth/checkpoint.pt, log.jsonl, args.json | | exact resume; one JSON line per log step |
 | reads (predict) | WORK/depth/model.pt; DATA/leftImg8bit/SPLIT/*/*.png or --images GLOB | | |
@@ -18,19 +17,17 @@ Pipeline: (video) -> depth.py -> group.py (coherent depth regions) -> copypaste.
 | reads (eval) | WORK/disp, DATA/disparity/SPLIT/CITY/<stem>_disparity.png, camera JSON | | GT depth = baseline fx / d |
 | writes (eval) | WORK/depth/eval.json | JSON | abs_rel, sq_rel, rmse, rmse_log, a1-a3, scaling ratio |
 
-Paper scale (Cityscapes as Monodepth2 prepares it: bottom quarter cropped, 512 x 192, frames -2 0 +2):
+Paper scale (Cityscapes as Monodepth2 prepares it: bottom quarter cropped, 512 x 192, frames -2 0 +2; toy: pipeline.sh):
     python depth.py train --data CS --work runs/cs --size 192 512 --frame-offset 2 --crop-bottom 0.25
     python depth.py predict --work runs/cs --data CS --split train --size 384 768
     python depth.py eval --work runs/cs --data CS --split val --crop-bottom 0.25
-Tiny (toy city, CPU, minutes): see pipeline.sh toy.
 
 Departures from Monodepth2:
 - Encoders start from scratch unless `--weights FILE` gives a local torchvision ResNet state_dict.
 - Pixel centres sit at i + 0.5 (grid_sample's align_corners=False), so normalized intrinsics are exact under
   resizing and flipping (cx -> 1 - cx). Monodepth2 puts centres at i and leaves K unchanged under flips.
 - Both pose pairs go through the pose network as one batch (BatchNorm statistics over both pairs).
-- The identity error of auto-masking is computed once per step (it has no scale and no gradient) and its
-  tie-break noise drawn once (Monodepth2: per scale). Networks run on channels-last memory.
+- Auto-masking's identity error (no scale, no gradient) and its tie-break noise are computed once per step.
 - Smoothness images are the target downsampled by area averaging (Monodepth2: PIL antialiased resizes).
 - The lr drops after epoch 15 of 20; with `--steps` after the same fraction of the steps.
 - `predict` runs the network at the training pixel scale over the full frame (a model trained with a bottom
@@ -53,9 +50,7 @@ from PIL import Image
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-# ----------------------------------------------------------------------------------------------------------
-# Paper constants (Monodepth2, Godard et al. ICCV 2019, Sec 3-4 and its Appendix; PAPER_NOTES.md stage 1)
-# ----------------------------------------------------------------------------------------------------------
+# ----- Paper constants (Monodepth2 Sec 3-4 and its Appendix; PAPER_NOTES.md stage 1) -----
 SSIM_WEIGHT = 0.85             # alpha of Eqn 1: pe = alpha (1 - SSIM) / 2 + (1 - alpha) |I_a - I_b|_1
 SSIM_C1, SSIM_C2 = 0.01 ** 2, 0.03 ** 2  # SSIM stabilizers (Wang et al. 2004) for intensities in [0, 1]
 SMOOTHNESS_WEIGHT = 1e-3       # lambda of Eqn 3's term; divided by 2^s at scale s
@@ -70,9 +65,7 @@ NUM_SCALES = 4                 # disparity outputs at 1, 1/2, 1/4, 1/8 of the in
 JITTER = dict(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.1)  # color jitter ranges, p 0.5 (Sec 4.1)
 EVAL_MIN_DEPTH, EVAL_MAX_DEPTH = 1e-3, 80.0  # evaluation caps (Eigen protocol, Monodepth2 Sec 4.1)
 KITTI_INTRINSICS = (0.58, 1.92, 0.5, 0.5)  # normalized fx, fy, cx, cy of KITTI raw (released code's default)
-# ----------------------------------------------------------------------------------------------------------
-# Readers: the Cityscapes layout (the toy city writes the same), imported by the later stages.
-# ----------------------------------------------------------------------------------------------------------
+# ----- Readers of the Cityscapes layout (the toy city writes the same), used by the later stages -----
 CITYSCAPES_STEM = re.compile(r"^(?P<city>.+)_(?P<seq>\d{6})_(?P<frame>\d{6})$")
 CITYSCAPES_SIZE = (1024, 2048)  # (H, W) of the distributed images; camera JSON intrinsics are in these pixels
 
@@ -132,20 +125,15 @@ def find_camera_json(data, split, stem):
 
 
 def read_camera_json(path, image_size=CITYSCAPES_SIZE, crop_bottom=0.0):
-    """Normalized intrinsics (fx/W, fy/H', cx/W, cy/H') from a Cityscapes camera JSON.
-
-    image_size: (H, W) in pixels of the images the JSON's intrinsics refer to (Cityscapes: 1024 x 2048).
-    crop_bottom: fraction of rows removed at the bottom (Monodepth2's Cityscapes preparation: 0.25), so that
-    H' = H * (1 - crop_bottom); the top-left origin does not move, so cx, cy in pixels are unchanged.
-    """
+    """Normalized intrinsics (fx/W, fy/H', cx/W, cy/H') from a Cityscapes camera JSON whose intrinsics are in
+    pixels of images of image_size (H, W); H' = H (1 - crop_bottom): the top-left origin does not move."""
     try:
         with open(path) as f:
             intrinsic = json.load(f)["intrinsic"]
         fx, fy, u0, v0 = (float(intrinsic[k]) for k in ("fx", "fy", "u0", "v0"))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: not a readable Cityscapes camera JSON with intrinsic fx, fy, u0, v0 ({e})")
-    height, width = image_size
-    height = height * (1.0 - crop_bottom)
+    height, width = image_size[0] * (1.0 - crop_bottom), image_size[1]
     return np.array([fx / width, fy / height, u0 / width, v0 / height], dtype=np.float64)
 
 
@@ -168,44 +156,26 @@ def read_camera_baseline(path):
 
 
 def read_kitti_calibration(path, camera="02"):
-    """Normalized intrinsics (fx/W, fy/H, cx/W, cy/H) of a KITTI raw camera from calib_cam_to_cam.txt.
-
-    Uses P_rect_<camera> (3 x 4, pixels of the rectified image) and S_rect_<camera> (W H of that image).
-    """
+    """Normalized intrinsics (fx/W, fy/H, cx/W, cy/H) of a KITTI raw camera from calib_cam_to_cam.txt: P_rect_<camera>
+    (3 x 4, pixels of the rectified image) and S_rect_<camera> (W H of that image)."""
     try:
-        rows = {}
         with open(path) as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                rows[key.strip()] = value
+            rows = dict(line.split(":", 1) for line in f if ":" in line)
         P = np.array(rows[f"P_rect_{camera}"].split(), dtype=np.float64).reshape(3, 4)
         width, height = np.array(rows[f"S_rect_{camera}"].split(), dtype=np.float64)
     except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"{path}: not a readable KITTI calib_cam_to_cam.txt with P_rect_{camera}, S_rect_{camera} ({e})")
+        raise ValueError(f"{path}: not a KITTI calib_cam_to_cam.txt with P_rect_{camera}, S_rect_{camera} ({e})")
     return np.array([P[0, 0] / width, P[1, 1] / height, P[0, 2] / width, P[1, 2] / height])
 
 
-def list_kitti_sequences(data, camera="02"):
-    """{drive: [frame paths in time order]} of KITTI raw: DATA/DATE/DRIVE_sync/image_<camera>/data/*.png."""
-    pattern = os.path.join(data, "*", "*_sync", f"image_{camera}", "data", "*.png")
+def list_kitti_sequences(data):
+    """{DATA/DATE/DRIVE_sync/image_02/data: [frame paths in time order]} of KITTI raw (the left color camera)."""
+    pattern = os.path.join(data, "*", "*_sync", "image_02", "data", "*.png")
     sequences = {}
     for path in sorted(glob.glob(pattern)):
-        drive = os.path.dirname(os.path.dirname(os.path.dirname(path)))
-        sequences.setdefault(drive, []).append(path)
+        sequences.setdefault(os.path.dirname(path), []).append(path)
     if not sequences:
         raise FileNotFoundError(f"no KITTI raw frames match {pattern}")
-    return sequences
-
-
-def list_folder_sequences(data):
-    """{folder: [image paths sorted by name]}: every folder under DATA that holds images is one ordered video."""
-    sequences = {}
-    for root, _, files in sorted(os.walk(data)):
-        frames = sorted(f for f in files if f.lower().endswith((".png", ".jpg", ".jpeg")))
-        if frames:
-            sequences[root] = [os.path.join(root, f) for f in frames]
-    if not sequences:
-        raise FileNotFoundError(f"no .png/.jpg frames under {data}")
     return sequences
 
 
@@ -233,14 +203,9 @@ def image_size(path):
         raise ValueError(f"{path}: cannot read this frame as an image ({e})") from None
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Pure functions, in pipeline order: disparity, pose, camera geometry, photometric error, losses, metrics
-# ----------------------------------------------------------------------------------------------------------
+# ----- Pure functions in pipeline order: disparity, pose, geometry, photometric error, losses, metrics -----
 def disp_to_depth(sigma, min_depth=MIN_DEPTH, max_depth=MAX_DEPTH):
-    """Sigmoid output -> (scaled disparity, depth) (Monodepth2 Sec 4 / Appendix).
-
-    disp = 1/max_depth + (1/min_depth - 1/max_depth) * sigma;  depth = 1 / disp.
-    """
+    """Sigmoid -> (disp, depth) (Monodepth2 Sec 4): disp = 1/max_d + (1/min_d - 1/max_d) sigma, depth = 1/disp."""
     min_disp, max_disp = 1.0 / max_depth, 1.0 / min_depth
     disp = min_disp + (max_disp - min_disp) * sigma
     return disp, 1.0 / disp
@@ -263,11 +228,8 @@ def axis_angle_to_matrix(axis_angle, eps=ROTATION_EPS):
 
 
 def pose_matrix(axis_angle, translation, invert=False):
-    """(B, 3) axis-angle and (B, 3) translation -> (B, 4, 4) rigid transform [R | t] (or its inverse).
-
-    The pose network sees a pair (a, b) in temporal order and predicts T_{a->b} (points of camera a expressed
-    in camera b). For a source before the target the pair is (source, target), so the target-to-source
-    transform is the inverse [R^T | -R^T t].
+    """(B, 3) axis-angle and (B, 3) translation -> (B, 4, 4) rigid transform [R | t], or its inverse [R^T | -R^T t].
+    The pose network predicts T_{a->b} of a pair (a, b) in temporal order; a source before the target needs the inverse.
     """
     R = axis_angle_to_matrix(axis_angle)
     t = translation[:, :, None]                                        # (B, 3, 1)
@@ -279,11 +241,8 @@ def pose_matrix(axis_angle, translation, invert=False):
 
 
 def intrinsics_matrix(intrinsics, height, width):
-    """(B, 4) normalized (fx, fy, cx, cy) -> (B, 3, 3) pixel K for an image of height x width.
-
-    Pixel coordinates are continuous, pixel column i spans [i, i + 1] (centre i + 0.5), so the normalized
-    values are exact under any resize: fx_pix = fx * W, cx_pix = cx * W, fy_pix = fy * H, cy_pix = cy * H.
-    """
+    """(B, 4) normalized (fx, fy, cx, cy) -> (B, 3, 3) pixel K of a height x width image: fx W, cx W, fy H, cy H
+    (pixel column i spans [i, i + 1], centre i + 0.5, so this is exact under any resize)."""
     fx, fy, cx, cy = intrinsics.unbind(dim=1)
     zero, one = torch.zeros_like(fx), torch.ones_like(fx)
     return torch.stack([fx * width, zero, cx * width,
@@ -292,10 +251,7 @@ def intrinsics_matrix(intrinsics, height, width):
 
 
 def backproject(depth, inv_K):
-    """Eqn 2, first half: camera points P = D(p) K^-1 p of a (B, 1, H, W) depth map -> (B, 3, H*W).
-
-    p = (i + 0.5, j + 0.5, 1) are the pixel centres in row-major order.
-    """
+    """Eqn 2, first half: points P = D(p) K^-1 p of a (B, 1, H, W) depth, pixel centres p = (i + 0.5, j + 0.5, 1)."""
     B, _, H, W = depth.shape
     v, u = torch.meshgrid(torch.arange(H, dtype=inv_K.dtype, device=inv_K.device) + 0.5,
                           torch.arange(W, dtype=inv_K.dtype, device=inv_K.device) + 0.5, indexing="ij")
@@ -310,10 +266,8 @@ def project(points, K, T, height, width, eps=1e-7):
 
 
 def pixels_to_grid(cam, height, width, eps=1e-7):
-    """Homogeneous pixel coordinates (B, 3, H*W) -> normalized sampling grid (B, H, W, 2).
-
-    x_norm = 2 u / W - 1 for continuous pixel coordinate u (pixel centres i + 0.5: align_corners=False).
-    """
+    """Homogeneous pixel coordinates (B, 3, H*W) -> grid_sample grid (B, H, W, 2): x = 2 u / W - 1 for continuous
+    pixel coordinates u (pixel centres at i + 0.5: align_corners=False)."""
     u = cam[:, 0] / (cam[:, 2] + eps)
     v = cam[:, 1] / (cam[:, 2] + eps)
     return torch.stack([2 * u / width - 1, 2 * v / height - 1], dim=-1).view(-1, height, width, 2)
@@ -339,22 +293,17 @@ def ssim(x, y, c1=SSIM_C1, c2=SSIM_C2):
 
 
 def photometric_error(pred, target, alpha=SSIM_WEIGHT):
-    """Monodepth2 Eqn 1: pe = alpha (1 - SSIM)/2 + (1 - alpha) |pred - target|, channel-averaged -> (B, 1, H, W).
-
-    (1 - SSIM)/2 is clamped to [0, 1].
-    """
+    """Monodepth2 Eqn 1: pe = alpha (1 - SSIM)/2 + (1 - alpha) |pred - target|, (1 - SSIM)/2 clamped to [0, 1],
+    channel-averaged -> (B, 1, H, W)."""
     dssim = ((1 - ssim(pred, target)) / 2).clamp(0, 1).mean(1, keepdim=True)
     return alpha * dssim + (1 - alpha) * (pred - target).abs().mean(1, keepdim=True)
 
 
 def min_reprojection(reprojection, identity=None, average=False):
     """Eqn 4 and 5: per-pixel minimum over sources of the reprojection error, with auto-masking.
-
-    reprojection: (B, S, H, W) error of each warped source; identity: (B, S, H, W) error of each unwarped
-    source (auto-masking, Eqn 5: mu = [min pe(I_t, I_t'->t) < min pe(I_t, I_t')]; taking the minimum over
-    both sets is the same loss), or None to switch auto-masking off. average=True is the ablation that
-    averages over sources instead of taking the minimum. Returns the per-pixel loss (B, H, W) and the
-    auto-mask mu (B, H, W) bool (True where a reprojection won).
+    reprojection, identity: (B, S, H, W) errors of the warped and the unwarped sources (identity None: no
+    auto-masking). Eqn 5's mu = [min pe(I_t, I_t'->t) < min pe(I_t, I_t')], so the minimum over both sets is the
+    masked loss. average=True: the ablation averaging over sources. Returns the loss (B, H, W) and mu (bool).
     """
     if average:
         reprojection = reprojection.mean(1, keepdim=True)
@@ -367,10 +316,8 @@ def min_reprojection(reprojection, identity=None, average=False):
 
 
 def smoothness_loss(disp, image):
-    """Monodepth2 Eqn 3: L_s = |dx d*| exp(-|dx I|) + |dy d*| exp(-|dy I|), d* = d / mean(d) per image.
-
-    disp (B, 1, h, w) and image (B, 3, h, w) at the same scale; image gradients averaged over channels.
-    """
+    """Monodepth2 Eqn 3: L_s = |dx d*| exp(-|dx I|) + |dy d*| exp(-|dy I|), d* = d / mean(d) per image; disp
+    (B, 1, h, w) and image (B, 3, h, w) at the same scale, image gradients averaged over channels."""
     d = disp / (disp.mean((2, 3), keepdim=True) + 1e-7)
     dx_d = (d[:, :, :, :-1] - d[:, :, :, 1:]).abs()
     dy_d = (d[:, :, :-1, :] - d[:, :, 1:, :]).abs()
@@ -380,13 +327,10 @@ def smoothness_loss(disp, image):
 
 
 def compute_losses(disps, target, sources, poses, intrinsics, args, generator=None):
-    """The Monodepth2 training loss of one batch (Sec 3.2-3.3), in fp32.
-
-    disps: sigmoid disparities (B, 1, H/2^s, W/2^s), s = 0..3; target (B, 3, H, W) and sources [(B, 3, H, W)]
-    un-jittered images in [0, 1]; poses [(B, 4, 4)] target-to-source; intrinsics (B, 4) normalized; args: the
-    train flags (min/max depth, weights, ablations). Full-resolution multi-scale (Sec 3.3): each disparity is
-    upsampled to H x W before warping. L = 1/S sum_s [mean_p min(...) + smoothness_weight / 2^s * L_s].
-    Returns (loss, {"photometric", "smoothness", "automask"} floats for logging).
+    """The Monodepth2 training loss of one batch (Sec 3.2-3.3), in fp32. disps: sigmoid disparities (B, 1, H/2^s,
+    W/2^s), s = 0..3, each upsampled to H x W before warping (Sec 3.3);
+    target, sources: un-jittered (B, 3, H, W); poses: target-to-source (B, 4, 4); args: the train flags.
+    L = 1/4 sum_s [mean_p min(...) + smoothness_weight / 2^s L_s]. Returns (loss, floats for the log).
     """
     B, _, H, W = target.shape
     K = intrinsics_matrix(intrinsics, H, W)
@@ -413,24 +357,10 @@ def compute_losses(disps, target, sources, poses, intrinsics, args, generator=No
                   "smoothness": float(smooth.detach() / len(disps)), "automask": float(sum(masks) / len(disps))}
 
 
-def lr_at(step, base_lr, drop_step, gamma=0.1):
-    """Step schedule: base_lr until drop_step, then base_lr * gamma (Monodepth2: x0.1 after epoch 15 of 20)."""
-    return base_lr * (gamma if step >= drop_step else 1.0)
-
-
-def normalize_disparity(disp):
-    """(B, 1, H, W) positive disparity -> divided by each image's maximum: values in (0, 1], scale-free."""
-    return disp / disp.amax(dim=(1, 2, 3), keepdim=True)
-
-
 def median_scaled_errors(pred_depth, gt_depth, min_depth=EVAL_MIN_DEPTH, max_depth=EVAL_MAX_DEPTH):
     """One image's depth metrics after median scaling (Monodepth2 Sec 4.1, Eigen et al. 2014 metrics).
-
-    pred_depth, gt_depth: numpy arrays of the same shape (gt 0 where invalid). Valid: min < gt < max.
-    ratio = median(gt) / median(pred); pred <- clip(pred * ratio, min, max); then
-    abs_rel = mean |p - g| / g, sq_rel = mean (p - g)^2 / g, rmse = sqrt mean (p - g)^2,
-    rmse_log = sqrt mean (log p - log g)^2, a_k = mean [max(g/p, p/g) < 1.25^k].
-    Returns (metrics dict, ratio).
+    Valid pixels: min < gt < max. ratio = median(g) / median(p); p <- clip(p ratio, min, max); abs_rel = mean |p - g|/g,
+    sq_rel = mean (p - g)^2/g, rmse, rmse_log, a_k = mean [max(g/p, p/g) < 1.25^k]. Returns (metrics, ratio).
     """
     mask = (gt_depth > min_depth) & (gt_depth < max_depth)
     g, p = gt_depth[mask].astype(np.float64), pred_depth[mask].astype(np.float64)
@@ -448,9 +378,7 @@ def disparity_to_depth(disparity_px, baseline, fx_px):
     return np.where(disparity_px > 0, baseline * fx_px / np.maximum(disparity_px, 1e-12), 0.0)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Networks (Monodepth2 Appendix): ResNet encoder, depth decoder with 4 sigmoid scales, pose network
-# ----------------------------------------------------------------------------------------------------------
+# ----- Networks (Monodepth2 Appendix): ResNet encoder, depth decoder (4 sigmoid scales), pose network -----
 ENCODER_CHANNELS = {"resnet18": (64, 64, 128, 256, 512), "resnet34": (64, 64, 128, 256, 512),
                     "resnet50": (64, 256, 512, 1024, 2048)}
 
@@ -460,20 +388,16 @@ class ResnetEncoder(nn.Module):
 
     def __init__(self, arch="resnet18", images=1, weights=None):
         super().__init__()
-        if arch not in ENCODER_CHANNELS:
-            raise ValueError(f"--arch {arch}: choose one of {sorted(ENCODER_CHANNELS)}")
         net = getattr(torchvision.models, arch)(weights=None)
         if images > 1:
             net.conv1 = nn.Conv2d(3 * images, 64, kernel_size=7, stride=2, padding=3, bias=False)
             nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
+        if weights:  # a local torchvision ResNet state_dict; for stacked frames conv1 is repeated and divided
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+            net.load_state_dict({**state, "conv1.weight": torch.cat([state["conv1.weight"]] * images, 1) / images})
         self.channels = ENCODER_CHANNELS[arch]
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
-        if weights:  # a local torchvision ResNet state_dict; for stacked frames conv1 is repeated and divided
-            state = {k: v for k, v in torch.load(weights, map_location="cpu", weights_only=True).items()
-                     if not k.startswith("fc.")}
-            state["conv1.weight"] = torch.cat([state["conv1.weight"]] * images, dim=1) / images
-            self.load_state_dict(state, strict=True)
 
     def forward(self, x):
         x = ((x - ENCODER_MEAN) / ENCODER_STD).contiguous(memory_format=torch.channels_last)
@@ -493,16 +417,15 @@ def conv_block(cin, cout):
 class DepthDecoder(nn.Module):
     """U-Net decoder: per level conv, nearest x2 upsample, skip concat, conv; sigmoid disparity at 4 scales."""
 
-    def __init__(self, encoder_channels, channels=DECODER_CHANNELS, num_scales=NUM_SCALES):
+    def __init__(self, encoder_channels, channels=DECODER_CHANNELS):
         super().__init__()
-        self.num_scales = num_scales
         self.up0, self.up1, self.heads = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
         for i in range(4, -1, -1):                                      # level i works at 1/2^i after upsampling
             cin = encoder_channels[-1] if i == 4 else channels[i + 1]
             self.up0.append(conv_block(cin, channels[i]))
             skip = encoder_channels[i - 1] if i > 0 else 0
             self.up1.append(conv_block(channels[i] + skip, channels[i]))
-        for s in range(num_scales):
+        for s in range(NUM_SCALES):
             self.heads.append(nn.Conv2d(channels[s], 1, 3, padding=1, padding_mode="reflect"))
 
     def forward(self, features):
@@ -512,9 +435,9 @@ class DepthDecoder(nn.Module):
             if i > 0:
                 x = torch.cat([x, features[i - 1]], dim=1)
             x = self.up1[j](x)
-            if i < self.num_scales:
+            if i < NUM_SCALES:
                 disps[i] = torch.sigmoid(self.heads[i](x))             # (B, 1, H/2^i, W/2^i)
-        return [disps[s] for s in range(self.num_scales)]
+        return [disps[s] for s in range(NUM_SCALES)]
 
 
 class DepthNet(nn.Module):
@@ -549,9 +472,7 @@ class PoseNet(nn.Module):
         return out[:, :3], out[:, 3:]
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Input / output: training triplets, plumbing shared with the other stages
-# ----------------------------------------------------------------------------------------------------------
+# ----- Training data, the training step, plumbing shared with the other stages -----
 def seed_everything(seed):
     """Seed Python's, numpy's and torch's global generators (all devices)."""
     random.seed(seed)
@@ -587,55 +508,34 @@ def atomic_write(path, write):
             os.remove(tmp)
 
 
-def round32(x):
-    return max(32, int(round(x / 32.0)) * 32)
-
-
-def triplets_of(paths, offset):
-    """Indices (t, t - k, t + k) of a time-ordered frame list whose two neighbours exist."""
-    return [(t, t - offset, t + offset) for t in range(offset, len(paths) - offset)]
-
-
 def training_items(args):
     """[(target, previous, next) paths, normalized intrinsics (4,)] of every training triplet."""
     items = []
     if args.dataset == "cityscapes":
         for split in args.split:
-            for (city, seq), paths in sorted(list_split_sequences(args.data, split).items()):
-                frames = [parse_stem(image_stem(p))[2] for p in paths]
-                by_frame = dict(zip(frames, paths))
+            for _, paths in sorted(list_split_sequences(args.data, split).items()):
                 camera = find_camera_json(args.data, split, image_stem(paths[0]))
                 K = read_camera_json(camera, image_size(paths[0]), args.crop_bottom)
-                for f in frames:
-                    k = args.frame_offset
-                    if f - k in by_frame and f + k in by_frame:
-                        items.append(((by_frame[f], by_frame[f - k], by_frame[f + k]), K))
-    else:
-        sequences = list_kitti_sequences(args.data) if args.dataset == "kitti" else list_folder_sequences(args.data)
-        for folder, paths in sorted(sequences.items()):
-            if args.intrinsics is not None:
-                K = np.array(args.intrinsics, dtype=np.float64)
-            elif args.dataset == "kitti":
-                calib = os.path.join(os.path.dirname(folder), "calib_cam_to_cam.txt")
-                K = read_kitti_calibration(calib) if os.path.exists(calib) else np.array(KITTI_INTRINSICS)
-            else:
-                raise SystemExit("depth.py train --dataset folder needs --intrinsics FX FY CX CY (normalized)")
-            items += [(tuple(paths[i] for i in idx), K) for idx in triplets_of(paths, args.frame_offset)]
+                at, k = {parse_stem(image_stem(p))[2]: p for p in paths}, args.frame_offset  # frame number -> path
+                items += [((at[f], at[f - k], at[f + k]), K) for f in at if f - k in at and f + k in at]
+    else:  # KITTI raw: the calibration of DATE/ beside DATE/DRIVE_sync/image_02/data
+        for folder, paths in sorted(list_kitti_sequences(args.data).items()):
+            calib = os.path.join(folder, "..", "..", "..", "calib_cam_to_cam.txt")
+            K = read_kitti_calibration(calib) if os.path.exists(calib) else np.array(KITTI_INTRINSICS)
+            k = args.frame_offset
+            items += [((paths[t], paths[t - k], paths[t + k]), K) for t in range(k, len(paths) - k)]
     if not items:
         raise SystemExit(f"no training triplets with frame offset {args.frame_offset} under {args.data}")
     return items
 
 
 class TripletDataset(torch.utils.data.Dataset):
-    """Frame triplets at size (H, W): dataset[(epoch, i)] = {"frames" (3, 3, H, W) order (0, -k, +k), "aug"
-    jittered, "intrinsics" (4,)}.
-
-    Augmentation (Monodepth2 Sec 4.1): horizontal flip p 0.5, then with p 0.5 one color jitter shared by the
-    three frames. Its draws come from torch seeded by (seed, epoch, i): they do not depend on workers or resumes.
-    """
+    """dataset[epoch, i] = {"frames" (3, 3, H, W) in order (0, -k, +k), "aug" (jittered), "intrinsics" (4,)}.
+    Monodepth2 Sec 4.1: a horizontal flip (p 0.5), then one color jitter for all three frames (p 0.5), drawn by
+    torch seeded with (seed, epoch, i): the same with any number of workers and after a resume."""
 
     def __init__(self, items, size, crop_bottom=0.0, augment=True, seed=0):
-        self.items, self.size, self.crop_bottom, self.augment, self.seed = items, tuple(size), crop_bottom, augment, seed
+        self.items, self.size, self.crop_bottom, self.augment, self.seed = items, size, crop_bottom, augment, seed
         self.jitter = v2.RandomApply([v2.ColorJitter(**JITTER)], p=0.5)
 
     def __len__(self):
@@ -706,34 +606,18 @@ def model_file(depth_net, pose_net, args):
             "num_scales": NUM_SCALES, "min_depth": args.min_depth, "max_depth": args.max_depth}
 
 
-def load_depth_model(path, map_location="cpu"):
-    """Rebuild the depth network from WORK/depth/model.pt (strict) -> (DepthNet in eval mode, model dict)."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} is missing: make it with `python depth.py train --data DATA --work WORK`")
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    net = DepthNet(ckpt["arch"])
-    net.load_state_dict(ckpt["model"], strict=True)
-    return net.eval(), ckpt
-
-
-# ----------------------------------------------------------------------------------------------------------
-# run: train, predict, eval
-# ----------------------------------------------------------------------------------------------------------
+# ----- Commands: train, predict, eval -----
 def resolve_crop_bottom(args):
     """--crop-bottom default: 0.25 for real Cityscapes (ego-car hood), 0 for the toy city, KITTI and folders."""
-    if args.crop_bottom is not None:
-        return args.crop_bottom
-    if args.dataset != "cityscapes":
-        return 0.0
-    cities = {os.path.basename(p) for s in args.split for p in glob.glob(os.path.join(args.data, "leftImg8bit_sequence", s, "*"))}
+    if args.crop_bottom is not None or args.dataset != "cityscapes":
+        return args.crop_bottom or 0.0
+    cities = {os.path.basename(p) for s in args.split for p in glob.glob(f"{args.data}/leftImg8bit_sequence/{s}/*")}
     return 0.0 if cities <= {"toycity"} else 0.25
 
 
 def train_outputs(args):
-    """(WORK/depth, resume?), or None when a finished model.pt leaves nothing to do.
-
-    An unfinished checkpoint.pt needs --resume (continue it) or --overwrite (start again).
-    """
+    """(WORK/depth, resume?), or None when a finished model.pt leaves nothing to do. An unfinished checkpoint.pt
+    needs --resume (continue it) or --overwrite (start again)."""
     out = os.path.join(args.work, "depth")
     model_path, ckpt_path = os.path.join(out, "model.pt"), os.path.join(out, "checkpoint.pt")
     resume = args.resume and os.path.exists(ckpt_path)
@@ -785,8 +669,8 @@ def train(args):
     start_time, start_step = time.time(), step
     with open(os.path.join(out, "log.jsonl"), "a" if resume else "w") as log:
         for batch in tqdm(loader, initial=step, total=total, desc="depth train", disable=args.no_progress):
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, args.lr, drop_step, args.lr_gamma)
+            for group in optimizer.param_groups:  # Monodepth2: x0.1 after epoch 15 of 20
+                group["lr"] = args.lr * (args.lr_gamma if step >= drop_step else 1.0)
             loss, logs = train_step(depth_net, pose_net, optimizer, scaler, batch, args, amp_dtype, noise)
             step += 1
             if step % args.log_every == 0 or step == stop:
@@ -814,116 +698,96 @@ def colorize(disp):
     return ((1 - w) * anchors[i] + w * anchors[i + 1]).astype(np.uint8)
 
 
-def shard_of(items, shard):
-    """--shard i/n: every n-th item starting at i (0-based)."""
-    i, n = (int(x) for x in shard.split("/"))
-    if not 0 <= i < n:
-        raise SystemExit(f"--shard {shard}: need 0 <= i < n")
-    return items[i::n]
-
-
 def predict(args):
     """Disparity of every image, normalized to (0, 1] -> WORK/disp/<stem>.npy (+ previews)."""
-    net, model = load_depth_model(os.path.join(args.work, "depth", "model.pt"))
+    path = os.path.join(args.work, "depth", "model.pt")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing: make it with `python depth.py train --data DATA --work WORK`")
+    model = torch.load(path, map_location="cpu", weights_only=False)
     device = pick_device(args.device)
-    net = net.to(device)
-    crop = model["crop_bottom"]
-    net_size = tuple(args.net_size) if args.net_size else (round32(model["size"][0] / (1 - crop)), model["size"][1])
+    amp_dtype = amp_dtype_for(device, args.no_amp)
+    net = DepthNet(model["arch"]).eval().to(device)
+    net.load_state_dict(model["model"])
+    net_size = (max(32, round(model["size"][0] / (1 - model["crop_bottom"]) / 32) * 32), model["size"][1])
     size = tuple(args.size) if args.size else net_size
-    if args.images:
-        paths = sorted(glob.glob(args.images))
-        if not paths:
-            raise SystemExit(f"--images {args.images}: no file matches")
-    else:
-        paths = list_split_images(args.data, args.split)
-    paths = shard_of(paths, args.shard)
-    out = os.path.join(args.work, "disp")
-    os.makedirs(out, exist_ok=True)
-    if args.preview:
-        os.makedirs(os.path.join(args.work, "disp_preview"), exist_ok=True)
+    paths = sorted(glob.glob(args.images)) if args.images else list_split_images(args.data, args.split)
+    if not paths:
+        raise SystemExit(f"--images {args.images}: no file matches")
+    out, preview = os.path.join(args.work, "disp"), os.path.join(args.work, "disp_preview")
+    for folder in (out, preview) if args.preview else (out,):
+        os.makedirs(folder, exist_ok=True)
     todo = [p for p in paths if args.overwrite or not os.path.exists(os.path.join(out, image_stem(p) + ".npy"))]
     print(f"[depth] predict {len(todo)} of {len(paths)} images (others done) at {size[0]} x {size[1]}, "
           f"network input {net_size[0]} x {net_size[1]}, device {device}")
-    amp_dtype = amp_dtype_for(device, args.no_amp)
     for b in tqdm(range(0, len(todo), args.batch_size), desc="depth predict", disable=args.no_progress):
         chunk = todo[b:b + args.batch_size]
         images = torch.stack([load_rgb(p, net_size) for p in chunk]).to(device)
         with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             sigma = net(images)[0].float()
         disp = disp_to_depth(sigma, model["min_depth"], model["max_depth"])[0]
-        disp = normalize_disparity(F.interpolate(disp, size, mode="bilinear", align_corners=False))
+        disp = F.interpolate(disp, size, mode="bilinear", align_corners=False)
+        disp = disp / disp.amax(dim=(1, 2, 3), keepdim=True)            # each image's maximum 1: scale-free
         for path, d in zip(chunk, disp[:, 0].cpu().numpy().astype(np.float32)):
-            stem = image_stem(path)
-            atomic_write(os.path.join(out, stem + ".npy"), lambda f: np.save(f, d))
+            atomic_write(os.path.join(out, image_stem(path) + ".npy"), lambda f: np.save(f, d))
             if args.preview:
-                atomic_write(os.path.join(args.work, "disp_preview", stem + ".png"),
+                atomic_write(os.path.join(preview, image_stem(path) + ".png"),
                              lambda f: Image.fromarray(colorize(d)).save(f, format="PNG"))
     print(f"[depth] disparities in {out}")
 
 
 def evaluate(args):
     """Median-scaled depth metrics of WORK/disp against the ground-truth disparity PNGs -> WORK/depth/eval.json."""
-    stems = [image_stem(p) for p in list_split_images(args.data, args.split)]
-    disp_dir = os.path.join(args.work, "disp")
     rows, ratios = [], []
-    for stem in stems:
-        disp_path = os.path.join(disp_dir, stem + ".npy")
-        if not os.path.exists(disp_path):
-            raise SystemExit(f"{disp_path} is missing: run `python depth.py predict --work {args.work} "
-                             f"--data {args.data} --split {args.split}` first")
-        pred = np.load(disp_path)
+    for stem in [image_stem(p) for p in list_split_images(args.data, args.split)]:
+        disp_path = os.path.join(args.work, "disp", stem + ".npy")
+        gt_path = split_file(args.data, "disparity", args.split, stem, "disparity.png")
+        for path, make in ((disp_path, f"run `python depth.py predict --work {args.work} --data {args.data} "
+                                        f"--split {args.split}` first"), (gt_path, "eval needs ground-truth disparity")):
+            if not os.path.exists(path):
+                raise SystemExit(f"{path} is missing: {make}")
+        pred, gt_disp = np.load(disp_path), read_disparity_png(gt_path)
         if pred.ndim != 2 or pred.dtype != np.float32:
             raise SystemExit(f"{disp_path}: expected a float32 (H, W) disparity, got {pred.dtype} {pred.shape}")
-        gt_path = split_file(args.data, "disparity", args.split, stem, "disparity.png")
-        if not os.path.exists(gt_path):
-            raise SystemExit(f"{gt_path} is missing: eval needs the dataset's ground-truth disparity PNGs")
-        gt_disp = read_disparity_png(gt_path)
         camera = find_camera_json(args.data, args.split, stem)
         frame = split_file(args.data, "leftImg8bit", args.split, stem, "leftImg8bit.png")
         fx = read_camera_json(camera, image_size(frame))[0] * gt_disp.shape[1]  # fx in pixels of the PNG
-        gt = disparity_to_depth(gt_disp, read_camera_baseline(camera), fx)
-        keep = int(round(gt.shape[0] * (1 - args.crop_bottom)))
-        gt = gt[:keep]
-        pred_t = torch.from_numpy(pred)[None, None]
-        pred_full = F.interpolate(pred_t, gt_disp.shape, mode="bilinear", align_corners=False)[0, 0].numpy()[:keep]
-        if not ((gt > EVAL_MIN_DEPTH) & (gt < EVAL_MAX_DEPTH)).any():
-            continue
-        metrics, ratio = median_scaled_errors(1.0 / np.maximum(pred_full, 1e-8), gt)
-        rows.append(metrics)
-        ratios.append(ratio)
+        keep = int(round(gt_disp.shape[0] * (1 - args.crop_bottom)))
+        gt = disparity_to_depth(gt_disp, read_camera_baseline(camera), fx)[:keep]
+        pred = F.interpolate(torch.from_numpy(pred)[None, None], gt_disp.shape, mode="bilinear", align_corners=False)
+        if ((gt > EVAL_MIN_DEPTH) & (gt < EVAL_MAX_DEPTH)).any():
+            metrics, ratio = median_scaled_errors(1.0 / np.maximum(pred[0, 0].numpy()[:keep], 1e-8), gt)
+            rows.append(metrics)
+            ratios.append(ratio)
     if not rows:
         raise SystemExit(f"no image of {args.split} has valid ground-truth depth")
     names = ["abs_rel", "sq_rel", "rmse", "rmse_log", "a1", "a2", "a3"]
     mean = {k: float(np.mean([r[k] for r in rows])) for k in names}
     ratios = np.array(ratios)
-    result = {**mean, "ratio_median": float(np.median(ratios)),
-              "ratio_std": float(np.std(ratios / np.median(ratios))), "images": len(rows),
-              "split": args.split, "crop_bottom": args.crop_bottom}
+    result = {**mean, "ratio_median": float(np.median(ratios)), "ratio_std": float(np.std(ratios / np.median(ratios))),
+              "images": len(rows), "split": args.split, "crop_bottom": args.crop_bottom}
     os.makedirs(os.path.join(args.work, "depth"), exist_ok=True)
     path = os.path.join(args.work, "depth", "eval.json")
     atomic_write(path, lambda f: f.write(json.dumps(result, indent=2).encode()))
     print(f"[depth] eval on {len(rows)} {args.split} images, median scaling ratio {result['ratio_median']:.3f} "
           f"(std of ratio/median {result['ratio_std']:.3f})")
-    print("| " + " | ".join(names) + " |\n|" + "---|" * len(names))
-    print("| " + " | ".join(f"{mean[k]:.3f}" for k in names) + " |")
-    print(f"[depth] wrote {path}")
+    print(f"[depth] wrote {path}: " + ", ".join(f"{k} {mean[k]:.3f}" for k in names))
     return result
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-
-    t = sub.add_parser("train", help="self-supervised training on video triplets",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    t.add_argument("--data", required=True, help="dataset root (Cityscapes layout, KITTI raw, or a frames folder)")
+    shared = argparse.ArgumentParser(add_help=False)
+    shared.add_argument("--device", default="auto", help="auto|cpu|cuda: auto picks CUDA when torch sees one, else CPU")
+    shared.add_argument("--no-amp", action="store_true",
+                        help="fp32 throughout (default: autocast, fp16 + GradScaler on CUDA, bf16 on CPU)")
+    shared.add_argument("--no-progress", action="store_true", help="no tqdm bar (the log lines stay)")
+    kw = dict(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t = sub.add_parser("train", help="self-supervised training on video triplets", parents=[shared], **kw)
+    t.add_argument("--data", required=True, help="dataset root (Cityscapes layout or KITTI raw)")
     t.add_argument("--work", required=True, help="work folder; writes WORK/depth/")
-    t.add_argument("--dataset", default="cityscapes", choices=["cityscapes", "kitti", "folder"],
-                   help="layout of --data (the toy city is 'cityscapes')")
+    t.add_argument("--dataset", default="cityscapes", choices=["cityscapes", "kitti"], help="layout of --data")
     t.add_argument("--split", nargs="+", default=["train"], help="Cityscapes sequence splits to train on")
-    t.add_argument("--intrinsics", nargs=4, type=float, metavar=("FX", "FY", "CX", "CY"),
-                   help="normalized intrinsics (fx/W, fy/H, cx/W, cy/H) for --dataset folder (or to override KITTI)")
     t.add_argument("--size", nargs=2, type=int, default=[192, 512], metavar=("H", "W"),
                    help="training size, multiples of 32 (Cityscapes 192 x 512 after the crop; KITTI 192 x 640)")
     t.add_argument("--crop-bottom", type=float, default=None,
@@ -941,47 +805,33 @@ def get_args_parser():
     t.add_argument("--min-depth", type=float, default=MIN_DEPTH, help="depth range of the sigmoid (Monodepth2)")
     t.add_argument("--max-depth", type=float, default=MAX_DEPTH, help="(Monodepth2: 0.1 to 100)")
     t.add_argument("--ssim-weight", type=float, default=SSIM_WEIGHT, help="alpha of Eqn 1 (Monodepth2: 0.85)")
-    t.add_argument("--smoothness-weight", type=float, default=SMOOTHNESS_WEIGHT, help="Eqn 3 weight, /2^s at scale s (Monodepth2: 1e-3)")
+    t.add_argument("--smoothness-weight", type=float, default=SMOOTHNESS_WEIGHT,
+                   help="Eqn 3 weight, /2^s at scale s (Monodepth2: 1e-3)")
     t.add_argument("--no-automask", action="store_true", help="ablation: no auto-masking of static pixels")
     t.add_argument("--avg-reprojection", action="store_true", help="ablation: average over sources, not minimum")
-    t.add_argument("--no-augment", action="store_true", help="no flip and color jitter (Monodepth2 uses both, p 0.5 each)")
+    t.add_argument("--no-augment", action="store_true", help="no flip and color jitter (Monodepth2: both, p 0.5)")
     t.add_argument("--workers", type=int, default=4, help="DataLoader worker processes; 0 = in the main process")
     t.add_argument("--seed", type=int, default=0, help="seed of every random draw of the run")
-    t.add_argument("--device", default="auto", help="auto|cpu|cuda: auto picks CUDA when torch sees one, else CPU")
-    t.add_argument("--no-amp", action="store_true", help="fp32 throughout (default: autocast, fp16 + GradScaler on CUDA, bf16 on CPU)")
-    t.add_argument("--resume", action="store_true", help="continue from WORK/depth/checkpoint.pt; the result equals an uninterrupted run")
-    t.add_argument("--overwrite", action="store_true", help="train again from scratch even if model.pt or checkpoint.pt exists")
+    t.add_argument("--resume", action="store_true", help="continue from WORK/depth/checkpoint.pt, as an uninterrupted run")
+    t.add_argument("--overwrite", action="store_true", help="train from scratch even if model.pt or checkpoint.pt exists")
     t.add_argument("--stop-after", type=int, default=None,
                    help="stop once global step N is done, after writing checkpoint.pt, as an interruption would")
-    t.add_argument("--save-every", type=int, default=1000, help="write checkpoint.pt every N global steps (and each epoch, and at the end)")
+    t.add_argument("--save-every", type=int, default=1000, help="write checkpoint.pt every N global steps (and each epoch)")
     t.add_argument("--log-every", type=int, default=50, help="steps between log lines")
-    t.add_argument("--no-progress", action="store_true", help="no tqdm bar (the log lines stay)")
-
-    r = sub.add_parser("predict", help="disparity of images -> WORK/disp/<stem>.npy",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    r = sub.add_parser("predict", help="disparity of images -> WORK/disp/<stem>.npy", parents=[shared], **kw)
     r.add_argument("--work", required=True, help="work folder: reads WORK/depth/model.pt, writes WORK/disp/")
     r.add_argument("--data", help="dataset root: predicts the annotated frames of --split")
     r.add_argument("--split", default="val", help="split of --data whose annotated frames are predicted")
     r.add_argument("--images", help="glob of images instead of --data/--split (stem = file name)")
-    r.add_argument("--size", nargs=2, type=int, default=None, metavar=("H", "W"),
-                   help="output size (default: the network input size)")
-    r.add_argument("--net-size", nargs=2, type=int, default=None, metavar=("H", "W"),
-                   help="network input size (default: the training pixel scale over the full frame)")
+    r.add_argument("--size", nargs=2, type=int, metavar=("H", "W"), help="output size (default: the network input size)")
     r.add_argument("--batch-size", type=int, default=12, help="images per forward pass")
-    r.add_argument("--shard", default="0/1", help="i/n: this process predicts every n-th image from i")
     r.add_argument("--preview", action="store_true", help="also color PNGs in WORK/disp_preview/")
     r.add_argument("--overwrite", action="store_true", help="redo finished images")
-    r.add_argument("--device", default="auto", help="auto|cpu|cuda: auto picks CUDA when torch sees one, else CPU")
-    r.add_argument("--no-amp", action="store_true", help="fp32 throughout (default: autocast, fp16 on CUDA, bf16 on CPU)")
-    r.add_argument("--no-progress", action="store_true", help="no tqdm bar")
-
-    e = sub.add_parser("eval", help="median-scaled depth metrics against ground-truth disparity PNGs",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e = sub.add_parser("eval", help="median-scaled depth metrics against ground-truth disparity PNGs", **kw)
     e.add_argument("--work", required=True, help="work folder: reads WORK/disp/, writes WORK/depth/eval.json")
     e.add_argument("--data", required=True, help="dataset root with disparity/ and camera/ (Cityscapes layout)")
     e.add_argument("--split", default="val", help="split to evaluate")
-    e.add_argument("--crop-bottom", type=float, default=0.0,
-                   help="ignore this fraction of rows at the bottom (Cityscapes ego car: 0.25)")
+    e.add_argument("--crop-bottom", type=float, default=0.0, help="ignore this bottom fraction of rows (Cityscapes: 0.25)")
     return p
 
 

@@ -389,15 +389,15 @@ def test_depth_cli_train_and_predict_write_normalized_disparity(tiny_city, tmp_p
         d = np.load(os.path.join(work, "disp", stem + ".npy"))
         assert d.shape == (32, 64) and d.dtype == np.float32 and d.min() > 0 and d.max() == 1.0
         assert os.path.exists(os.path.join(work, "disp_preview", stem + ".png"))
-    # --images with a shard: every second frame, at the training size by default; a re-run skips them
+    # --images: every frame, at the training size by default; a re-run skips them
     other = str(tmp_path / "other")
     os.makedirs(os.path.join(other, "depth"))
     shutil.copy(os.path.join(work, "depth", "model.pt"), os.path.join(other, "depth", "model.pt"))
     frames = os.path.join(tiny_city, "leftImg8bit_sequence", "train", "toycity", "*.png")
-    predict = ["predict", "--work", other, "--images", frames, "--shard", "1/2", "--no-progress", "--batch-size", "3"]
+    predict = ["predict", "--work", other, "--images", frames, "--no-progress", "--batch-size", "3"]
     depth.main(predict)
     written = sorted(os.listdir(os.path.join(other, "disp")))
-    assert written == [s + ".npy" for s in sorted(depth.image_stem(p) for p in glob.glob(frames))[1::2]]
+    assert written == [s + ".npy" for s in sorted(depth.image_stem(p) for p in glob.glob(frames))]
     assert np.load(os.path.join(other, "disp", written[0])).shape == (64, 128)
     capsys.readouterr()
     depth.main(predict)
@@ -422,7 +422,7 @@ def test_depth_eval_of_ground_truth_disparity_is_near_perfect(tiny_city, tmp_pat
     assert abs(ratio - 0.5) < 1e-12 and metrics["abs_rel"] < 1e-12 and metrics["a1"] == 1.0
 
 
-def test_depth_kitti_calibration_and_folder_triplets(tmp_path):
+def test_depth_kitti_calibration_and_triplets(tmp_path):
     import depth
     calib = tmp_path / "2011_09_26" / "calib_cam_to_cam.txt"
     os.makedirs(calib.parent)
@@ -431,8 +431,17 @@ def test_depth_kitti_calibration_and_folder_triplets(tmp_path):
                      "1.728540e+02 2.163791e-01 0.000000e+00 0.000000e+00 1.000000e+00 2.745884e-03\n")
     K = depth.read_kitti_calibration(str(calib))
     assert np.allclose(K, [721.5377 / 1242, 721.5377 / 375, 609.5593 / 1242, 172.854 / 375])
-    assert depth.triplets_of(list("abcde"), 2) == [(2, 0, 4)]
-    assert depth.triplets_of(list("abcd"), 1) == [(1, 0, 2), (2, 1, 3)]
+    # raw frames of one drive: triplets (t, t - k, t + k) in time order, with the calibration of the date folder
+    frames = tmp_path / "2011_09_26" / "2011_09_26_drive_0001_sync" / "image_02" / "data"
+    os.makedirs(frames)
+    for i in range(5):
+        (frames / f"{i:010d}.png").write_bytes(b"")
+    args = depth.get_args_parser().parse_args(["train", "--data", str(tmp_path), "--work", "unused", "--dataset",
+                                               "kitti", "--frame-offset", "2"])
+    args.crop_bottom = 0.0
+    items = depth.training_items(args)
+    assert [tuple(os.path.basename(p)[:10] for p in paths) for paths, _ in items] == [("0000000002", "0000000000", "0000000004")]
+    assert np.allclose(items[0][1], K)
 
 
 def test_depth_clear_errors_name_the_file(tiny_city, tmp_path):
