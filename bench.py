@@ -48,7 +48,6 @@ def bench_depth(args, size=(192, 640), batch=12, arch="resnet18", repeat=3):
     """
     import depth
     device = torch.device(args.device)
-    depth.keep_freed_memory()  # as `depth.py train` does
     H, W = size
     torch.manual_seed(0)
     depth_net, pose_net = depth.DepthNet(arch).to(device).train(), depth.PoseNet(arch).to(device).train()

@@ -102,11 +102,12 @@ def test_toycity_every_class_appears_at_default_size():
 
 def test_toycity_disparity_png_round_trip(tiny_city, tmp_path):
     import depth
+    import toycity
     from PIL import Image
     depth_m = np.random.default_rng(0).uniform(1.0, 100.0, (32, 32))
     fx, baseline = 211.2, 0.209313
     path = str(tmp_path / "d_disparity.png")
-    Image.fromarray(depth.encode_disparity_png(baseline * fx / depth_m)).save(path)
+    Image.fromarray(toycity.encode_disparity(baseline * fx / depth_m)).save(path)
     back = baseline * fx / depth.read_disparity_png(path)
     assert np.abs(back / depth_m - 1).max() < 0.01
     sky = depth.read_disparity_png(os.path.join(tiny_city, "disparity/train/toycity/toycity_000000_000000_disparity.png"))
@@ -196,21 +197,18 @@ def test_depth_ssim_of_identical_images_is_one_and_error_zero():
     assert torch.allclose(depth.ssim(x, x), torch.ones_like(x), atol=1e-5)
     assert depth.photometric_error(x, x).abs().max() < 1e-5
     y = torch.rand(2, 3, 12, 16, generator=g)
-    pe = depth.photometric_error(torch.cat([x, y]), x)              # two reconstructions stacked on the batch
-    assert pe.shape == (4, 1, 12, 16) and pe[:2].abs().max() < 1e-5 and pe[2:].mean() > 0.1
-    # 0.85 (1 - SSIM)/2 + 0.15 L1 against the plain formula
+    pe = depth.photometric_error(y, x)
+    assert pe.shape == (2, 1, 12, 16) and pe.mean() > 0.1
+    # 0.85 (1 - SSIM)/2 + 0.15 L1 against the formula written out
     plain = 0.85 * ((1 - depth.ssim(y, x)) / 2).clamp(0, 1).mean(1, keepdim=True) + 0.15 * (y - x).abs().mean(1, keepdim=True)
-    assert torch.allclose(pe[2:], plain, atol=1e-6)
-    # the 3x3 box filter is avg_pool2d(3, stride 1), and SSIM matches the pooled formula written out
+    assert torch.allclose(pe, plain, atol=1e-6)
+    # SSIM against the pooled formula written out by hand, element by element at one pixel
     pool = lambda a: torch.nn.functional.avg_pool2d(torch.nn.functional.pad(a, (1, 1, 1, 1), mode="reflect"), 3, 1)  # noqa: E731
-    assert torch.allclose(depth.box3(torch.nn.functional.pad(y, (1, 1, 1, 1), mode="reflect")), pool(y), atol=1e-6)
-    # ... in the backward pass too (box3 runs on channels-last memory and hands back a contiguous result)
-    yg = y.clone().requires_grad_()
-    weight = torch.rand(2, 3, 12, 16, generator=g)
-    (depth.box3(torch.nn.functional.pad(yg, (1, 1, 1, 1), mode="reflect")) * weight).sum().backward()
-    grad_box3, yg.grad = yg.grad, None
-    (pool(yg) * weight).sum().backward()
-    assert torch.allclose(grad_box3, yg.grad, atol=1e-6)
+    win_y, win_x = y[0, 0, :3, :3].double(), x[0, 0, :3, :3].double()  # the 3x3 window of pixel (1, 1)
+    mu_a, mu_b = win_y.mean(), win_x.mean()
+    va, vb, cab = (win_y ** 2).mean() - mu_a ** 2, (win_x ** 2).mean() - mu_b ** 2, (win_y * win_x).mean() - mu_a * mu_b
+    by_hand = (2 * mu_a * mu_b + 1e-4) * (2 * cab + 9e-4) / ((mu_a ** 2 + mu_b ** 2 + 1e-4) * (va + vb + 9e-4))
+    assert abs(depth.ssim(y, x)[0, 0, 1, 1].item() - by_hand.item()) < 1e-5
     mx, my = pool(y), pool(x)
     vx, vy, cxy = pool(y * y) - mx ** 2, pool(x * x) - my ** 2, pool(x * y) - mx * my
     c1, c2 = 0.01 ** 2, 0.03 ** 2
@@ -231,12 +229,11 @@ def test_depth_backproject_then_project_with_identity_pose_is_identity():
     assert torch.allclose(grid[..., 1], rows[:, None].expand(2, H, W), atol=1e-9)
     image = torch.rand(2, 3, H, W, dtype=torch.float64)
     assert torch.allclose(depth.warp(image, grid), image, atol=1e-6)
-    # the factorised form used in training equals back-project -> transform -> project
-    T = depth.pose_matrix(torch.tensor([[0.01, -0.02, 0.03]] * 2, dtype=torch.float64),
-                          torch.tensor([[0.1, 0.0, 0.5]] * 2, dtype=torch.float64))
-    fast = depth.reprojection_grids(depth_map[None], depth.pixel_rays(torch.linalg.inv(K), H, W), K, T)[0]
-    slow = depth.project(depth.backproject(depth_map, torch.linalg.inv(K)), K, T, H, W)
-    assert torch.allclose(fast, slow, atol=1e-9)
+    # a pure sideways translation t_x moves pixel u by fx t_x / D: hand-worked for one pixel
+    T = depth.pose_matrix(torch.zeros(2, 3, dtype=torch.float64), torch.tensor([[0.5, 0.0, 0.0]] * 2, dtype=torch.float64))
+    grid = depth.project(depth.backproject(depth_map, torch.linalg.inv(K)), K, T, H, W)
+    u = (grid[0, 2, 3, 0] + 1) * W / 2                               # continuous pixel column of pixel (2, 3)
+    assert abs(u.item() - (3.5 + 0.58 * W * 0.5 / depth_map[0, 0, 2, 3].item())) < 1e-6  # eps 1e-7 of z
 
 
 def test_depth_axis_angle_matches_hand_computed_rotations():
@@ -315,13 +312,38 @@ def test_depth_warp_with_ground_truth_depth_and_pose_reproduces_frame(tiny_city)
     assert right < min(error(gt * 0.8), error(gt * 1.25))  # the true depth is the best scale
 
 
+def test_depth_augmentation_one_jitter_for_all_frames_and_seeded(tiny_city):
+    import depth
+    args = depth.get_args_parser().parse_args(["train", "--data", tiny_city, "--work", "unused", "--frame-offset", "1"])
+    args.crop_bottom = 0.0
+    dataset = depth.TripletDataset(depth.training_items(args), (64, 128), seed=3)
+    keys = [(epoch, i) for epoch in range(3) for i in range(len(dataset))]
+    samples = {key: dataset[key] for key in keys}
+    assert all(torch.equal(dataset[key]["aug"], samples[key]["aug"]) for key in keys[:2])  # seeded by (seed, epoch, i)
+    jittered = [key for key in keys if not torch.equal(samples[key]["aug"], samples[key]["frames"])]
+    plain = depth.TripletDataset(dataset.items, (64, 128), augment=False)
+    flipped = [key for key in keys if not torch.equal(samples[key]["frames"], plain[key]["frames"])]
+    assert 0 < len(jittered) < len(keys) and 0 < len(flipped) < len(keys)  # p 0.5 each
+    for epoch, i in flipped:  # a horizontal flip, cx -> 1 - cx
+        assert torch.equal(samples[epoch, i]["frames"], plain[epoch, i]["frames"].flip(-1))
+        assert abs(samples[epoch, i]["intrinsics"][2].item() - (1 - dataset.items[i][1][2])) < 1e-6
+    # one draw for the three frames: each frame jittered alone with the same draws gets the same change
+    for epoch, i in jittered:
+        for f in range(3):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(np.random.SeedSequence([3, epoch, i]).generate_state(1)[0]))
+                torch.rand(())  # the flip's draw
+                alone = dataset.jitter(samples[epoch, i]["frames"][f])
+            assert torch.allclose(alone, samples[epoch, i]["aug"][f], atol=1e-6)
+
+
 def test_depth_training_steps_lower_the_loss_on_a_fixed_batch(tiny_city):
     import depth
     torch.manual_seed(0)
     args = depth.get_args_parser().parse_args(["train", "--data", tiny_city, "--work", "unused", "--frame-offset", "1"])
     args.crop_bottom = 0.0
     dataset = depth.TripletDataset(depth.training_items(args), (64, 128), augment=False)
-    batch = torch.utils.data.default_collate([dataset[i] for i in range(2)])
+    batch = torch.utils.data.default_collate([dataset[0, i] for i in range(2)])
     depth_net, pose_net = depth.DepthNet(), depth.PoseNet()
     optimizer = torch.optim.Adam(list(depth_net.parameters()) + list(pose_net.parameters()), lr=1e-4)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
@@ -351,7 +373,7 @@ def test_depth_resume_gives_the_same_parameters_as_a_straight_run(tiny_city, tmp
             assert torch.equal(a[key][name], b[key][name]), name
 
 
-def test_depth_cli_train_and_predict_write_normalised_disparity(tiny_city, tmp_path, capsys):
+def test_depth_cli_train_and_predict_write_normalized_disparity(tiny_city, tmp_path, capsys):
     import glob
     import json
     import shutil
@@ -367,15 +389,15 @@ def test_depth_cli_train_and_predict_write_normalised_disparity(tiny_city, tmp_p
         d = np.load(os.path.join(work, "disp", stem + ".npy"))
         assert d.shape == (32, 64) and d.dtype == np.float32 and d.min() > 0 and d.max() == 1.0
         assert os.path.exists(os.path.join(work, "disp_preview", stem + ".png"))
-    # --images with a shard: every second frame, at the training size by default; a re-run skips them
+    # --images: every frame, at the training size by default; a re-run skips them
     other = str(tmp_path / "other")
     os.makedirs(os.path.join(other, "depth"))
     shutil.copy(os.path.join(work, "depth", "model.pt"), os.path.join(other, "depth", "model.pt"))
     frames = os.path.join(tiny_city, "leftImg8bit_sequence", "train", "toycity", "*.png")
-    predict = ["predict", "--work", other, "--images", frames, "--shard", "1/2", "--no-progress", "--batch-size", "3"]
+    predict = ["predict", "--work", other, "--images", frames, "--no-progress", "--batch-size", "3"]
     depth.main(predict)
     written = sorted(os.listdir(os.path.join(other, "disp")))
-    assert written == [s + ".npy" for s in sorted(depth.image_stem(p) for p in glob.glob(frames))[1::2]]
+    assert written == [s + ".npy" for s in sorted(depth.image_stem(p) for p in glob.glob(frames))]
     assert np.load(os.path.join(other, "disp", written[0])).shape == (64, 128)
     capsys.readouterr()
     depth.main(predict)
@@ -400,7 +422,7 @@ def test_depth_eval_of_ground_truth_disparity_is_near_perfect(tiny_city, tmp_pat
     assert abs(ratio - 0.5) < 1e-12 and metrics["abs_rel"] < 1e-12 and metrics["a1"] == 1.0
 
 
-def test_depth_kitti_calibration_and_folder_triplets(tmp_path):
+def test_depth_kitti_calibration_and_triplets(tmp_path):
     import depth
     calib = tmp_path / "2011_09_26" / "calib_cam_to_cam.txt"
     os.makedirs(calib.parent)
@@ -409,8 +431,17 @@ def test_depth_kitti_calibration_and_folder_triplets(tmp_path):
                      "1.728540e+02 2.163791e-01 0.000000e+00 0.000000e+00 1.000000e+00 2.745884e-03\n")
     K = depth.read_kitti_calibration(str(calib))
     assert np.allclose(K, [721.5377 / 1242, 721.5377 / 375, 609.5593 / 1242, 172.854 / 375])
-    assert depth.triplets_of(list("abcde"), 2) == [(2, 0, 4)]
-    assert depth.triplets_of(list("abcd"), 1) == [(1, 0, 2), (2, 1, 3)]
+    # raw frames of one drive: triplets (t, t - k, t + k) in time order, with the calibration of the date folder
+    frames = tmp_path / "2011_09_26" / "2011_09_26_drive_0001_sync" / "image_02" / "data"
+    os.makedirs(frames)
+    for i in range(5):
+        (frames / f"{i:010d}.png").write_bytes(b"")
+    args = depth.get_args_parser().parse_args(["train", "--data", str(tmp_path), "--work", "unused", "--dataset",
+                                               "kitti", "--frame-offset", "2"])
+    args.crop_bottom = 0.0
+    items = depth.training_items(args)
+    assert [tuple(os.path.basename(p)[:10] for p in paths) for paths, _ in items] == [("0000000002", "0000000000", "0000000004")]
+    assert np.allclose(items[0][1], K)
 
 
 def test_depth_clear_errors_name_the_file(tiny_city, tmp_path):
