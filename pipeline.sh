@@ -16,12 +16,13 @@ if [ "$preset" = "toy" ]; then
   # ===== depth (toy) =====
   # stage 1: Monodepth2 from scratch on the 20 train sequences (frames 0 -1 +1) at 64 x 128, batch 6, lr 3e-4
   # (the paper's 1e-4 learns too little in this budget), 600 steps with the x0.1 drop at 75 %; auto-masking off
-  # (the toy city's flat-shaded road, walls and sky have near-zero identity error; README, departures). Then the
+  # (the toy city's flat-shaded road, walls and sky have near-zero identity error; README, departures); fp32
+  # (--no-amp: bf16 autocast is 10x slower on CPUs without native bf16, e.g. this AMD EPYC). Then the
   # disparity of the annotated train (for group.py) and val frames at the toy city's 192 x 384, and depth metrics.
   $PY depth.py train --data "$DATA" --work "$WORK" --size 64 128 --frame-offset 1 --batch-size 6 --lr 3e-4 \
-    --steps 600 --no-automask --workers 1 --log-every 50 --resume
+    --steps 600 --no-automask --workers 1 --log-every 50 --no-amp --resume
   for split in train val; do
-    $PY depth.py predict --work "$WORK" --data "$DATA" --split "$split" --size 192 384
+    $PY depth.py predict --work "$WORK" --data "$DATA" --split "$split" --size 192 384 --no-amp
   done
   $PY depth.py eval --work "$WORK" --data "$DATA" --split val
   # ===== group (toy) =====
