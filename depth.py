@@ -689,7 +689,7 @@ def train(args):
     print(f"[depth] wrote {out}/model.pt after {step} steps")
 
 
-def colorize(disp):
+def colorize_disparity(disp):
     """(H, W) disparity in (0, 1] -> (H, W, 3) uint8 with a magma-like color map (dark far, bright near)."""
     anchors = np.array([[0, 0, 4], [80, 18, 123], [182, 54, 121], [251, 136, 97], [252, 253, 191]], np.float64)
     d = np.clip(disp / np.percentile(disp, 95), 0, 1) * (len(anchors) - 1)
@@ -731,7 +731,7 @@ def predict(args):
             atomic_write(os.path.join(out, image_stem(path) + ".npy"), lambda f: np.save(f, d))
             if args.preview:
                 atomic_write(os.path.join(preview, image_stem(path) + ".png"),
-                             lambda f: Image.fromarray(colorize(d)).save(f, format="PNG"))
+                             lambda f: Image.fromarray(colorize_disparity(d)).save(f, format="PNG"))
     print(f"[depth] disparities in {out}")
 
 
