@@ -864,7 +864,7 @@ def test_copypaste_depth_aware_scale_about_horizon(jitter):
     assert len(used) > 20
     sy, sx = used[:, 1, 1], used[:, 0, 0].abs()
     assert (sy > 0.2 - 0.1).all() and (sy < 2 + 1e-6).all() and ((sx - sy).abs() < 0.2).all()
-    horizon = 2 * (H // 2) / H - 1  # normalised y of the horizon (pixel-edge row c)
+    horizon = 2 * (H // 2) / H - 1  # normalized y of the horizon (pixel-edge row c)
     moved = (used[:, 1, 1] * horizon + used[:, 1, 2] - horizon) * H / 2  # pixels the horizon row moves
     assert moved.abs().max() <= 0.5 + jitter * H / 384 + 1e-4
     if jitter:
@@ -876,7 +876,7 @@ def test_copypaste_same_seed_same_sample():
     b = _copypaste_build(4, (2, 4), seed=5, photometric=True)[0]
     for k in ("images", "labels", "transforms", "canvas_of"):
         assert torch.equal(a[k], b[k]), k
-    plain = _copypaste_build(4, (2, 4), seed=5, photometric=False)[0]  # colour changes only: same geometry
+    plain = _copypaste_build(4, (2, 4), seed=5, photometric=False)[0]  # color changes only: same geometry
     for k in ("labels", "transforms", "canvas_of"):
         assert torch.equal(a[k], plain[k]), k
     assert not torch.equal(a["images"], plain["images"])
@@ -1009,7 +1009,7 @@ import json  # noqa: E402  (swav_dense section)
 import math  # noqa: E402
 
 def _swav_translation(dy, dx, height, width):
-    """Normalised-coordinate matrix of a shift by (dy, dx) pixels."""
+    """Normalized-coordinate matrix of a shift by (dy, dx) pixels."""
     return torch.tensor([[1.0, 0, 2.0 * dx / width], [0, 1.0, 2.0 * dy / height], [0, 0, 1.0]])
 
 
