@@ -401,7 +401,7 @@ def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="dataset root (Cityscapes layout)")
     p.add_argument("--size", nargs=2, type=int, default=[192, 384], metavar=("H", "W"),
-                   help="rendered image size; 192 x 384 is a tenth of Cityscapes' 1024 x 2048 per side, fast on a CPU")
+                   help="rendered image size; 192 x 384 is 0.1875 of Cityscapes' 1024 x 2048 per side, fast on a CPU")
     p.add_argument("--train-sequences", type=int, default=20, help="train sequences (Cityscapes: 2975)")
     p.add_argument("--val-sequences", type=int, default=10, help="val sequences (Cityscapes: 500)")
     p.add_argument("--frames", type=int, default=30, help="frames per sequence (Cityscapes: 30)")
