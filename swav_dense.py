@@ -34,8 +34,8 @@ Departures from the paper / released code:
 - SGD groups: backbone (ResNet + FPN), head, projector, prototypes; weight decay on all parameters.
 - Features are sampled with grid_sample's border padding (the released code pads with zeros; after the L2
   normalization the two agree). Sinkhorn subtracts the maximum of S / eps before exp (the same codes).
-- Eqn 6 sums the log-probabilities per group first, then takes the dot product with the group's mean code
-  (the same sum, without an N x K target matrix).
+- Eqn 6 as logsumexp(S_n / tau) - <qbar, S_n / tau> (qbar sums to 1), the second term summed per group first
+  (the same value, without an N x K target or log-probability matrix).
 - --input-size (not in the paper) feeds smaller canvas images on CPU; labels and matrices stay exact.
 """
 import argparse
@@ -211,18 +211,17 @@ def sample_features(features, canvas, points):
 def sinkhorn(scores, eps=SINKHORN_EPS, iters=SINKHORN_ITERS):
     """SwAV's Sinkhorn-Knopp codes of scores (B samples, K prototypes) -> (B, K), fp32, no gradient.
 
-    In SwAV's K x B layout: Q = exp(S / eps)^T divided by its sum; each iteration scales every prototype (row)
-    to total 1/K, then every sample (column) to total 1/B; finally x B, so each sample's code sums to 1. The
-    maximum of S / eps is subtracted before exp (it cancels in the first division; no overflow at small eps).
+    In SwAV's K x B layout: Q = exp(S / eps)^T divided by its sum; each iteration scales every prototype (row
+    of Q) to total 1/K, then every sample (column) to total 1/B; finally x B, so each sample's code sums to 1.
+    Here on Q^T (B, K). The maximum of S / eps is subtracted before exp (it cancels in the first division).
     """
-    q = (scores.float() - scores.max()).div_(eps).exp_().t()  # Q (K, B)
+    q = (scores.float() - scores.max()).div_(eps).exp_()  # Q^T (B, K), one copy, scaled in place
     q /= q.sum()
-    k, b = q.shape
+    b, k = q.shape
     for _ in range(iters):
-        q /= q.sum(dim=1, keepdim=True) * k  # rows (prototypes) to 1/K
-        q /= q.sum(dim=0, keepdim=True) * b  # columns (samples) to 1/B
-    q *= b
-    return q.t()
+        q /= q.sum(dim=0, keepdim=True) * k  # prototypes to 1/K
+        q /= q.sum(dim=1, keepdim=True) * b  # samples to 1/B
+    return q.mul_(b)
 
 
 def group_mean_codes(codes, group, num_groups):
@@ -232,15 +231,16 @@ def group_mean_codes(codes, group, num_groups):
     return sums.div_(counts[:, None])
 
 
-def swav_cross_entropy(logits, group_codes, group):
+def swav_cross_entropy(logits, group_codes, group_logits):
     """Eqn 6: mean over points n of -sum_k qbar_{g(n),k} log p_{n,k}, p_n = softmax(S_n / tau) (Eqn 4).
 
-    logits (N, K) = S / tau, group_codes (G, K), group (N,) ids < G. Computed as -(1/N) sum_g <qbar_g, sum_{n in
-    g} log p_n>: the log-probabilities are summed per group first, so no N x K target matrix is formed.
+    logits (N, K) = S / tau; group_codes (G, K) = qbar, each row summing to 1 (0 for an empty group);
+    group_logits (G, K) = sum_{n in g} logits_n. As qbar sums to 1, -sum_k qbar_k log softmax(s)_k =
+    logsumexp(s) - <qbar, s>, so L = (1/N) [sum_n logsumexp(s_n) - sum_g <qbar_g, sum_{n in g} s_n>]
+    (no N x K target or log-probability matrix).
     """
-    log_p = F.log_softmax(logits, dim=1)  # (N, K)
-    summed = log_p.new_zeros(group_codes.shape).index_add_(0, group, log_p)  # (G, K)
-    return -torch.dot(group_codes.flatten(), summed.flatten()) / max(logits.shape[0], 1)
+    grouped = torch.dot(group_codes.flatten(), group_logits.flatten())  # Eqn 6, the target term
+    return (torch.logsumexp(logits, dim=1).sum() - grouped) / max(logits.shape[0], 1)
 
 
 def dense_swav_loss(features, positives, prototypes, lam=LAMBDA, eps=SINKHORN_EPS, tau=TAU,
@@ -249,16 +249,19 @@ def dense_swav_loss(features, positives, prototypes, lam=LAMBDA, eps=SINKHORN_EP
     the prototypes (K, D); all in fp32. Returns (loss, {"pixel": L_pixel, "region": L_region}) for the levels
     in `positives`."""
     features = features.float()
-    prototypes = F.normalize(prototypes.float(), dim=1)
+    prototypes = F.normalize(prototypes.float(), dim=1) / tau  # c / tau: 1/tau on the small (K, D) matrix
     parts = {}
     for level, (points, canvas, group, num_groups) in positives.items():
         if len(group) == 0:  # no positives at this level (nothing visible twice): no loss, graph kept
             parts[level] = features.sum() * 0
             continue
         z = F.normalize(sample_features(features, canvas, points), dim=1)  # (N, D)
-        logits = z @ (prototypes / tau).t()  # S / tau (N, K): 1/tau applied to the small (K, D) matrix
+        logits = z @ prototypes.t()  # S / tau (N, K)
         codes = sinkhorn(logits, eps / tau, iters)  # q (N, K); exp(S / eps) = exp((S / tau) / (eps / tau))
-        parts[level] = swav_cross_entropy(logits, group_mean_codes(codes, group, num_groups), group)
+        group_codes = group_mean_codes(codes, group, num_groups)  # qbar (G, K), Eqn 5
+        z_sums = z.new_zeros(num_groups, z.shape[1]).index_add(0, group, z)  # (G, D)
+        group_logits = z_sums @ prototypes.t()  # sum_{n in g} S_n / tau (S is linear in z): (G, K)
+        parts[level] = swav_cross_entropy(logits, group_codes, group_logits)
     loss = lam * parts.get("pixel", 0.0) + (1 - lam) * parts.get("region", 0.0)
     return loss, parts
 
