@@ -34,8 +34,8 @@ Departures from the paper / released code:
 - SGD groups: backbone (ResNet + FPN), head, projector, prototypes; weight decay on all parameters.
 - Features are sampled with grid_sample's border padding (the released code pads with zeros; after the L2
   normalization the two agree). Sinkhorn subtracts the maximum of S / eps before exp (the same codes).
-- Eqn 6 as logsumexp(S_n / tau) - <qbar, S_n / tau> (qbar sums to 1), the second term summed per group first
-  (the same value, without an N x K target or log-probability matrix).
+- Eqn 6 sums the log-probabilities per group first, then takes the dot product with the group's mean code
+  (the same sum, without an N x K target matrix).
 - --input-size (not in the paper) feeds smaller canvas images on CPU; labels and matrices stay exact.
 """
 import argparse
@@ -229,16 +229,15 @@ def group_mean_codes(codes, group, num_groups):
     return sums.div_(counts[:, None])
 
 
-def swav_cross_entropy(logits, group_codes, group_logits):
+def swav_cross_entropy(logits, group_codes, group):
     """Eqn 6: mean over points n of -sum_k qbar_{g(n),k} log p_{n,k}, p_n = softmax(S_n / tau) (Eqn 4).
 
-    logits (N, K) = S / tau; group_codes (G, K) = qbar, each row summing to 1 (0 for an empty group);
-    group_logits (G, K) = sum_{n in g} logits_n. As qbar sums to 1, -sum_k qbar_k log softmax(s)_k =
-    logsumexp(s) - <qbar, s>, so L = (1/N) [sum_n logsumexp(s_n) - sum_g <qbar_g, sum_{n in g} s_n>]
-    (no N x K target or log-probability matrix).
+    logits (N, K) = S / tau, group_codes (G, K), group (N,) ids < G. Computed as -(1/N) sum_g <qbar_g, sum_{n in
+    g} log p_n>: the log-probabilities are summed per group first, so no N x K target matrix is formed.
     """
-    grouped = torch.dot(group_codes.flatten(), group_logits.flatten())  # Eqn 6, the target term
-    return (torch.logsumexp(logits, dim=1).sum() - grouped) / max(logits.shape[0], 1)
+    log_p = F.log_softmax(logits, dim=1)  # (N, K)
+    summed = log_p.new_zeros(group_codes.shape).index_add_(0, group, log_p)  # (G, K)
+    return -torch.dot(group_codes.flatten(), summed.flatten()) / max(logits.shape[0], 1)
 
 
 def dense_swav_loss(features, positives, prototypes, lam=LAMBDA, eps=SINKHORN_EPS, tau=TAU,
@@ -247,19 +246,16 @@ def dense_swav_loss(features, positives, prototypes, lam=LAMBDA, eps=SINKHORN_EP
     the prototypes (K, D); all in fp32. Returns (loss, {"pixel": L_pixel, "region": L_region}) for the levels
     in `positives`."""
     features = features.float()
-    prototypes = F.normalize(prototypes.float(), dim=1) / tau  # c / tau: 1/tau on the small (K, D) matrix
+    prototypes = F.normalize(prototypes.float(), dim=1)
     parts = {}
     for level, (points, canvas, group, num_groups) in positives.items():
         if len(group) == 0:  # no positives at this level (nothing visible twice): no loss, graph kept
             parts[level] = features.sum() * 0
             continue
         z = F.normalize(sample_features(features, canvas, points), dim=1)  # (N, D)
-        logits = z @ prototypes.t()  # S / tau (N, K)
+        logits = z @ (prototypes / tau).t()  # S / tau (N, K): 1/tau applied to the small (K, D) matrix
         codes = sinkhorn(logits, eps / tau, iters)  # q (N, K); exp(S / eps) = exp((S / tau) / (eps / tau))
-        group_codes = group_mean_codes(codes, group, num_groups)  # qbar (G, K), Eqn 5
-        z_sums = z.new_zeros(num_groups, z.shape[1]).index_add(0, group, z)  # (G, D)
-        group_logits = z_sums @ prototypes.t()  # sum_{n in g} S_n / tau (S is linear in z): (G, K)
-        parts[level] = swav_cross_entropy(logits, group_codes, group_logits)
+        parts[level] = swav_cross_entropy(logits, group_mean_codes(codes, group, num_groups), group)
     loss = lam * parts.get("pixel", 0.0) + (1 - lam) * parts.get("region", 0.0)
     return loss, parts
 
