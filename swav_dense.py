@@ -79,12 +79,9 @@ RESNET_CHANNELS = {"resnet18": [64, 128, 256, 512], "resnet34": [64, 128, 256, 5
 # ===== Geometry: normalized coordinates (grid_sample, align_corners=False), homogeneous 3x3 matrices =====
 def apply_homography(matrix, points):
     """Map points (..., 2) by 3x3 matrices (..., 3, 3) acting on column vectors [x, y, 1]; fp32 or fp64."""
-    x, y = points[..., 0], points[..., 1]
-    m = matrix
-    w = m[..., 2, 0] * x + m[..., 2, 1] * y + m[..., 2, 2]
-    xo = (m[..., 0, 0] * x + m[..., 0, 1] * y + m[..., 0, 2]) / w
-    yo = (m[..., 1, 0] * x + m[..., 1, 1] * y + m[..., 1, 2]) / w
-    return torch.stack([xo, yo], dim=-1)
+    h = torch.cat([points, torch.ones_like(points[..., :1])], dim=-1)  # [x, y, 1]
+    mapped = torch.einsum("...ij,...j->...i", matrix, h)  # batched M [x, y, 1]^T, batch shapes broadcast
+    return mapped[..., :2] / mapped[..., 2:]
 
 
 def label_lookup(labels, canvas, points):
@@ -97,7 +94,8 @@ def label_lookup(labels, canvas, points):
     col = torch.floor((points[:, 0] + 1) * (width / 2)).long()
     row = torch.floor((points[:, 1] + 1) * (height / 2)).long()
     inside = (col >= 0) & (col < width) & (row >= 0) & (row < height) & (canvas >= 0)
-    value = labels[canvas.clamp(min=0), row.clamp(0, height - 1), col.clamp(0, width - 1)].long()
+    index = (canvas.clamp(min=0) * height + row.clamp(0, height - 1)) * width + col.clamp(0, width - 1)
+    value = labels.take(index).long()  # labels[canvas, row, col] through the flat index
     return torch.where(inside, value, torch.full_like(value, -1))
 
 
@@ -211,18 +209,17 @@ def sample_features(features, canvas, points):
 def sinkhorn(scores, eps=SINKHORN_EPS, iters=SINKHORN_ITERS):
     """SwAV's Sinkhorn-Knopp codes of scores (B samples, K prototypes) -> (B, K), fp32, no gradient.
 
-    In SwAV's K x B layout: Q = exp(S / eps)^T divided by its sum; each iteration scales every prototype (row)
-    to total 1/K, then every sample (column) to total 1/B; finally x B, so each sample's code sums to 1. The
-    maximum of S / eps is subtracted before exp (it cancels in the first division; no overflow at small eps).
+    In SwAV's K x B layout: Q = exp(S / eps)^T divided by its sum; each iteration scales every prototype (row
+    of Q) to total 1/K, then every sample (column) to total 1/B; finally x B, so each sample's code sums to 1.
+    Here on Q^T (B, K). The maximum of S / eps is subtracted before exp (it cancels in the first division).
     """
-    q = (scores.float() - scores.max()).div_(eps).exp_().t()  # Q (K, B)
+    q = (scores.float() - scores.max()).div_(eps).exp_()  # Q^T (B, K), one copy, scaled in place
     q /= q.sum()
-    k, b = q.shape
+    b, k = q.shape
     for _ in range(iters):
-        q /= q.sum(dim=1, keepdim=True) * k  # rows (prototypes) to 1/K
-        q /= q.sum(dim=0, keepdim=True) * b  # columns (samples) to 1/B
-    q *= b
-    return q.t()
+        q /= q.sum(dim=0, keepdim=True) * k  # prototypes to 1/K
+        q /= q.sum(dim=1, keepdim=True) * b  # samples to 1/B
+    return q.mul_(b)
 
 
 def group_mean_codes(codes, group, num_groups):
