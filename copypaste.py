@@ -25,8 +25,8 @@ coordinates follow grid_sample(align_corners=False): column i has x = (2i + 1) /
 
 Choices and deviations (stated plainly)
 - Sample k of epoch e is seeded from (--seed, e, k): the same on disk, on the fly and in any worker.
-- Every id of every source is one region; ids are made contiguous (ids lost by resizing dropped) and global.
-  A single-region source covers the canvas: the size filter leaves all its pasted slots unused (-1).
+- Every id of every source is one region, made contiguous and global; a single-region source covers the
+  canvas, so the size filter leaves all its pasted slots unused (-1).
 - A region map or disparity of another size is resized to its image (nearest / bilinear); an aspect ratio off
   by more than 2 % is the wrong file: loading stops with an error naming both files.
 - Pixel constants (size filter 16/6/32 px, minimum pasted size 8 px, h_t 16 px) are the paper's at 384 rows and
