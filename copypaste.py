@@ -22,7 +22,6 @@ coordinates follow grid_sample(align_corners=False): column i has x = (2i + 1) /
         # (a 384 x 768, M 8 sample is ~33 MB: swav_dense.py --on-the-fly builds them, same code and seeds)
     python copypaste.py --work runs/toy --data data/toycity --split train --size 192 384 --mix 4 --epochs 10 \
         --workers 2 --preview 2                                                                 # toy, ~1 minute
-
 Choices and deviations (stated plainly)
 - Sample k of epoch e is seeded from (--seed, e, k): the same on disk, on the fly and in any worker.
 - Every id of every source is one region, made contiguous and global; a single-region source covers the
