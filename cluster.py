@@ -40,7 +40,6 @@ Deviations from the released code, stated plainly
 import argparse
 import json
 import os
-import random
 
 import numpy as np
 import torch
@@ -51,7 +50,7 @@ from scipy.cluster.hierarchy import cut_tree, linkage
 from scipy.optimize import linear_sum_assignment
 from tqdm import tqdm
 
-from depth import image_stem, list_split_images, split_file
+from depth import amp_dtype_for, atomic_write, image_stem, list_split_images, pick_device, seed_everything, split_file
 from swav_dense import HEAD_DIM, build_model, load_model
 
 # ----------------------------------------------------------------------------------------------------------
@@ -317,41 +316,6 @@ def print_scores(classes, scores):
 # ----------------------------------------------------------------------------------------------------------
 # Input / output
 # ----------------------------------------------------------------------------------------------------------
-def seed_everything(seed):
-    """Seed Python's, numpy's and torch's global generators (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def pick_device(name):
-    """--device auto|cpu|cuda[:i] -> torch.device; auto picks CUDA when torch sees one."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda asked for, but torch sees no CUDA device")
-    return torch.device(name)
-
-
-def amp_dtype_for(device, no_amp):
-    """Autocast dtype: fp16 (with a GradScaler) on CUDA, bf16 on CPU, None (fp32) with --no-amp."""
-    if no_amp:
-        return None
-    return torch.float16 if device.type == "cuda" else torch.bfloat16
-
-
-def atomic_write(path, write):
-    """Write `path` through write(file) into a temporary file beside it, then rename: never a half-written file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def list_eval_pairs(data, dataset, split):
     """[(stem, image path, labelIds path)] of an evaluation set, sorted by stem.
 

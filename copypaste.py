@@ -55,6 +55,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import depth
+from depth import atomic_write
 
 # ----------------------------------------------------------------------------------------------------------
 # Paper constants (Sec 3.3; released code LeungTsang/CPCDR where the paper is silent)
@@ -360,18 +361,6 @@ def augment_canvas(image, generator, photometric=True):
 # ----------------------------------------------------------------------------------------------------------
 # Input / output
 # ----------------------------------------------------------------------------------------------------------
-def atomic_write(path, write):
-    """Write `path` through write(file) into a temporary file beside it, then rename: never a half-written file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def list_images(data=None, split=None, images=None):
     """Sorted image paths from a Cityscapes-layout split or a glob, with their stems."""
     if images is not None:

@@ -49,9 +49,9 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from cluster import (IGNORE, IMAGENET_MEAN, TRAIN_CLASSES, amp_dtype_for, atomic_write, confusion_matrix,
-                     labelids_to_trainids, list_eval_pairs, normalize_images, pick_device, print_scores, read_pair,
-                     scores_json, seed_everything, segmentation_scores)
+from cluster import (IGNORE, IMAGENET_MEAN, TRAIN_CLASSES, confusion_matrix, labelids_to_trainids, list_eval_pairs,
+                     normalize_images, print_scores, read_pair, scores_json, segmentation_scores)
+from depth import amp_dtype_for, atomic_write, pick_device, seed_everything
 from swav_dense import HEAD_DIM, build_model, load_backbone_weights, load_model
 
 # ----------------------------------------------------------------------------------------------------------

@@ -55,8 +55,8 @@ from skimage.measure import label as connected_components
 from skimage.segmentation import felzenszwalb, find_boundaries, slic
 from tqdm import tqdm
 
-from depth import (find_camera_json, image_stem, list_split_images, read_camera_json, read_disparity_png,
-                   split_file)
+from depth import (atomic_write, find_camera_json, image_stem, list_split_images, read_camera_json,
+                   read_disparity_png, split_file)
 
 # ===== paper constants (Sec 3.2; the released code's values where the paper gives none) =====
 KITTI_INTRINSICS = (0.58, 1.92, 0.5, 0.5)  # normalized fx, fy, cx, cy (Monodepth2's KITTI K; released default)
@@ -308,18 +308,6 @@ def preview_image(image, regions, seed=0):
 
 
 # ===== input / output =====
-def atomic_write(path, write):
-    """Write `path` through write(file) into a temporary file beside it, then rename: never a half-written file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def load_image(path, size):
     """RGB image resized (antialiased bilinear) to size (H, W): float32 (H, W, 3) in [0, 1], native (H0, W0)."""
     with Image.open(path) as im:

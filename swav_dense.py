@@ -43,11 +43,9 @@ import glob
 import json
 import math
 import os
-import random
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -57,6 +55,8 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Dataset
 from torchvision.ops import FeaturePyramidNetwork
 from tqdm import tqdm
+
+from depth import amp_dtype_for, atomic_write, pick_device, seed_everything
 
 # ===== Paper constants (Sec 3.4 and Sec 4; SwAV for the Sinkhorn settings) =====
 NUM_PROTOTYPES = 1000  # K, Sec 3.4
@@ -468,41 +468,6 @@ class TrainingSamples(Dataset):
 
 
 # ===== Training =====
-def seed_everything(seed):
-    """Seed Python's, numpy's and torch's global generators (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def pick_device(name):
-    """--device auto|cpu|cuda[:i] -> torch.device; auto picks CUDA when torch sees one."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda asked for, but torch sees no CUDA device")
-    return torch.device(name)
-
-
-def amp_dtype_for(device, no_amp):
-    """Autocast dtype: fp16 (with a GradScaler) on CUDA, bf16 on CPU, None (fp32) with --no-amp."""
-    if no_amp:
-        return None
-    return torch.float16 if device.type == "cuda" else torch.bfloat16
-
-
-def atomic_write(path, write):
-    """Write `path` through write(file) into a temporary file beside it, then rename: never a half-written file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def parameter_groups(model):
     """The four SGD groups: backbone (ResNet + FPN), head, projector, prototypes."""
     return [{"name": "backbone", "params": list(model.backbone.parameters()) + list(model.fpn.parameters())},
