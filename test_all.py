@@ -214,8 +214,9 @@ def test_toycity_kitti_layout(tmp_path):
     assert frame.shape == (h, w, 3) and frame.dtype == np.uint8
     objects = 0
     for i in range(3):
-        load = lambda kind: np.array(Image.open(os.path.join(root, "data_semantics/training", kind, f"{i:06d}_10.png")))  # noqa: E731
-        image, semantic, instance = load("image_2"), load("semantic"), load("instance")
+        image, semantic, instance = (np.array(Image.open(os.path.join(root, "data_semantics", "training", kind,
+                                                                      f"{i:06d}_10.png")))
+                                     for kind in ("image_2", "semantic", "instance"))
         assert image.shape == (h, w, 3) and semantic.dtype == np.uint8 and instance.dtype == np.uint16
         assert set(np.unique(semantic).tolist()) <= set(toycity.LABEL_IDS.values())
         assert (instance // 256 == semantic).all()  # labelId * 256 + k, stuff included
