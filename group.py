@@ -11,7 +11,7 @@ Reads / writes:
 | file                                        | shape, dtype        | meaning                                    |
 |---------------------------------------------|---------------------|--------------------------------------------|
 | DATA/leftImg8bit/S/*/<stem>_leftImg8bit.png  | (H0, W0, 3) uint8   | images (or --images GLOB)                  |
-| WORK/disp/<stem>.npy (or --disp-dir)         | (h, w) float32      | disparity in (0, 1] from `depth.py predict` |
+| WORK/disp/<stem>.npy (or --disp-dir)         | (h, w) float32      | disparity, one scale (`depth.py predict`) |
 | DATA/disparity/S/*/<stem>_disparity.png      | (H0, W0) uint16     | with --stereo: Cityscapes stereo disparity  |
 | DATA/camera/S/*/<stem>_camera.json           | JSON                | intrinsics (else --intrinsics / KITTI K)   |
 | DATA/gtFine/S/*/<stem>_gtFine_*Ids.png       | (H0, W0)            | --method gt and --eval                     |
@@ -22,7 +22,7 @@ Reads / writes:
     python group.py --work runs/cityscapes --data CITYSCAPES --split train --workers 8   # paper scale, 384 x 768
     python group.py --work /tmp/w --data /tmp/tiny --split val --stereo --size 64 128 --segments 300
 
-Disparity (predicted or stereo) is divided by its maximum over the image and floored at 0.005 (released),
+Disparity (one scale per dataset) is divided by its maximum over the image and floored at 0.005 (released),
 then z = 1 / disparity; invalid stereo pixels (0) get the floor: the farthest plane, as the sky does.
 
 Deviations from the paper / the released code (LeungTsang/CPCDR pixel_grouping), stated plainly:
@@ -74,7 +74,8 @@ EVAL_IGNORE_LABEL_IDS = (0, 1, 2, 3)  # Cityscapes unlabeled, ego vehicle, recti
 # ===== pure functions, in pipeline order =====
 def scale_free_depth(disparity, floor=DISPARITY_FLOOR):
     """Scale-free depth z = 1 / d: disparity d (any positive scale, <= 0 invalid) divided by its maximum and
-    floored at `floor`, so invalid pixels (stereo's 0) and the sky become the farthest plane z = 1 / floor."""
+    floored at `floor`, so invalid pixels (stereo's 0) and the sky become the farthest plane z = 1 / floor.
+    Harmless: Eqn 1-3 see z through back_project's per-axis std (scale-free); only the floor needs a scale."""
     d = np.asarray(disparity, dtype=np.float32)
     d = d / d.max() if d.size and d.max() > 0 else np.zeros_like(d)
     return 1.0 / np.maximum(d, np.float32(floor))

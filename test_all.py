@@ -373,7 +373,7 @@ def test_depth_resume_gives_the_same_parameters_as_a_straight_run(tiny_city, tmp
             assert torch.equal(a[key][name], b[key][name]), name
 
 
-def test_depth_cli_train_and_predict_write_normalized_disparity(tiny_city, tmp_path, capsys):
+def test_depth_cli_train_and_predict_write_one_scale_disparity(tiny_city, tmp_path, capsys):
     import glob
     import json
     import shutil
@@ -384,11 +384,19 @@ def test_depth_cli_train_and_predict_write_normalized_disparity(tiny_city, tmp_p
     assert [r["step"] for r in logs] == [1, 2] and all(np.isfinite(r["loss"]) for r in logs)
     run_cli("depth.py", "predict", "--work", work, "--data", tiny_city, "--split", "val", "--size", "32", "64",
             "--preview", "--no-progress")
+    model = torch.load(os.path.join(work, "depth", "model.pt"), weights_only=False)
+    net = depth.DepthNet(model["arch"]).eval()
+    net.load_state_dict(model["model"])
     for path in depth.list_split_images(tiny_city, "val"):
         stem = depth.image_stem(path)
         d = np.load(os.path.join(work, "disp", stem + ".npy"))
-        assert d.shape == (32, 64) and d.dtype == np.float32 and d.min() > 0 and d.max() == 1.0
+        assert d.shape == (32, 64) and d.dtype == np.float32 and d.min() > 0
         assert os.path.exists(os.path.join(work, "disp_preview", stem + ".png"))
+        # the network's own scaled disparity (one scale for the dataset), not divided by each image's maximum
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            sigma = net(depth.load_rgb(path, tuple(model["size"]))[None])[0].float()
+        expected = torch.nn.functional.interpolate(depth.disp_to_depth(sigma)[0], (32, 64), mode="bilinear")[0, 0]
+        np.testing.assert_allclose(d, expected.numpy(), rtol=0.02, atol=1e-4)
     # --images: every frame, at the training size by default; a re-run skips them
     other = str(tmp_path / "other")
     os.makedirs(os.path.join(other, "depth"))
@@ -949,7 +957,7 @@ def test_copypaste_size_mismatch_and_single_region(tmp_path):
 
 def _copypaste_inputs(data, work, split="train"):
     """WORK/disp and WORK/regions for a toy-city split from its ground truth (no other stage needed):
-    regions = gtFine instance ids made contiguous, disparity = the disparity PNG scaled to (0, 1]."""
+    regions = gtFine instance ids made contiguous, disparity = the disparity PNG in pixels (one scale)."""
     import depth
     from PIL import Image
     os.makedirs(os.path.join(work, "disp"), exist_ok=True)
@@ -960,7 +968,42 @@ def _copypaste_inputs(data, work, split="train"):
         np.save(os.path.join(work, "regions", f"{stem}.npy"), np.unique(inst, return_inverse=True)[1]
                 .reshape(inst.shape).astype(np.int32))
         d = depth.read_disparity_png(depth.split_file(data, "disparity", split, stem, "disparity.png"))
-        np.save(os.path.join(work, "disp", f"{stem}.npy"), (d / max(d.max(), 1e-6)).astype(np.float32))
+        np.save(os.path.join(work, "disp", f"{stem}.npy"), d.astype(np.float32))
+
+
+def test_copypaste_depthmix_orders_by_true_depth_across_images(tmp_path):
+    """A region pasted onto another image lands behind or in front of it by true depth, with disparity maps of
+    one scale whose maxima differ (as `depth.py predict` writes them). Divided by each image's maximum the order
+    flips in both cases below (and this test fails)."""
+    import copypaste
+    from PIL import Image
+    H, W = 64, 128
+    car = np.zeros((H, W), np.int32)
+    car[30:50, 40:80] = 1
+    Image.fromarray(np.full((H, W, 3), 128, np.uint8)).save(tmp_path / "img.png")
+    np.save(tmp_path / "regions.npy", car)
+    # (car's disparity, its image's maximum elsewhere, the canvas's disparity, the canvas's maximum, in front?)
+    for car_disp, car_max, canvas_disp, canvas_max, in_front in ((0.3, 0.3, 0.8, 8.0, False),
+                                                                 (2.0, 20.0, 0.3, 0.3, True)):
+        for name, value, peak in (("car", car_disp, car_max), ("canvas", canvas_disp, canvas_max)):
+            d = np.where(car > 0, value, 0.05) if name == "car" else np.full((H, W), value)
+            d = d.astype(np.float32)
+            d[0, 0] = peak                    # the image's maximum: one near pixel in a corner
+            np.save(tmp_path / f"{name}.npy", d)
+        (image, disp, regions), (canvas_image, canvas_disp_map, _) = (
+            copypaste.load_source(tmp_path / "img.png", tmp_path / f"{name}.npy", tmp_path / "regions.npy", (H, W))
+            for name in ("car", "canvas"))
+        crop = torch.cat([image, disp[None]])[:, 30:50, 40:80]
+        region = ((30, 40, 20, 40), crop, regions[30:50, 40:80] == 1, float(crop[3].max()))
+        for seed in range(10):    # depth-aware scales s in [0.2, 2]: 0.3 s < 0.8 and 2 s > 0.3 for every s
+            canvas = torch.cat([canvas_image, canvas_disp_map[None]]).clone()
+            labels = torch.zeros(H, W, dtype=torch.int32)
+            matrix = copypaste.paste_region(canvas, labels, region, 7, torch.Generator().manual_seed(seed), 2)
+            assert matrix is not None
+            landed = labels == 7
+            assert bool(landed.any()) == in_front, (car_disp, seed)
+            if in_front:    # every landed pixel is nearer than the canvas was (the corner's peak aside)
+                assert (canvas[3][landed] > canvas_disp).all()
 
 
 def test_copypaste_cli_end_to_end(tiny_city, tmp_path, capsys):
