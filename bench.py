@@ -156,7 +156,7 @@ def bench_group_inputs(group, a, item):
     import numpy as np
     stem, path = item
     image, native = group.load_image(path, tuple(a.size))
-    disparity = group.load_disparity(a, stem, native, tuple(a.size))
+    disparity = group.load_disparity(a, stem, native, tuple(a.size))[0]   # (stereo: its pitch < 1, Eqn 1 as is)
     labels = group.slic_superpixels(image, a.segments)
     n = int(labels.max()) + 1
     points = group.back_project(group.scale_free_depth(disparity), group.intrinsics_of(a, stem, native)[0])

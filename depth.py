@@ -731,6 +731,8 @@ def predict(args):
             if args.preview:
                 atomic_write(os.path.join(preview, image_stem(path) + ".png"),
                              lambda f: Image.fromarray(colorize_disparity(d)).save(f, format="PNG"))
+    meta = json.dumps({"predicted_at": net_size}).encode()      # the samples' grid: group.py's Eqn 1 spacing
+    atomic_write(os.path.join(out, "resolution.json"), lambda f: f.write(meta))
     print(f"[depth] disparities in {out}")
 
 

@@ -397,6 +397,7 @@ def test_depth_cli_train_and_predict_write_one_scale_disparity(tiny_city, tmp_pa
             sigma = net(depth.load_rgb(path, tuple(model["size"]))[None])[0].float()
         expected = torch.nn.functional.interpolate(depth.disp_to_depth(sigma)[0], (32, 64), mode="bilinear")[0, 0]
         np.testing.assert_allclose(d, expected.numpy(), rtol=0.02, atol=1e-4)
+    assert json.load(open(os.path.join(work, "disp", "resolution.json"))) == {"predicted_at": model["size"]}
     # --images: every frame, at the training size by default; a re-run skips them
     other = str(tmp_path / "other")
     os.makedirs(os.path.join(other, "depth"))
@@ -404,7 +405,7 @@ def test_depth_cli_train_and_predict_write_one_scale_disparity(tiny_city, tmp_pa
     frames = os.path.join(tiny_city, "leftImg8bit_sequence", "train", "toycity", "*.png")
     predict = ["predict", "--work", other, "--images", frames, "--no-progress", "--batch-size", "3"]
     depth.main(predict)
-    written = sorted(os.listdir(os.path.join(other, "disp")))
+    written = sorted(f for f in os.listdir(os.path.join(other, "disp")) if f.endswith(".npy"))
     assert written == [s + ".npy" for s in sorted(depth.image_stem(p) for p in glob.glob(frames))]
     assert np.load(os.path.join(other, "disp", written[0])).shape == (64, 128)
     capsys.readouterr()
@@ -595,6 +596,37 @@ def test_group_box_on_plane_gives_box_and_ground_regions():
     # the released default (occlusion term only) keeps the ground as one region too
     regions = group.group_depth(image, disparity, intrinsics, segments=1200)
     assert (regions[ground] == np.bincount(regions[ground]).argmax()).mean() > 0.97
+
+
+def test_group_blurred_low_resolution_depth_keeps_its_occlusion():
+    """A near rectangle (depth 4 / 1.5) before a wall (depth 4): disparity made at 32 x 64, blurred (sigma 1
+    sample, as a network blurs) and resized to 192 x 384, grouped with the paper's ~30-pixel superpixels. Read
+    pixel by pixel (pitch 1) every superpixel step sees a fraction of the step and everything merges (the toy
+    city's 1 to 5 regions per image at 384 x 768 / 10000); read 2 samples apart (pitch 6) the two stay apart."""
+    import group
+    from scipy.ndimage import gaussian_filter
+    H, W, f = 192, 384, 6
+    z = np.full((H // f, W // f), 4.0)
+    z[H // f // 4:3 * H // f // 4, W // f // 4:W // f // 2] = 4.0 / 1.5
+    disparity = group.resize_float(gaussian_filter(1.0 / z, 1.0), (H, W))
+    rect = np.zeros((H, W), bool)
+    rect[H // 4:3 * H // 4, W // 4:W // 2] = True
+    noise = 0.03 * np.random.default_rng(0).standard_normal((H, W, 3))
+    image = np.clip(np.where(rect[..., None], [0.7, 0.3, 0.3], [0.4, 0.4, 0.5]) + noise, 0, 1).astype(np.float32)
+    for pitch, apart in ((1.0, False), (f, True)):
+        regions = group.group_depth(image, disparity, group.KITTI_INTRINSICS, segments=H * W // 30,
+                                    disparity_pitch=pitch)
+        inside, outside = np.bincount(regions[rect]).argmax(), np.bincount(regions[~rect]).argmax()
+        assert (inside != outside) == apart, pitch
+    assert (regions[rect] == inside).mean() > 0.85 and (regions[~rect] == outside).mean() > 0.95
+    # Eqn 1's points: centers far enough apart are kept; nearer ones are read 2 pitches apart on their line
+    points = np.stack([np.zeros((8, 8)), np.zeros((8, 8)), np.arange(8.0)[None].repeat(8, 0)])     # Z = column
+    edges, centers = np.array([[0, 1]]), np.array([[0.0, 0.0, 1.0], [1.0, 0.0, 1.0]])
+    pixels = np.array([[2.0, 3.0], [2.0, 4.0]])                                          # 1 px apart, one row
+    ends = group.occlusion_ends(points, edges, centers, pixels, 1.0)
+    assert np.array_equal(ends[0], centers[:1]) and np.array_equal(ends[1], centers[1:])
+    ends = group.occlusion_ends(points, edges, centers, pixels, 4.0)                     # columns 1.5 and 5.5
+    assert ends[0][0, 2] == 2.0 and ends[1][0, 2] == 6.0        # np.rint: half to even
 
 
 def test_group_ids_contiguous_and_deterministic():
