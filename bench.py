@@ -156,7 +156,7 @@ def bench_group_inputs(group, a, item):
     import numpy as np
     stem, path = item
     image, native = group.load_image(path, tuple(a.size))
-    disparity = group.load_disparity(a, stem, native, tuple(a.size))
+    disparity = group.load_disparity(a, stem, native, tuple(a.size))[0]   # (stereo: its pitch < 1, Eqn 1 as is)
     labels = group.slic_superpixels(image, a.segments)
     n = int(labels.max()) + 1
     points = group.back_project(group.scale_free_depth(disparity), group.intrinsics_of(a, stem, native)[0])
@@ -169,8 +169,8 @@ def bench_group_inputs(group, a, item):
 # ===== copypaste =====
 def bench_copypaste(args, size=(384, 768), mix=8, paste_times=(2, 4), repeat=3, worker_samples=8):
     """copypaste.py: one cross-context sample at paper settings (M 8, E 2 4, 384 x 768) on one thread, with and
-    without the photometric augmentation, from the toy city's annotated frames (ground-truth disparity scaled
-    to (0, 1], instance ids as regions: about 50 per toy-city frame, more than the ~30 of a Cityscapes frame);
+    without the photometric augmentation, from the toy city's annotated frames (ground-truth disparity in
+    pixels, instance ids as regions: about 50 per toy-city frame, more than the ~30 of a Cityscapes frame);
     then samples/s of the command with --workers 2 (one thread each) writing `worker_samples` samples.
     The authors' released construction of such a sample (~28 regions per source): 5.6 s on one thread."""
     import glob
@@ -195,7 +195,7 @@ def bench_copypaste(args, size=(384, 768), mix=8, paste_times=(2, 4), repeat=3, 
         stem, split = depth.image_stem(path), "train" if f"{os.sep}train{os.sep}" in path else "val"
         images.append(np.array(Image.open(path).convert("RGB")))
         d = depth.read_disparity_png(depth.split_file(data, "disparity", split, stem, "disparity.png"))
-        disps.append((d / max(float(d.max()), 1e-6)).astype(np.float32))
+        disps.append(d.astype(np.float32))                      # pixels: one scale for the dataset
         inst = np.array(Image.open(depth.split_file(data, "gtFine", split, stem, "gtFine_instanceIds.png")))
         regions.append(np.unique(inst, return_inverse=True)[1].reshape(inst.shape).astype(np.int32))
     pick = [j % len(paths) for j in range(mix)]
@@ -275,7 +275,7 @@ def bench_swav_dense(args, size=(128, 256), mix=8, arch="resnet50", num_prototyp
         stem, split = depth.image_stem(path), "train" if f"{os.sep}train{os.sep}" in path else "val"
         images.append(np.array(Image.open(path).convert("RGB")))
         d = depth.read_disparity_png(depth.split_file(data, "disparity", split, stem, "disparity.png"))
-        disps.append(np.maximum(d, d[d > 0].min()) / d.max())
+        disps.append(np.maximum(d, d[d > 0].min()))             # pixels: one scale for the dataset
         inst = np.array(Image.open(depth.split_file(data, "gtFine", split, stem, "gtFine_instanceIds.png")))
         regions.append(np.unique(inst, return_inverse=True)[1].reshape(inst.shape))
     sample = copypaste.build_sample(images, disps, regions, [f"s{j}" for j in range(mix)], size=size,

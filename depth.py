@@ -13,7 +13,7 @@ Pipeline: (video) -> depth.py -> group.py (coherent depth regions) -> copypaste.
 | writes (train) | WORK/depth/model.pt | dict | {"arch", "model": depth net state_dict, "pose_model", "args", "size", ...} |
 | writes (train) | WORK/depth/checkpoint.pt, log.jsonl, args.json | | exact resume; one JSON line per log step |
 | reads (predict) | WORK/depth/model.pt; DATA/leftImg8bit/SPLIT/*/*.png or --images GLOB | | |
-| writes (predict) | WORK/disp/<stem>.npy (+ WORK/disp_preview/<stem>.png) | (H, W) float32 | disparity normalized to (0, 1] |
+| writes (predict) | WORK/disp/<stem>.npy (+ WORK/disp_preview/<stem>.png) | (H, W) float32 | scaled disparity 1 / depth, one scale per dataset |
 | reads (eval) | WORK/disp, DATA/disparity/SPLIT/CITY/<stem>_disparity.png, camera JSON | | GT depth = baseline fx / d |
 | writes (eval) | WORK/depth/eval.json | JSON | abs_rel, sq_rel, rmse, rmse_log, a1-a3, scaling ratio |
 
@@ -690,7 +690,7 @@ def train(args):
 
 
 def colorize_disparity(disp):
-    """(H, W) disparity in (0, 1] -> (H, W, 3) uint8 with a magma-like color map (dark far, bright near)."""
+    """(H, W) disparity -> (H, W, 3) uint8 magma-like (dark far); per-image stretch, for display only."""
     anchors = np.array([[0, 0, 4], [80, 18, 123], [182, 54, 121], [251, 136, 97], [252, 253, 191]], np.float64)
     d = np.clip(disp / np.percentile(disp, 95), 0, 1) * (len(anchors) - 1)
     i = np.minimum(d.astype(int), len(anchors) - 2)
@@ -699,7 +699,7 @@ def colorize_disparity(disp):
 
 
 def predict(args):
-    """Disparity of every image, normalized to (0, 1] -> WORK/disp/<stem>.npy (+ previews)."""
+    """Scaled disparity 1 / depth (disp_to_depth; one scale per dataset: DepthMix compares images) -> WORK/disp."""
     path = os.path.join(args.work, "depth", "model.pt")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} is missing: make it with `python depth.py train --data DATA --work WORK`")
@@ -726,12 +726,13 @@ def predict(args):
             sigma = net(images)[0].float()
         disp = disp_to_depth(sigma, model["min_depth"], model["max_depth"])[0]
         disp = F.interpolate(disp, size, mode="bilinear", align_corners=False)
-        disp = disp / disp.amax(dim=(1, 2, 3), keepdim=True)            # each image's maximum 1: scale-free
         for path, d in zip(chunk, disp[:, 0].cpu().numpy().astype(np.float32)):
             atomic_write(os.path.join(out, image_stem(path) + ".npy"), lambda f: np.save(f, d))
             if args.preview:
                 atomic_write(os.path.join(preview, image_stem(path) + ".png"),
                              lambda f: Image.fromarray(colorize_disparity(d)).save(f, format="PNG"))
+    meta = json.dumps({"predicted_at": net_size}).encode()      # the samples' grid: group.py's Eqn 1 spacing
+    atomic_write(os.path.join(out, "resolution.json"), lambda f: f.write(meta))
     print(f"[depth] disparities in {out}")
 
 

@@ -11,7 +11,7 @@ Reads / writes:
 | file                                        | shape, dtype        | meaning                                    |
 |---------------------------------------------|---------------------|--------------------------------------------|
 | DATA/leftImg8bit/S/*/<stem>_leftImg8bit.png  | (H0, W0, 3) uint8   | images (or --images GLOB)                  |
-| WORK/disp/<stem>.npy (or --disp-dir)         | (h, w) float32      | disparity in (0, 1] from `depth.py predict` |
+| WORK/disp/<stem>.npy (or --disp-dir)         | (h, w) float32      | disparity, one scale (`depth.py predict`) |
 | DATA/disparity/S/*/<stem>_disparity.png      | (H0, W0) uint16     | with --stereo: Cityscapes stereo disparity  |
 | DATA/camera/S/*/<stem>_camera.json           | JSON                | intrinsics (else --intrinsics / KITTI K)   |
 | DATA/gtFine/S/*/<stem>_gtFine_*Ids.png       | (H0, W0)            | --method gt and --eval                     |
@@ -22,15 +22,15 @@ Reads / writes:
     python group.py --work runs/cityscapes --data CITYSCAPES --split train --workers 8   # paper scale, 384 x 768
     python group.py --work /tmp/w --data /tmp/tiny --split val --stereo --size 64 128 --segments 300
 
-Disparity (predicted or stereo) is divided by its maximum over the image and floored at 0.005 (released),
+Disparity (one scale per dataset) is divided by its maximum over the image and floored at 0.005 (released),
 then z = 1 / disparity; invalid stereo pixels (0) get the floor: the farthest plane, as the sky does.
+Not released: a disparity made at p > 1 working rows per row has Eqn 1 compare points 2p apart (`occlusion_ends`).
 
 Deviations from the paper / the released code (LeungTsang/CPCDR pixel_grouping), stated plainly:
 - The principal point is applied in top-down rows (Y = z (cy H - row) / (fy H), up positive); the released
   code flips the rows but not cy (the same for cy = 0.5, the KITTI K it uses for every dataset).
 - The dataset's own intrinsics are used when a camera JSON exists (released: the KITTI K everywhere).
-- Node ids are mapped to InfoMap modules explicitly (the released code relies on dict order); the merging
-  stops after 20 levels or when InfoMap merges nothing (a guard the released code does not have).
+- InfoMap modules are read per node id (released: dict order); merging stops after 20 levels or when stuck.
 - Eqn 2 uses the lower superpixel's height y1, as the paper (released: the pair's mean; its w_sup is 0).
 - InfoMap's preferred number of modules is off by default (released: 10). With infomap 2.x the preference
   charges |K - 10| bits, so the first run returns exactly 10 modules and the merging, which only merges,
@@ -74,7 +74,8 @@ EVAL_IGNORE_LABEL_IDS = (0, 1, 2, 3)  # Cityscapes unlabeled, ego vehicle, recti
 # ===== pure functions, in pipeline order =====
 def scale_free_depth(disparity, floor=DISPARITY_FLOOR):
     """Scale-free depth z = 1 / d: disparity d (any positive scale, <= 0 invalid) divided by its maximum and
-    floored at `floor`, so invalid pixels (stereo's 0) and the sky become the farthest plane z = 1 / floor."""
+    floored at `floor`, so invalid pixels (stereo's 0) and the sky become the farthest plane z = 1 / floor.
+    Harmless: Eqn 1-3 see z through back_project's per-axis std (scale-free); only the floor needs a scale."""
     d = np.asarray(disparity, dtype=np.float32)
     d = d / d.max() if d.size and d.max() > 0 else np.zeros_like(d)
     return 1.0 / np.maximum(d, np.float32(floor))
@@ -113,9 +114,8 @@ def slic_superpixels(image, segments=SLIC_SEGMENTS):
     """SLIC superpixels (Lab; released compactness 10, sigma 1) of an RGB image in [0, 1]: (H, W) int32,
     contiguous from 0. start_label=0 matters: newer scikit-image starts at 1 by default, which silently
     breaks code that indexes per-superpixel arrays by label."""
-    labels = slic(image, n_segments=segments, compactness=SLIC_COMPACTNESS, sigma=SLIC_SIGMA, start_label=0,
-                  channel_axis=-1)
-    return relabel_contiguous(labels)
+    return relabel_contiguous(slic(image, n_segments=segments, compactness=SLIC_COMPACTNESS, sigma=SLIC_SIGMA,
+                                   start_label=0, channel_axis=-1))
 
 
 def relabel_contiguous(labels):
@@ -170,13 +170,27 @@ def boundary_probability(d_ocln, d_sup, w_ocln=W_OCLN, w_sup=W_SUP, bias=BIAS):
     return 1.0 / (1.0 + np.exp(-(w_ocln * d_ocln + w_sup * d_sup + bias)))
 
 
-def edge_weights(edges, centers, normals, w_ocln=W_OCLN, w_sup=W_SUP, bias=BIAS):
+def occlusion_ends(points, edges, centers, pixel_centers, min_separation):
+    """The two 3-D points Eqn 1 compares per edge, (E, 3) each: the superpixels' mean points, or where their pixel
+    centers (N, 2) are nearer than min_separation, the point map (3, H, W) read min_separation apart on their line.
+    A disparity resized from a grid of pitch p spreads a depth step over >= p pixels, and a superpixel boundary
+    lies anywhere on it: only points 2p apart surely straddle it (nearer ones see a slant: Eqn 1 merges it)."""
+    i, j = edges[:, 0], edges[:, 1]
+    delta = pixel_centers[j] - pixel_centers[i]
+    separation = np.linalg.norm(delta, axis=1, keepdims=True)
+    middle, half = (pixel_centers[i] + pixel_centers[j]) / 2, min_separation / 2 * delta / np.maximum(separation, 1e-9)
+    limit, short = np.array(points.shape[1:]) - 1, separation < min_separation
+    ends = [np.clip(np.rint(middle + sign * half), 0, limit).astype(np.int64) for sign in (-1, 1)]
+    return tuple(np.where(short, points[:, q[:, 0], q[:, 1]].T, centers[k]) for q, k in zip(ends, (i, j)))
+
+
+def edge_weights(edges, centers, normals, w_ocln=W_OCLN, w_sup=W_SUP, bias=BIAS, ends=None):
     """W of every edge (E,) from superpixel centers (N, 3) and normals (N, 3): Eqn 1-3 with S1 the lower
-    superpixel of the edge (smaller Y)."""
+    superpixel of the edge (smaller Y). ends: the points Eqn 1 compares (`occlusion_ends`; default the centers)."""
     i, j = edges[:, 0], edges[:, 1]
     swap = centers[j, 1] < centers[i, 1]
     s1, s2 = np.where(swap, j, i), np.where(swap, i, j)
-    d_ocln = occlusion_distance(centers[s1], centers[s2])
+    d_ocln = occlusion_distance(*(ends if ends is not None else (centers[i], centers[j])))   # symmetric in S1, S2
     d_sup = support_distance(normals[s1, 1], normals[s2, 1], centers[s1, 1])
     return boundary_probability(d_ocln, d_sup, w_ocln, w_sup, bias)
 
@@ -193,9 +207,8 @@ def infomap_modules(num_nodes, edges, link_weights, seed=INFOMAP_SEED, preferred
     im = infomap.Infomap(args=options.to_args())
     im.add_links(np.column_stack([edges, link_weights]).astype(np.float64))
     im.run()
-    with warnings.catch_warnings():
-        # deprecated in infomap 2.16 (pinned) for run().modules(), which returns the same dict but first
-        # builds a per-node Python snapshot: 0.2 s more on a 10000-node graph, a third of the stage
+    with warnings.catch_warnings():   # deprecated in infomap 2.16 (pinned) for run().modules(), the same dict
+        # after a per-node Python snapshot: 0.2 s more on a 10000-node graph, a third of the stage
         warnings.simplefilter("ignore", DeprecationWarning)
         modules = im.get_modules()
     out = np.full(num_nodes, -1, dtype=np.int64)
@@ -209,8 +222,7 @@ def merge_modules(edges, weights, modules, tau=MERGE_TAU):
     """One merging step. A module is open if one of its edges to another module has W < tau; closed modules
     are final. The next graph has the open modules as nodes (in module order), an edge between two open
     modules that touch, with W the arithmetic mean of the W's between them (released code).
-    Returns (open (K,) bool, next_node_of_module (K,) int64, -1 for closed, next_edges (E', 2), next_W (E',)).
-    """
+    Returns (open (K,) bool, next_node_of_module (K,) int64, -1 for closed, next_edges (E', 2), next_W (E',))."""
     a, b = modules[edges[:, 0]], modules[edges[:, 1]]
     weak = (a != b) & (weights < tau)
     is_open = np.zeros(int(modules.max()) + 1, dtype=bool)
@@ -252,21 +264,22 @@ def iterative_infomap(num_nodes, edges, weights, tau=MERGE_TAU, seed=INFOMAP_SEE
 
 
 def group_depth(image, disparity, intrinsics, *, segments=SLIC_SEGMENTS, w_ocln=W_OCLN, w_sup=W_SUP, bias=BIAS,
-                tau=MERGE_TAU, preferred_modules=PREFERRED_MODULES, seed=INFOMAP_SEED):
+                tau=MERGE_TAU, preferred_modules=PREFERRED_MODULES, seed=INFOMAP_SEED, disparity_pitch=1.0):
     """Coherent depth regions (Sec 3.2, Fig 4): image (H, W, 3) in [0, 1], disparity (H, W) of any positive
-    scale (<= 0 invalid), normalized intrinsics (fx/W, fy/H, cx/W, cy/H) -> (H, W) int32 region ids,
-    contiguous from 0. The defaults are the released code's (and the paper's where it gives them)."""
+    scale (<= 0 invalid), normalized intrinsics (fx/W, fy/H, cx/W, cy/H) -> (H, W) int32 region ids from 0.
+    disparity_pitch: working rows per disparity row as made (6: 64 resized to 384; <= 1: Eqn 1 as released)."""
     # superpixels (Fig 4a) and their 4-connected adjacency graph
     labels = slic_superpixels(image, segments)
-    n = int(labels.max()) + 1
-    edges = region_adjacency(labels)
+    n, edges = int(labels.max()) + 1, region_adjacency(labels)
     # per superpixel: the mean 3-D point (its center c) and the normal n of its mean point gradients
     points = back_project(scale_free_depth(disparity), intrinsics)                       # (3, H, W)
-    channels = np.concatenate([points, point_gradients(points).reshape(6, *labels.shape)])  # (9, H, W)
-    stats = superpixel_means(labels, channels, n)                                         # (N, 9)
+    pixels = np.indices(labels.shape, dtype=np.float32)                                   # (2, H, W) row, col
+    channels = np.concatenate([points, point_gradients(points).reshape(6, *labels.shape), pixels])  # (11, H, W)
+    stats = superpixel_means(labels, channels, n)                                         # (N, 11)
     centers, normals = stats[:, :3], normals_from_gradients(stats[:, 3:6], stats[:, 6:9])
-    # W of every edge (Eqn 1-3, Fig 4b-c), then InfoMap and the iterative merging (Fig 4d)
-    weights = edge_weights(edges, centers, normals, w_ocln, w_sup, bias)
+    # W of every edge (Eqn 1-3, Fig 4b-c; Eqn 1 across the disparity's own resolution), InfoMap, merging (Fig 4d)
+    ends = occlusion_ends(points, edges, centers, stats[:, 9:11], 2.0 * disparity_pitch if disparity_pitch > 1 else 0)
+    weights = edge_weights(edges, centers, normals, w_ocln, w_sup, bias, ends)
     return iterative_infomap(n, edges, weights, tau, seed, preferred_modules)[labels].astype(np.int32)
 
 
@@ -320,17 +333,13 @@ def load_image(path, size):
 
 def resize_float(array, size):
     """Bilinear resize of a float (h, w) map to size (H, W)."""
-    array = np.asarray(array, dtype=np.float32)
-    if array.shape == tuple(size):
-        return array
-    return np.asarray(Image.fromarray(array).resize((size[1], size[0]), Image.BILINEAR))
+    a = np.asarray(array, dtype=np.float32)
+    return a if a.shape == tuple(size) else np.asarray(Image.fromarray(a).resize(size[::-1], Image.BILINEAR))
 
 
 def resize_nearest(array, size):
-    """Nearest-neighbor resize of an integer (h, w) map to size (H, W)."""
+    """Nearest-neighbor resize of an integer (h, w) map to size (H, W) (a copy at the same size)."""
     array = np.asarray(array)
-    if array.shape == tuple(size):
-        return array
     rows = ((np.arange(size[0]) + 0.5) * array.shape[0] / size[0]).astype(np.int64)   # pixel centers
     cols = ((np.arange(size[1]) + 0.5) * array.shape[1] / size[1]).astype(np.int64)
     return array[rows[:, None], cols[None, :]]
@@ -382,7 +391,8 @@ def intrinsics_of(args, stem, native):
 
 
 def load_disparity(args, stem, native, size):
-    """Disparity of a frame at the working size (float32 (H, W), any positive scale, <= 0 invalid)."""
+    """Disparity of a frame at the working size (float32 (H, W), any positive scale, <= 0 invalid) and its pitch:
+    working rows per disparity row as made (`depth.py predict` records its network's size in resolution.json)."""
     if args.stereo:
         path = split_file(args.data, "disparity", args.split, stem, "disparity.png")
         if not os.path.exists(path):
@@ -390,8 +400,8 @@ def load_disparity(args, stem, native, size):
         disparity = read_disparity_png(path)
         check_aspect(native, disparity.shape, "the stereo disparity", path)
         # to (0, 1] and invalid (0) pixels to the floor before resizing: bilinear never blends valid with 0
-        return resize_float(1.0 / scale_free_depth(disparity), size)
-    path = os.path.join(args.disp_dir or os.path.join(args.work, "disp"), f"{stem}.npy")
+        return resize_float(1.0 / scale_free_depth(disparity), size), size[0] / disparity.shape[0]
+    path = os.path.join(folder := args.disp_dir or os.path.join(args.work, "disp"), f"{stem}.npy")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no disparity for {stem}; make it with `python depth.py predict --work "
                                 "WORK ...` (or pass --disp-dir DIR, or --stereo for Cityscapes stereo disparity)")
@@ -400,7 +410,9 @@ def load_disparity(args, stem, native, size):
         raise ValueError(f"{path}: expected a float (H, W) disparity from `depth.py predict`, got "
                          f"{disparity.dtype} {disparity.shape}")
     check_aspect(native, disparity.shape, "the disparity", path)
-    return resize_float(disparity, size)
+    made = os.path.join(folder, "resolution.json")                 # {"predicted_at": [h, w]}
+    rows = json.load(open(made))["predicted_at"][0] if os.path.exists(made) else disparity.shape[0]
+    return resize_float(disparity, size), size[0] / min(rows, disparity.shape[0])
 
 
 def process_one(item, args):
@@ -408,11 +420,11 @@ def process_one(item, args):
     (stem, image_path), size = item, tuple(args.size)
     image, native = load_image(image_path, size)
     if args.method == "depth":
-        disparity = load_disparity(args, stem, native, size)
+        disparity, pitch = load_disparity(args, stem, native, size)
         intrinsics = intrinsics_of(args, stem, native)[0]
         regions = group_depth(image, disparity, intrinsics, segments=args.segments, w_ocln=args.w_ocln,
                               w_sup=args.w_sup, bias=args.bias, tau=args.tau,
-                              preferred_modules=args.preferred_modules, seed=args.seed)
+                              preferred_modules=args.preferred_modules, seed=args.seed, disparity_pitch=pitch)
     elif args.method == "felzenszwalb":
         regions = group_felzenszwalb(image)
     else:  # gt

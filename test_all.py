@@ -420,7 +420,7 @@ def test_depth_resume_gives_the_same_parameters_as_a_straight_run(tiny_city, tmp
             assert torch.equal(a[key][name], b[key][name]), name
 
 
-def test_depth_cli_train_and_predict_write_normalized_disparity(tiny_city, tmp_path, capsys):
+def test_depth_cli_train_and_predict_write_one_scale_disparity(tiny_city, tmp_path, capsys):
     import glob
     import json
     import shutil
@@ -431,11 +431,20 @@ def test_depth_cli_train_and_predict_write_normalized_disparity(tiny_city, tmp_p
     assert [r["step"] for r in logs] == [1, 2] and all(np.isfinite(r["loss"]) for r in logs)
     run_cli("depth.py", "predict", "--work", work, "--data", tiny_city, "--split", "val", "--size", "32", "64",
             "--preview", "--no-progress")
+    model = torch.load(os.path.join(work, "depth", "model.pt"), weights_only=False)
+    net = depth.DepthNet(model["arch"]).eval()
+    net.load_state_dict(model["model"])
     for path in depth.list_split_images(tiny_city, "val"):
         stem = depth.image_stem(path)
         d = np.load(os.path.join(work, "disp", stem + ".npy"))
-        assert d.shape == (32, 64) and d.dtype == np.float32 and d.min() > 0 and d.max() == 1.0
+        assert d.shape == (32, 64) and d.dtype == np.float32 and d.min() > 0
         assert os.path.exists(os.path.join(work, "disp_preview", stem + ".png"))
+        # the network's own scaled disparity (one scale for the dataset), not divided by each image's maximum
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            sigma = net(depth.load_rgb(path, tuple(model["size"]))[None])[0].float()
+        expected = torch.nn.functional.interpolate(depth.disp_to_depth(sigma)[0], (32, 64), mode="bilinear")[0, 0]
+        np.testing.assert_allclose(d, expected.numpy(), rtol=0.02, atol=1e-4)
+    assert json.load(open(os.path.join(work, "disp", "resolution.json"))) == {"predicted_at": model["size"]}
     # --images: every frame, at the training size by default; a re-run skips them
     other = str(tmp_path / "other")
     os.makedirs(os.path.join(other, "depth"))
@@ -443,7 +452,7 @@ def test_depth_cli_train_and_predict_write_normalized_disparity(tiny_city, tmp_p
     frames = os.path.join(tiny_city, "leftImg8bit_sequence", "train", "toycity", "*.png")
     predict = ["predict", "--work", other, "--images", frames, "--no-progress", "--batch-size", "3"]
     depth.main(predict)
-    written = sorted(os.listdir(os.path.join(other, "disp")))
+    written = sorted(f for f in os.listdir(os.path.join(other, "disp")) if f.endswith(".npy"))
     assert written == [s + ".npy" for s in sorted(depth.image_stem(p) for p in glob.glob(frames))]
     assert np.load(os.path.join(other, "disp", written[0])).shape == (64, 128)
     capsys.readouterr()
@@ -634,6 +643,37 @@ def test_group_box_on_plane_gives_box_and_ground_regions():
     # the released default (occlusion term only) keeps the ground as one region too
     regions = group.group_depth(image, disparity, intrinsics, segments=1200)
     assert (regions[ground] == np.bincount(regions[ground]).argmax()).mean() > 0.97
+
+
+def test_group_blurred_low_resolution_depth_keeps_its_occlusion():
+    """A near rectangle (depth 4 / 1.5) before a wall (depth 4): disparity made at 32 x 64, blurred (sigma 1
+    sample, as a network blurs) and resized to 192 x 384, grouped with the paper's ~30-pixel superpixels. Read
+    pixel by pixel (pitch 1) every superpixel step sees a fraction of the step and everything merges (the toy
+    city's 1 to 5 regions per image at 384 x 768 / 10000); read 2 samples apart (pitch 6) the two stay apart."""
+    import group
+    from scipy.ndimage import gaussian_filter
+    H, W, f = 192, 384, 6
+    z = np.full((H // f, W // f), 4.0)
+    z[H // f // 4:3 * H // f // 4, W // f // 4:W // f // 2] = 4.0 / 1.5
+    disparity = group.resize_float(gaussian_filter(1.0 / z, 1.0), (H, W))
+    rect = np.zeros((H, W), bool)
+    rect[H // 4:3 * H // 4, W // 4:W // 2] = True
+    noise = 0.03 * np.random.default_rng(0).standard_normal((H, W, 3))
+    image = np.clip(np.where(rect[..., None], [0.7, 0.3, 0.3], [0.4, 0.4, 0.5]) + noise, 0, 1).astype(np.float32)
+    for pitch, apart in ((1.0, False), (f, True)):
+        regions = group.group_depth(image, disparity, group.KITTI_INTRINSICS, segments=H * W // 30,
+                                    disparity_pitch=pitch)
+        inside, outside = np.bincount(regions[rect]).argmax(), np.bincount(regions[~rect]).argmax()
+        assert (inside != outside) == apart, pitch
+    assert (regions[rect] == inside).mean() > 0.85 and (regions[~rect] == outside).mean() > 0.95
+    # Eqn 1's points: centers far enough apart are kept; nearer ones are read 2 pitches apart on their line
+    points = np.stack([np.zeros((8, 8)), np.zeros((8, 8)), np.arange(8.0)[None].repeat(8, 0)])     # Z = column
+    edges, centers = np.array([[0, 1]]), np.array([[0.0, 0.0, 1.0], [1.0, 0.0, 1.0]])
+    pixels = np.array([[2.0, 3.0], [2.0, 4.0]])                                          # 1 px apart, one row
+    ends = group.occlusion_ends(points, edges, centers, pixels, 1.0)
+    assert np.array_equal(ends[0], centers[:1]) and np.array_equal(ends[1], centers[1:])
+    ends = group.occlusion_ends(points, edges, centers, pixels, 4.0)                     # columns 1.5 and 5.5
+    assert ends[0][0, 2] == 2.0 and ends[1][0, 2] == 6.0        # np.rint: half to even
 
 
 def test_group_ids_contiguous_and_deterministic():
@@ -996,7 +1036,7 @@ def test_copypaste_size_mismatch_and_single_region(tmp_path):
 
 def _copypaste_inputs(data, work, split="train"):
     """WORK/disp and WORK/regions for a toy-city split from its ground truth (no other stage needed):
-    regions = gtFine instance ids made contiguous, disparity = the disparity PNG scaled to (0, 1]."""
+    regions = gtFine instance ids made contiguous, disparity = the disparity PNG in pixels (one scale)."""
     import depth
     from PIL import Image
     os.makedirs(os.path.join(work, "disp"), exist_ok=True)
@@ -1007,7 +1047,42 @@ def _copypaste_inputs(data, work, split="train"):
         np.save(os.path.join(work, "regions", f"{stem}.npy"), np.unique(inst, return_inverse=True)[1]
                 .reshape(inst.shape).astype(np.int32))
         d = depth.read_disparity_png(depth.split_file(data, "disparity", split, stem, "disparity.png"))
-        np.save(os.path.join(work, "disp", f"{stem}.npy"), (d / max(d.max(), 1e-6)).astype(np.float32))
+        np.save(os.path.join(work, "disp", f"{stem}.npy"), d.astype(np.float32))
+
+
+def test_copypaste_depthmix_orders_by_true_depth_across_images(tmp_path):
+    """A region pasted onto another image lands behind or in front of it by true depth, with disparity maps of
+    one scale whose maxima differ (as `depth.py predict` writes them). Divided by each image's maximum the order
+    flips in both cases below (and this test fails)."""
+    import copypaste
+    from PIL import Image
+    H, W = 64, 128
+    car = np.zeros((H, W), np.int32)
+    car[30:50, 40:80] = 1
+    Image.fromarray(np.full((H, W, 3), 128, np.uint8)).save(tmp_path / "img.png")
+    np.save(tmp_path / "regions.npy", car)
+    # (car's disparity, its image's maximum elsewhere, the canvas's disparity, the canvas's maximum, in front?)
+    for car_disp, car_max, canvas_disp, canvas_max, in_front in ((0.3, 0.3, 0.8, 8.0, False),
+                                                                 (2.0, 20.0, 0.3, 0.3, True)):
+        for name, value, peak in (("car", car_disp, car_max), ("canvas", canvas_disp, canvas_max)):
+            d = np.where(car > 0, value, 0.05) if name == "car" else np.full((H, W), value)
+            d = d.astype(np.float32)
+            d[0, 0] = peak                    # the image's maximum: one near pixel in a corner
+            np.save(tmp_path / f"{name}.npy", d)
+        (image, disp, regions), (canvas_image, canvas_disp_map, _) = (
+            copypaste.load_source(tmp_path / "img.png", tmp_path / f"{name}.npy", tmp_path / "regions.npy", (H, W))
+            for name in ("car", "canvas"))
+        crop = torch.cat([image, disp[None]])[:, 30:50, 40:80]
+        region = ((30, 40, 20, 40), crop, regions[30:50, 40:80] == 1, float(crop[3].max()))
+        for seed in range(10):    # depth-aware scales s in [0.2, 2]: 0.3 s < 0.8 and 2 s > 0.3 for every s
+            canvas = torch.cat([canvas_image, canvas_disp_map[None]]).clone()
+            labels = torch.zeros(H, W, dtype=torch.int32)
+            matrix = copypaste.paste_region(canvas, labels, region, 7, torch.Generator().manual_seed(seed), 2)
+            assert matrix is not None
+            landed = labels == 7
+            assert bool(landed.any()) == in_front, (car_disp, seed)
+            if in_front:    # every landed pixel is nearer than the canvas was (the corner's peak aside)
+                assert (canvas[3][landed] > canvas_disp).all()
 
 
 def test_copypaste_cli_end_to_end(tiny_city, tmp_path, capsys):
