@@ -512,7 +512,8 @@ def ranged(kind, low=None, high=None, above=None):
         if not (np.isfinite(value) and (low is None or value >= low) and (above is None or value > above)
                 and (high is None or value <= high)):
             need = " and ".join(f"{op} {v}" for op, v in ((">=", low), (">", above), ("<=", high)) if v is not None)
-            raise argparse.ArgumentTypeError(f"{text!r}: need a finite {kind.__name__} {need}".rstrip())
+            raise argparse.ArgumentTypeError(f"{text!r}: must be {'an integer' if kind is int else 'a finite number'} "
+                                             f"{need}".rstrip())
         return value
     return parse
 
