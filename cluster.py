@@ -51,7 +51,8 @@ from scipy.optimize import linear_sum_assignment
 from tqdm import tqdm
 
 from depth import (BadInput, amp_dtype_for, atomic_write, image_stem, list_split_images, nonnegative_int, pick_device,
-                   positive_int, remove_stale_temporaries, run_main, seed_everything, split_file)
+                   positive_int, record_settings, remove_stale_temporaries, run_main, run_settings, seed_everything,
+                   split_file)
 from swav_dense import HEAD_DIM, build_model, load_model
 
 # ----------------------------------------------------------------------------------------------------------
@@ -396,6 +397,7 @@ def run(args):
     print(f"device: {device}, autocast: {amp_dtype or 'off (fp32)'}")
     out = args.out or os.path.join(args.work, "cluster")
     metrics_path = os.path.join(out, "metrics.json")
+    record_settings(out, run_settings(args), args.overwrite, "metrics.json")  # metrics of others are not these
     if os.path.exists(metrics_path) and not args.overwrite:  # written last: its presence marks a finished run
         print(f"{metrics_path} exists; skipping (use --overwrite to redo)")
         return json.load(open(metrics_path))

@@ -576,12 +576,13 @@ def settings_diff(old, new, keys=None):
     return ", ".join(f"{k} {old.get(k)} -> {new.get(k)}" for k in keys if old.get(k) != new.get(k))
 
 
-def record_settings(folder, settings, overwrite):
-    """FOLDER/settings.json holds the settings its outputs were made with; a re-run with others stops with a
-    one-line diff, unless overwrite (then every output is redone)."""
+def record_settings(folder, settings, overwrite, outputs="*.npy"):
+    """FOLDER/settings.json holds the settings its outputs (the glob `outputs`) were made with; while such outputs
+    exist, a re-run with other settings stops with a one-line diff, unless overwrite (then they are redone)."""
     path, settings = os.path.join(folder, "settings.json"), json.loads(json.dumps(settings))
+    os.makedirs(folder, exist_ok=True)
     old = checked_read(path, "the same stage", lambda p: json.load(open(p))) if os.path.exists(path) else settings
-    if old != settings and not overwrite:
+    if old != settings and not overwrite and glob.glob(os.path.join(glob.escape(folder), outputs)):
         raise BadInput(f"{folder} holds outputs made with other settings ({settings_diff(old, settings)}): pass "
                        "--overwrite to redo them, or use another --work")
     atomic_write(path, lambda f: f.write(json.dumps(settings, indent=2).encode()))
@@ -611,12 +612,17 @@ def resume_log(path, step, key="step"):
     return open(path, "a", buffering=1)
 
 
-def check_resume(old_args, args, path, neutral=("resume", "force_resume", "overwrite", "stop_after", "save_every",
-                                                "log_every", "eval_every", "workers", "no_progress", "device")):
+def run_settings(args, neutral=("resume", "force_resume", "overwrite", "stop_after", "save_every", "log_every",
+                                "eval_every", "workers", "no_progress", "device", "work", "data", "out")):
+    """The flags that change a run's result: vars(args) (or a dict of them) less how and where it runs."""
+    return {k: v for k, v in json.loads(json.dumps(vars(args) if hasattr(args, "__dict__") else args)).items()
+            if k not in neutral}
+
+
+def check_resume(old_args, args, path):
     """Resuming a checkpoint made with settings that change the run is refused (a one-line diff), unless
     --force-resume: the result would equal no uninterrupted run."""
-    old, new = ({k: v for k, v in json.loads(json.dumps(a)).items() if k not in neutral} for a in (old_args, vars(args)))
-    if (diff := settings_diff(old, new)) and not args.force_resume:
+    if (diff := settings_diff(run_settings(old_args), run_settings(args))) and not args.force_resume:
         raise BadInput(f"{path} was made with other settings ({diff}): pass --force-resume to resume anyway, or "
                        "--overwrite to start again")
 
@@ -745,6 +751,7 @@ def train_outputs(args):
     needs --resume (continue it) or --overwrite (start again)."""
     out = os.path.join(args.work, "depth")
     model_path, ckpt_path = os.path.join(out, "model.pt"), os.path.join(out, "checkpoint.pt")
+    record_settings(out, run_settings(args), args.overwrite or args.force_resume, "model.pt")  # a model of others
     resume = args.resume and os.path.exists(ckpt_path)
     if os.path.exists(model_path) and not (args.overwrite or resume):
         return print(f"[depth] {model_path} exists: skipping training (--resume to continue, --overwrite to restart)")

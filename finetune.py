@@ -52,8 +52,8 @@ from tqdm import tqdm
 from cluster import (IGNORE, IMAGENET_MEAN, TRAIN_CLASSES, confusion_matrix, labelids_to_trainids, list_eval_pairs,
                      normalize_images, print_scores, read_pair, scores_json, segmentation_scores)
 from depth import (BadInput, amp_dtype_for, atomic_write, check_resume, fraction, load_torch, nonnegative_int,
-                   pick_device, positive_float, positive_int, ranged, remove_stale_temporaries, resume_log, run_main,
-                   seed_everything)
+                   pick_device, positive_float, positive_int, ranged, record_settings, remove_stale_temporaries,
+                   resume_log, run_main, run_settings, seed_everything)
 from swav_dense import HEAD_DIM, RESNET_CHANNELS, build_model, load_backbone_weights, load_model
 
 # ----------------------------------------------------------------------------------------------------------
@@ -316,6 +316,7 @@ def run(args):
     amp_dtype = amp_dtype_for(device, args.no_amp)
     out = args.out or os.path.join(args.work, "finetune")
     ckpt_path, log_path, metrics_path = (os.path.join(out, f) for f in ("checkpoint.pt", "log.jsonl", "metrics.json"))
+    record_settings(out, run_settings(args), args.overwrite or args.force_resume, "metrics.json")  # others': stop
     if os.path.exists(metrics_path) and not args.overwrite and not args.resume:
         print(f"{metrics_path} exists; skipping (use --overwrite to redo)")
         return json.load(open(metrics_path))

@@ -56,8 +56,8 @@ from torchvision.ops import FeaturePyramidNetwork
 from tqdm import tqdm
 
 from depth import (BadInput, amp_dtype_for, atomic_write, check_resume, checked_read, load_torch,
-                   nonnegative_int, pick_device, positive_float, positive_int, ranged, remove_stale_temporaries,
-                   resume_log, run_main, seed_everything, unit_float)
+                   nonnegative_int, pick_device, positive_float, positive_int, ranged, record_settings,
+                   remove_stale_temporaries, resume_log, run_main, run_settings, seed_everything, unit_float)
 
 # ===== Paper constants (Sec 3.4 and Sec 4; SwAV for the Sinkhorn settings) =====
 NUM_PROTOTYPES = 1000  # K, Sec 3.4
@@ -524,6 +524,7 @@ def run(args):
     """Dense SwAV pre-training (Sec 3.4): WORK/samples (or samples built on the fly) -> WORK/swav/model.pt."""
     out_dir = args.out or os.path.join(args.work, "swav")
     final, ckpt_path = os.path.join(out_dir, "model.pt"), os.path.join(out_dir, "checkpoint.pt")
+    record_settings(out_dir, run_settings(args), args.overwrite or args.force_resume, "model.pt")  # others': stop
     if os.path.exists(final) and not args.overwrite and not (args.resume and os.path.exists(ckpt_path)):
         print(f"[swav_dense] {final} exists: skipping (--overwrite to retrain)")
         return final

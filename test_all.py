@@ -1269,7 +1269,8 @@ def test_swav_dense_cli_amp_step_finite(tmp_path):
     import swav_dense
     model, ckpt = swav_dense.load_model(str(tmp_path / "swav" / "model.pt"))
     assert ckpt["arch"] == "resnet18" and model.prototypes.weight.shape[0] == 16
-    final = swav_dense.run(swav_dense.get_args_parser().parse_args(["--work", str(tmp_path), *SWAV_TINY]))
+    final = swav_dense.run(swav_dense.get_args_parser().parse_args(["--work", str(tmp_path), "--steps", "2",
+                                                                    *SWAV_TINY]))
     assert final.endswith("model.pt") and len(open(tmp_path / "swav" / "log.jsonl").readlines()) == 2  # skipped
 
 
@@ -1703,6 +1704,18 @@ def _checkpoint(stage, argv, **extra):
     return make
 
 
+def _settings(stage, folder, argv, marker=None):
+    """Setup: FOLDER (with its final marker) made with other settings (argv)."""
+    def setup(work, data):
+        import depth
+        import importlib
+        args = importlib.import_module(stage).get_args_parser().parse_args(argv.format(work=work, data=data).split())
+        depth.record_settings(str(work / folder), depth.run_settings(args), True)
+        if marker:
+            (work / folder / marker).write_text("{}")
+    return setup
+
+
 _BAD_BASE = []
 _DT = "train --data {data} --work {work} --size 64 128 --frame-offset 1 --batch-size 2 --workers 0 --no-progress " \
       "--steps 1"
@@ -1763,8 +1776,13 @@ BAD_ROWS = [  # (stage, argv, exit code, a word of the message, setup(work, data
     ("group", _G, 1, "float", _disp("val", lambda d: (d * 100).astype(np.int32))),
     ("group", _G, 1, "unusable", _truncate("disp/{stem}.npy")),
     ("group", _G, 1, "depth.py predict", lambda work, data: os.remove(work / "disp" / f"{_first(data, 'val')}.npy")),
-    ("group", _G, 1, "method", lambda work, data: __import__("depth").record_settings(
-        str(work / "regions"), {"method": "felzenszwalb"}, True)),     # maps of other settings are never mixed in
+    ("group", _G, 1, "method", _both(lambda work, data: __import__("depth").record_settings(
+        str(work / "regions"), {"method": "felzenszwalb"}, True), lambda work, data: np.save(
+        work / "regions" / "x.npy", np.zeros((2, 2), np.int32)))),  # maps of other settings are never mixed in
+    ("depth", _DT, 1, "steps 5 -> 1", _settings("depth", "depth", _DT + " --steps 5")),  # finished with others
+    ("swav_dense", _S, 1, "steps 5 -> 1", _settings("swav_dense", "swav", _S + " --steps 5")),
+    ("cluster", _K, 1, "size", _settings("cluster", "cluster", _K + " --size 64 128", "metrics.json")),
+    ("finetune", _F, 1, "iters", _settings("finetune", "finetune", _F + " --iters 5", "metrics.json")),
     ("copypaste", _C + " --overwrite", 1, "NaN", _disp("train", _nan_patch)),
     ("copypaste", _C + " --overwrite", 1, "negative", _disp("train", lambda d: -d)),
     ("copypaste", _C + " --overwrite", 1, "unusable", _truncate("regions/{train}.npy")),
@@ -1880,7 +1898,9 @@ def test_validate_resume_check_and_settings_record(tmp_path):
         depth.check_resume({"batch_size": 2, "lr": 0.1}, args, "ckpt")
     args.force_resume = True
     depth.check_resume({"batch_size": 2, "lr": 0.1}, args, "ckpt")
-    depth.record_settings(str(tmp_path), {"size": (64, 128)}, False)
+    depth.record_settings(str(tmp_path), {"size": [16, 32]}, False)
+    depth.record_settings(str(tmp_path), {"size": (64, 128)}, False)  # no output yet: the settings are replaced
+    np.save(tmp_path / "a.npy", np.zeros(1))
     depth.record_settings(str(tmp_path), {"size": [64, 128]}, False)   # the same, as JSON
     with pytest.raises(depth.BadInput, match=r"size \[64, 128\] -> \[32, 64\].*--overwrite"):
         depth.record_settings(str(tmp_path), {"size": [32, 64]}, False)
