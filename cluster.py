@@ -51,8 +51,7 @@ from scipy.optimize import linear_sum_assignment
 from tqdm import tqdm
 
 from depth import (BadInput, amp_dtype_for, atomic_write, image_stem, list_split_images, nonnegative_int, pick_device,
-                   positive_int, record_settings, remove_stale_temporaries, run_main, run_settings, seed_everything,
-                   split_file)
+                   positive_int, record_settings, run_main, run_settings, seed_everything, split_file)
 from swav_dense import HEAD_DIM, build_model, load_model
 
 # ----------------------------------------------------------------------------------------------------------
@@ -385,6 +384,23 @@ def load_network(path, random_init, seed, device="cpu"):
     return model.to(device).eval(), ckpt
 
 
+def output_folders(args):
+    """(WORK/cluster or --out, its metrics.json) with the picture folders asked for; the settings are recorded
+    there (metrics of other settings stop the run unless --overwrite) and stale temporaries removed."""
+    out = args.out or os.path.join(args.work, "cluster")
+    record_settings(out, run_settings(args), args.overwrite, "metrics.json")
+    for folder in [""] + ["pred", "pred_color"] * args.save_pred + ["pca"] * (args.pca > 0):
+        os.makedirs(os.path.join(out, folder), exist_ok=True)
+    return out, os.path.join(out, "metrics.json")
+
+
+def cluster_count(requested, default, model_path, num_prototypes):
+    """C: --clusters, or the protocol's class count (capped by K in cluster_prototypes); above K is refused."""
+    if requested and requested > num_prototypes:
+        raise BadInput(f"--clusters {requested} is above the K = {num_prototypes} prototypes of {model_path}")
+    return requested or default
+
+
 # ----------------------------------------------------------------------------------------------------------
 # run
 # ----------------------------------------------------------------------------------------------------------
@@ -395,15 +411,10 @@ def run(args):
     device = pick_device(args.device)
     amp_dtype = amp_dtype_for(device, args.no_amp)
     print(f"device: {device}, autocast: {amp_dtype or 'off (fp32)'}")
-    out = args.out or os.path.join(args.work, "cluster")
-    metrics_path = os.path.join(out, "metrics.json")
-    record_settings(out, run_settings(args), args.overwrite, "metrics.json")  # metrics of others are not these
+    out, metrics_path = output_folders(args)
     if os.path.exists(metrics_path) and not args.overwrite:  # written last: its presence marks a finished run
         print(f"{metrics_path} exists; skipping (use --overwrite to redo)")
         return json.load(open(metrics_path))
-    for folder in [""] + ["pred", "pred_color"] * args.save_pred + ["pca"] * (args.pca > 0):
-        os.makedirs(os.path.join(out, folder), exist_ok=True)
-        remove_stale_temporaries(os.path.join(out, folder))
 
     # ===== protocol, evaluation set, network and the clustering of its prototypes (Sec 3.5) =====
     classes, colors, to_classes, objective = PROTOCOLS[args.protocol]
@@ -413,9 +424,8 @@ def run(args):
     model_path = args.model or os.path.join(args.work, "swav", "model.pt")
     model, ckpt = load_network(model_path, args.init_random, args.seed, device)
     prototypes = F.normalize(model.prototypes.weight.detach().float()[:, :, 0, 0], dim=1)  # (K, D)
-    if (args.clusters or 0) > len(prototypes):
-        raise BadInput(f"--clusters {args.clusters} is above the K = {len(prototypes)} prototypes of {model_path}")
-    assignment = cluster_prototypes(prototypes.cpu().numpy(), args.clusters or len(classes))
+    assignment = cluster_prototypes(prototypes.cpu().numpy(), cluster_count(args.clusters, len(classes), model_path,
+                                                                            len(prototypes)))
     num_clusters = int(assignment.max()) + 1
     atomic_write(os.path.join(out, "assignment.npy"), lambda f: np.save(f, assignment))
     print(f"{model_path} ({ckpt['arch']}): K {len(prototypes)} -> {num_clusters} clusters; {len(pairs)} images")

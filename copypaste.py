@@ -507,9 +507,8 @@ def run(args):
         dataset.set_epoch(epoch)
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, todo), batch_size=None,
                                              num_workers=args.workers if todo else 0)
-        for k, sample in zip(todo, loader):  # args.json before the first sample, once its inputs were read
-            if not made:
-                atomic_write(os.path.join(out, "args.json"), lambda f: f.write(json.dumps(config, indent=2).encode()))
+        for k, sample in zip(todo, loader):  # args.json with the first sample, once its inputs were read
+            made or atomic_write(os.path.join(out, "args.json"), lambda f: f.write(json.dumps(config).encode()))
             atomic_write(os.path.join(folder, f"{k:06d}.pt"), lambda f: torch.save(sample, f))
             made += 1
             bar.update()

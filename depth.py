@@ -570,17 +570,18 @@ def load_torch(path, make, keys=(), weights_only=True):
     return data
 
 
-def settings_diff(old, new, keys=None):
-    """'key old -> new, ...' of the keys (default: all) whose values differ; '' when none."""
-    keys = keys or sorted(set(old) | set(new))
-    return ", ".join(f"{k} {old.get(k)} -> {new.get(k)}" for k in keys if old.get(k) != new.get(k))
+def settings_diff(old, new):
+    """'key old -> new, ...' of the keys whose values differ; '' when none."""
+    return ", ".join(f"{k} {old.get(k)} -> {new.get(k)}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
 
 
 def record_settings(folder, settings, overwrite, outputs="*.npy"):
     """FOLDER/settings.json holds the settings its outputs (the glob `outputs`) were made with; while such outputs
-    exist, a re-run with other settings stops with a one-line diff, unless overwrite (then they are redone)."""
+    exist, a re-run with other settings stops with a one-line diff, unless overwrite (then they are redone).
+    Temporaries of killed runs are removed."""
     path, settings = os.path.join(folder, "settings.json"), json.loads(json.dumps(settings))
     os.makedirs(folder, exist_ok=True)
+    remove_stale_temporaries(folder)
     old = checked_read(path, "the same stage", lambda p: json.load(open(p))) if os.path.exists(path) else settings
     if old != settings and not overwrite and glob.glob(os.path.join(glob.escape(folder), outputs)):
         raise BadInput(f"{folder} holds outputs made with other settings ({settings_diff(old, settings)}): pass "
@@ -589,8 +590,8 @@ def record_settings(folder, settings, overwrite, outputs="*.npy"):
 
 
 def remove_stale_temporaries(folder):
-    """Delete the FILE.tmp<PID> that killed processes left in folder (a live process's are kept)."""
-    for path in glob.glob(os.path.join(glob.escape(folder), "*.tmp[0-9]*")):
+    """Delete the FILE.tmp<PID> that killed processes left in folder and below (a live process's are kept)."""
+    for path in glob.glob(os.path.join(glob.escape(folder), "**", "*.tmp[0-9]*"), recursive=True):
         try:
             os.kill(int(path.rsplit(".tmp", 1)[1]), 0)
         except ProcessLookupError:
@@ -758,7 +759,6 @@ def train_outputs(args):
     if os.path.exists(ckpt_path) and not (args.resume or args.overwrite):
         raise SystemExit(f"[depth] {ckpt_path} exists from an unfinished run: pass --resume or --overwrite")
     os.makedirs(out, exist_ok=True)
-    remove_stale_temporaries(out)
     return out, resume
 
 

@@ -51,10 +51,9 @@ from tqdm import tqdm
 
 from cluster import (IGNORE, IMAGENET_MEAN, TRAIN_CLASSES, confusion_matrix, labelids_to_trainids, list_eval_pairs,
                      normalize_images, print_scores, read_pair, scores_json, segmentation_scores)
-from depth import (BadInput, amp_dtype_for, atomic_write, check_resume, fraction, load_torch, nonnegative_int,
-                   pick_device, positive_float, positive_int, ranged, record_settings, remove_stale_temporaries,
-                   resume_log, run_main, run_settings, seed_everything)
-from swav_dense import HEAD_DIM, RESNET_CHANNELS, build_model, load_backbone_weights, load_model
+from depth import (amp_dtype_for, atomic_write, fraction, nonnegative_int, pick_device, positive_float, positive_int,
+                   ranged, record_settings, resume_log, run_main, run_settings, seed_everything)
+from swav_dense import HEAD_DIM, RESNET_CHANNELS, build_model, load_backbone_weights, load_model, restore_checkpoint
 
 # ----------------------------------------------------------------------------------------------------------
 # Constants (common practice for the semantic-FPN head; the paper's supplement is unavailable)
@@ -189,24 +188,6 @@ def segmentation_network(args):
     return model
 
 
-def restore_checkpoint(path, args, **parts):
-    """--resume: restore every part (model=, optimizer=, scaler=) from checkpoint.pt's state_dict of that name and
-    return its iteration; 0 when there is no checkpoint yet (or --overwrite). A checkpoint of other settings
-    (--iters: another poly schedule, --lr, --batch-size ...) is refused unless --force-resume: the resumed run
-    would not equal an uninterrupted one; without --resume an unfinished checkpoint stops the run."""
-    remove_stale_temporaries(os.path.dirname(path))
-    if not os.path.exists(path) or (args.overwrite and not args.resume):
-        return 0
-    if not args.resume:
-        raise BadInput(f"{path} exists from an unfinished run: pass --resume to continue it or --overwrite")
-    ckpt = load_torch(path, "python finetune.py", ("args", "iteration", *parts))
-    check_resume(ckpt["args"], args, path)
-    for name, part in parts.items():
-        part.load_state_dict(ckpt[name])
-    print(f"resumed {path} at iteration {ckpt['iteration']}")
-    return ckpt["iteration"]
-
-
 def model_file(model, args):
     """finetune.py's model.pt: a plain dict with all that rebuilds the network (SegmentationNet(arch,
     num_classes, head_dim), then load_state_dict(model))."""
@@ -334,7 +315,7 @@ def run(args):
 
     # ===== resume, then loop over iterations start .. stop - 1 (--stop-after: a global iteration) =====
     parts = {"model": model, "optimizer": optimizer, "scaler": scaler}  # what checkpoint.pt holds, with iteration, args
-    start = restore_checkpoint(ckpt_path, args, **parts)
+    start = restore_checkpoint(ckpt_path, args, "iteration", **parts)
     stop, tick, scores = min(args.iters, args.stop_after or args.iters), time.time(), None
     loader = torch.utils.data.DataLoader(TrainBatches(train, start, stop, base_size, args), batch_size=args.batch_size,
                                          num_workers=args.workers, pin_memory=device.type == "cuda")
@@ -415,8 +396,7 @@ def get_args_parser():
                    "(384 768: the paper's working resolution)")
     p.add_argument("--no-flip", dest="flip", action="store_false", help="no random horizontal flip")
     p.add_argument("--eval-every", type=nonnegative_int, default=0, help="also evaluate every N iterations (0: only at the end)")
-    p.add_argument("--save-every", type=nonnegative_int, default=500, help="write checkpoint.pt every N iterations (and at the "
-                   "end)")
+    p.add_argument("--save-every", type=nonnegative_int, default=500, help="write checkpoint.pt every N iterations (and at the end)")
     p.add_argument("--log-every", type=positive_int, default=20, help="iterations between log lines")
     p.add_argument("--stop-after", type=nonnegative_int, default=0, help="stop once global iteration N is done, after writing "
                    "checkpoint.pt, as an interruption would (for testing --resume); 0: run all --iters")

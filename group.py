@@ -57,7 +57,7 @@ from tqdm import tqdm
 
 from depth import (BadInput, atomic_write, checked_read, find_camera_json, finite_float, image_stem,
                    list_split_images, load_npy, nonnegative_int, positive_int, ranged, read_camera_json,
-                   read_disparity_png, record_settings, remove_stale_temporaries, run_main, split_file, unit_float)
+                   read_disparity_png, record_settings, run_main, split_file, unit_float)
 
 # ===== paper constants (Sec 3.2; the released code's values where the paper gives none) =====
 KITTI_INTRINSICS = (0.58, 1.92, 0.5, 0.5)  # normalized fx, fy, cx, cy (Monodepth2's KITTI K; released default)
@@ -465,7 +465,6 @@ def run(args):
     if (args.stereo or args.method == "gt") and not args.data:
         raise SystemExit("group.py: --stereo and --method gt read DATA (give --data DATA --split S)")
     os.makedirs(os.path.join(args.work, "regions", "preview" if args.preview else ""), exist_ok=True)
-    remove_stale_temporaries(os.path.join(args.work, "regions"))
     keys = ("size", "method", "segments", "w_ocln", "w_sup", "bias", "tau", "preferred_modules", "seed", "stereo",
             "disp_dir", "intrinsics")  # what changes the maps: maps of other settings are never mixed in
     record_settings(os.path.join(args.work, "regions"), {k: vars(args)[k] for k in keys}, args.overwrite)

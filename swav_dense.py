@@ -56,8 +56,8 @@ from torchvision.ops import FeaturePyramidNetwork
 from tqdm import tqdm
 
 from depth import (BadInput, amp_dtype_for, atomic_write, check_resume, checked_read, load_torch,
-                   nonnegative_int, pick_device, positive_float, positive_int, ranged, record_settings,
-                   remove_stale_temporaries, resume_log, run_main, run_settings, seed_everything, unit_float)
+                   nonnegative_int, pick_device, positive_float, positive_int, ranged, record_settings, resume_log,
+                   run_main, run_settings, seed_everything, unit_float)
 
 # ===== Paper constants (Sec 3.4 and Sec 4; SwAV for the Sinkhorn settings) =====
 NUM_PROTOTYPES = 1000  # K, Sec 3.4
@@ -514,6 +514,23 @@ def build_dataset(args):
                            not args.no_photometric, args.input_size)
 
 
+def restore_checkpoint(path, args, key="step", **parts):
+    """--resume: restore every part (model=, optimizer=, ...) from checkpoint.pt's state_dict of that name and return
+    its step (`key`); 0 when there is no checkpoint (or --overwrite). A checkpoint of settings that change the run
+    (--steps, --lr, --batch-size ...) is refused unless --force-resume: the resumed run would equal no uninterrupted
+    one; without --resume an unfinished checkpoint stops the run."""
+    if not os.path.exists(path) or (args.overwrite and not args.resume):
+        return 0
+    if not args.resume:
+        raise BadInput(f"{path} exists from an unfinished run: pass --resume to continue it or --overwrite")
+    make = "an interrupted run of this command"
+    ckpt = load_torch(path, make, ("args", key))
+    check_resume(ckpt["args"], args, path)
+    checked_read(path, make, lambda _: [part.load_state_dict(ckpt[name]) for name, part in parts.items()])
+    print(f"resumed {path} at {key} {ckpt[key]}")
+    return ckpt[key]
+
+
 def epoch_batches(num_items, batch_samples, seed, epoch):
     """The epoch's batches of item indices, shuffled reproducibly (a resumed run skips the ones it has done)."""
     order = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
@@ -528,10 +545,6 @@ def run(args):
     if os.path.exists(final) and not args.overwrite and not (args.resume and os.path.exists(ckpt_path)):
         print(f"[swav_dense] {final} exists: skipping (--overwrite to retrain)")
         return final
-    if os.path.exists(ckpt_path) and not (args.resume or args.overwrite):
-        raise BadInput(f"{ckpt_path} exists from an unfinished run: pass --resume to continue it or --overwrite")
-    os.makedirs(out_dir, exist_ok=True)
-    remove_stale_temporaries(out_dir)
     device = pick_device(args.device)
     amp_dtype = amp_dtype_for(device, args.no_amp)
     print(f"[swav_dense] device {device}, amp {amp_dtype}, threads {torch.get_num_threads()}, args {vars(args)}")
@@ -553,11 +566,7 @@ def run(args):
     scheduler = LambdaLR(optimizer, lambda s: learning_rate(s, total, warmup, args.lr, args.min_lr) / args.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     # ===== resume =====
-    ckpt = load_torch(ckpt_path, "swav_dense.py", ("args", "step")) if args.resume and os.path.exists(ckpt_path) else None
-    check_resume(ckpt["args"], args, ckpt_path) if ckpt else None
-    for name, obj in [("model", model), ("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)]:
-        obj.load_state_dict(ckpt[name]) if ckpt else None
-    step = ckpt["step"] if ckpt else 0
+    step = restore_checkpoint(ckpt_path, args, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
     # ===== loop =====
     start_time, start_step = time.time(), step
     with resume_log(os.path.join(out_dir, "log.jsonl"), step) as log, \
