@@ -50,7 +50,8 @@ from scipy.cluster.hierarchy import cut_tree, linkage
 from scipy.optimize import linear_sum_assignment
 from tqdm import tqdm
 
-from depth import amp_dtype_for, atomic_write, image_stem, list_split_images, pick_device, seed_everything, split_file
+from depth import (BadInput, amp_dtype_for, atomic_write, image_stem, list_split_images, nonnegative_int, pick_device,
+                   positive_int, record_settings, run_main, run_settings, seed_everything, split_file)
 from swav_dense import HEAD_DIM, build_model, load_model
 
 # ----------------------------------------------------------------------------------------------------------
@@ -342,10 +343,13 @@ def read_pair(image_path, label_path, protocol="cpcdr", size=None):
     """(RGB uint8 (H, W, 3), labelIds uint8 (H, W)) of an image and its labelIds PNG, resized the protocol's way
     (image bilinear, labels nearest): cpcdr to size (H, W), None keeping the native size; picie short side
     PICIE_SIZE, then the centered PICIE_SIZE x PICIE_SIZE crop."""
-    with Image.open(image_path) as im:
-        image = im.convert("RGB")
-    with Image.open(label_path) as im:
-        label = Image.fromarray(np.asarray(im))
+    try:
+        with Image.open(image_path) as im:
+            image = im.convert("RGB")
+        with Image.open(label_path) as im:
+            label = Image.fromarray(np.asarray(im))
+    except OSError as e:  # PIL names no file
+        raise BadInput(f"{image_path} or {label_path}: cannot read this image ({e})") from None
     if image.size != label.size:
         raise ValueError(f"{image_path} {image.size} and {label_path} {label.size} differ in size")
     if protocol == "picie":
@@ -380,6 +384,23 @@ def load_network(path, random_init, seed, device="cpu"):
     return model.to(device).eval(), ckpt
 
 
+def output_folders(args):
+    """(WORK/cluster or --out, its metrics.json) with the picture folders asked for; the settings are recorded
+    there (metrics of other settings stop the run unless --overwrite) and stale temporaries removed."""
+    out = args.out or os.path.join(args.work, "cluster")
+    record_settings(out, run_settings(args), args.overwrite, "metrics.json")
+    for folder in [""] + ["pred", "pred_color"] * args.save_pred + ["pca"] * (args.pca > 0):
+        os.makedirs(os.path.join(out, folder), exist_ok=True)
+    return out, os.path.join(out, "metrics.json")
+
+
+def cluster_count(requested, default, model_path, num_prototypes):
+    """C: --clusters, or the protocol's class count (capped by K in cluster_prototypes); above K is refused."""
+    if requested and requested > num_prototypes:
+        raise BadInput(f"--clusters {requested} is above the K = {num_prototypes} prototypes of {model_path}")
+    return requested or default
+
+
 # ----------------------------------------------------------------------------------------------------------
 # run
 # ----------------------------------------------------------------------------------------------------------
@@ -390,13 +411,10 @@ def run(args):
     device = pick_device(args.device)
     amp_dtype = amp_dtype_for(device, args.no_amp)
     print(f"device: {device}, autocast: {amp_dtype or 'off (fp32)'}")
-    out = args.out or os.path.join(args.work, "cluster")
-    metrics_path = os.path.join(out, "metrics.json")
+    out, metrics_path = output_folders(args)
     if os.path.exists(metrics_path) and not args.overwrite:  # written last: its presence marks a finished run
         print(f"{metrics_path} exists; skipping (use --overwrite to redo)")
         return json.load(open(metrics_path))
-    for folder in [""] + ["pred", "pred_color"] * args.save_pred + ["pca"] * (args.pca > 0):
-        os.makedirs(os.path.join(out, folder), exist_ok=True)
 
     # ===== protocol, evaluation set, network and the clustering of its prototypes (Sec 3.5) =====
     classes, colors, to_classes, objective = PROTOCOLS[args.protocol]
@@ -406,7 +424,8 @@ def run(args):
     model_path = args.model or os.path.join(args.work, "swav", "model.pt")
     model, ckpt = load_network(model_path, args.init_random, args.seed, device)
     prototypes = F.normalize(model.prototypes.weight.detach().float()[:, :, 0, 0], dim=1)  # (K, D)
-    assignment = cluster_prototypes(prototypes.cpu().numpy(), args.clusters or len(classes))
+    assignment = cluster_prototypes(prototypes.cpu().numpy(), cluster_count(args.clusters, len(classes), model_path,
+                                                                            len(prototypes)))
     num_clusters = int(assignment.max()) + 1
     atomic_write(os.path.join(out, "assignment.npy"), lambda f: np.save(f, assignment))
     print(f"{model_path} ({ckpt['arch']}): K {len(prototypes)} -> {num_clusters} clusters; {len(pairs)} images")
@@ -458,10 +477,10 @@ def get_args_parser():
     p.add_argument("--protocol", default="cpcdr", choices=list(PROTOCOLS),
                    help="cpcdr: this paper's (19 trainIds, full frame 768 x 384, Hungarian on -IoU); picie: "
                    "PiCIE / STEGO's (27 classes, 320 x 320 center crop, Hungarian on matched pixels)")
-    p.add_argument("--size", nargs=2, type=int, default=None, metavar=("H", "W"), help="cpcdr evaluation size "
+    p.add_argument("--size", nargs=2, type=positive_int, default=None, metavar=("H", "W"), help="cpcdr evaluation size "
                    "(default: the paper's 384 768 on Cityscapes, 384 1280 on KITTI; the toy city's native size); "
                    "picie always evaluates 320 x 320 crops")
-    p.add_argument("--clusters", type=int, default=None, help="number of clusters C (default: the protocol's "
+    p.add_argument("--clusters", type=positive_int, default=None, help="number of clusters C (default: the protocol's "
                    "classes, 19 or 27, as the paper; the toy city has 9)")
     p.add_argument("--model", default=None, help="pre-trained model (default WORK/swav/model.pt); another "
                    "dataset's model evaluates across datasets")
@@ -470,24 +489,24 @@ def get_args_parser():
     p.add_argument("--out", default=None, help="where the outputs go (default WORK/cluster)")
     p.add_argument("--save-pred", action="store_true", help="write the matched predictions (trainIds; picie: its "
                    "27 class ids), 255 unmatched, at the evaluated label size, and color panels")
-    p.add_argument("--pca", type=int, default=0, metavar="N", help="write the first N images' projections as "
+    p.add_argument("--pca", type=nonnegative_int, default=0, metavar="N", help="write the first N images' projections as "
                    "RGB by a 3-component PCA (Fig 2)")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda: auto picks CUDA when torch sees one, else CPU")
     p.add_argument("--no-amp", action="store_true", help="fp32 throughout (default: autocast, fp16 on CUDA, "
                    "bf16 on CPU; bf16 is much slower than fp32 on CPUs without bf16 units)")
-    p.add_argument("--seed", type=int, default=0, help="seed of every random draw of the run (the --init-random "
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of every random draw of the run (the --init-random "
                    "network)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar (the printed lines stay)")
     p.add_argument("--overwrite", action="store_true", help="redo even if metrics.json exists")
     return p
 
 
-def main():
+def main(argv=None):
     parser = get_args_parser()
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.size and args.protocol == "picie":
         parser.error("--size applies to --protocol cpcdr only (picie: short side 320, 320 x 320 center crop)")
-    run(args)
+    return run_main(run, args, "cluster.py")
 
 
 if __name__ == "__main__":

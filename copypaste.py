@@ -55,7 +55,8 @@ from PIL import Image
 from tqdm import tqdm
 
 import depth
-from depth import atomic_write
+from depth import (BadInput, atomic_write, load_npy, nonnegative_int, positive_int, ranged, remove_stale_temporaries,
+                   run_main)
 
 # ----------------------------------------------------------------------------------------------------------
 # Paper constants (Sec 3.3; released code LeungTsang/CPCDR where the paper is silent)
@@ -378,24 +379,25 @@ def load_source(image_path, disp_path, regions_path, size):
                        (regions_path, "regions: run `python group.py --work WORK ...` first")):
         if not os.path.exists(path):
             raise FileNotFoundError(f"missing {path} ({what})")
-    with Image.open(image_path) as im:
-        im = im.convert("RGB")
-        aspect = im.height / im.width
-        if (im.height, im.width) != tuple(size):
-            im = im.resize((size[1], size[0]), Image.BILINEAR)  # PIL's bilinear is antialiased when shrinking
-        image = torch.from_numpy(np.array(im)).permute(2, 0, 1)
-    disparity = np.load(disp_path)
-    regions = np.load(regions_path)
+    try:
+        with Image.open(image_path) as im:
+            im = im.convert("RGB")
+            aspect = im.height / im.width
+            if (im.height, im.width) != tuple(size):
+                im = im.resize((size[1], size[0]), Image.BILINEAR)  # PIL's bilinear is antialiased when shrinking
+            image = torch.from_numpy(np.array(im)).permute(2, 0, 1)
+    except OSError as e:
+        raise BadInput(f"{image_path}: cannot read this image ({e})") from None
+    disparity = load_npy(disp_path, "python depth.py predict --work WORK ...")  # readable, float (H, W), finite
+    regions = load_npy(regions_path, "python group.py --work WORK ...", kind="iu")  # any integer ids: made contiguous
     for array, path in ((disparity, disp_path), (regions, regions_path)):
         if array.ndim != 2:
             raise ValueError(f"{path}: expected a 2-D map, got shape {array.shape}")
         if abs(array.shape[0] / array.shape[1] / aspect - 1) > 0.02:
             raise ValueError(f"{path}: shape {array.shape} does not have the aspect ratio of {image_path} "
                              f"(H/W {aspect:.3f}); wrong file?")
-    if not np.issubdtype(regions.dtype, np.integer):
-        raise ValueError(f"{regions_path}: region ids must be integers, got {regions.dtype}")
-    if not np.issubdtype(disparity.dtype, np.floating) or not np.isfinite(disparity).all():
-        raise ValueError(f"{disp_path}: disparity must be finite floats, got {disparity.dtype}")
+    if disparity.min() < 0 or disparity.max() <= 0:  # DepthMix compares disparities (0: infinitely far)
+        raise BadInput(f"{disp_path}: negative or no positive disparity; remake it with `python depth.py predict`")
     return resize_source(image, disparity, regions, size)
 
 
@@ -489,9 +491,8 @@ def run(args):
         if changed:
             raise SystemExit(f"{out} holds samples made with other settings ({changed}): pass --overwrite to "
                              "replace them, or another --work")
-    for path in existing if args.overwrite else []:
+    for path in existing + glob.glob(os.path.join(out, "args.json")) if args.overwrite else []:
         os.remove(path)
-    atomic_write(os.path.join(out, "args.json"), lambda f: f.write(json.dumps(config, indent=2).encode()))
     print(f"[copypaste] {len(paths)} images, M {args.mix}, T {config['slots']}, {len(dataset)} samples/epoch x "
           f"{args.epochs} epochs at {args.size[0]}x{args.size[1]} -> {out}", flush=True)
     # ===== samples: built by DataLoader workers, written here =====
@@ -500,12 +501,14 @@ def run(args):
     for epoch in range(args.epochs):
         folder = os.path.join(out, f"epoch_{epoch:03d}")
         os.makedirs(folder, exist_ok=True)
+        remove_stale_temporaries(folder)
         todo = [k for k in range(len(dataset)) if not os.path.exists(os.path.join(folder, f"{k:06d}.pt"))]
         bar.update(len(dataset) - len(todo))
         dataset.set_epoch(epoch)
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, todo), batch_size=None,
                                              num_workers=args.workers if todo else 0)
-        for k, sample in zip(todo, loader):
+        for k, sample in zip(todo, loader):  # args.json with the first sample, once its inputs were read
+            made or atomic_write(os.path.join(out, "args.json"), lambda f: f.write(json.dumps(config).encode()))
             atomic_write(os.path.join(folder, f"{k:06d}.pt"), lambda f: torch.save(sample, f))
             made += 1
             bar.update()
@@ -535,22 +538,22 @@ def get_args_parser():
     p.add_argument("--split", default="train", help="split of --data (default train)")
     p.add_argument("--disp-dir", help="folder of <stem>.npy disparity (default WORK/disp, from depth.py predict)")
     p.add_argument("--regions-dir", help="folder of <stem>.npy region maps (default WORK/regions, from group.py)")
-    p.add_argument("--mix", type=int, default=MIX, help="M: source images per sample (paper 8; Table 4 M 2, 4, 8)")
-    p.add_argument("--paste-times", type=int, nargs=2, default=list(PASTE_TIMES), metavar=("E1", "E2"),
+    p.add_argument("--mix", type=positive_int, default=MIX, help="M: source images per sample (paper 8; Table 4 M 2, 4, 8)")
+    p.add_argument("--paste-times", type=nonnegative_int, nargs=2, default=list(PASTE_TIMES), metavar=("E1", "E2"),
                    help="e1 e2: pastes of every region in rounds 1 and 2 (released 2 4); 0 0 = the paper's "
                         "M = 0 row (no copy-paste); slots per region T = 2 + e1 + e2")
-    p.add_argument("--epochs", type=int, default=1, help="epochs of samples to write (new composites each); "
+    p.add_argument("--epochs", type=nonnegative_int, default=1, help="epochs of samples to write (new composites each); "
                    "0 = none (previews only: swav_dense.py --on-the-fly builds the same samples)")
-    p.add_argument("--size", type=int, nargs=2, default=[384, 768], metavar=("H", "W"),
+    p.add_argument("--size", type=positive_int, nargs=2, default=[384, 768], metavar=("H", "W"),
                    help="canvas size (paper: Cityscapes 384 768, KITTI 384 1280)")
     p.add_argument("--no-photometric", action="store_true",
                    help="no color jitter / blur / grayscale on pasted regions (checking, ablations)")
-    p.add_argument("--height-jitter", type=float, default=HEIGHT_JITTER,
+    p.add_argument("--height-jitter", type=ranged(float, 0), default=HEIGHT_JITTER,
                    help="h_t: vertical jitter of a pasted copy, px at 384 rows (scaled with H; paper 16)")
-    p.add_argument("--preview", type=int, default=0, help="write N preview PNGs (canvases, copies outlined)")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes building samples (one "
+    p.add_argument("--preview", type=nonnegative_int, default=0, help="write N preview PNGs (canvases, copies outlined)")
+    p.add_argument("--workers", type=nonnegative_int, default=0, help="DataLoader worker processes building samples (one "
                    "thread each); 0 = in the main process")
-    p.add_argument("--seed", type=int, default=0, help="seed of every random draw of the run; sample k of epoch e "
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of every random draw of the run; sample k of epoch e "
                    "is the same for any --workers")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar (the log lines stay)")
     p.add_argument("--overwrite", action="store_true",
@@ -558,12 +561,10 @@ def get_args_parser():
     return p
 
 
-def main():
-    args = get_args_parser().parse_args()
-    if args.paste_times[0] < 0 or args.paste_times[1] < 0 or args.mix < 1:
-        raise SystemExit("--mix must be >= 1 and --paste-times >= 0")
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
     print("[copypaste] " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())) + " device=cpu", flush=True)
-    run(args)
+    return run_main(run, args, "copypaste.py")
 
 
 if __name__ == "__main__":

@@ -37,8 +37,10 @@ import argparse
 import glob
 import json
 import os
+import pickle
 import random
 import re
+import sys
 import time
 
 import numpy as np
@@ -496,6 +498,136 @@ def amp_dtype_for(device, no_amp):
     return torch.float16 if device.type == "cuda" else torch.bfloat16
 
 
+class BadInput(ValueError):
+    """Unusable input (a file, its shape, dtype or values, the settings): main prints one line and exits 1."""
+
+
+def ranged(kind, low=None, high=None, above=None):
+    """argparse type: a finite kind(text) >= low, > above, <= high; anything else is a usage error (exit 2)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = float("nan")
+        if not (np.isfinite(value) and (low is None or value >= low) and (above is None or value > above)
+                and (high is None or value <= high)):
+            need = " and ".join(f"{op} {v}" for op, v in ((">=", low), (">", above), ("<=", high)) if v is not None)
+            raise argparse.ArgumentTypeError(f"{text!r}: must be {'an integer' if kind is int else 'a finite number'} "
+                                             f"{need}".rstrip())
+        return value
+    return parse
+
+
+positive_int, nonnegative_int, positive_float = ranged(int, 1), ranged(int, 0), ranged(float, above=0)
+fraction, unit_float, finite_float = ranged(float, above=0, high=1), ranged(float, 0, 1), ranged(float)
+
+
+def run_main(run, args, stage):
+    """run(args); bad input (the stages' own errors, unreadable files, a full disk) ends as one line on stderr,
+    exit 1. A traceback remains for real bugs (TypeError, IndexError, RuntimeError ...)."""
+    try:
+        return run(args)
+    except SystemExit as e:
+        if not isinstance(e.code, str):
+            raise
+        message = e.code
+    except (OSError, ValueError, FloatingPointError) as e:
+        message = str(e)
+    if "Original Traceback" in message:  # raised in a DataLoader worker: the last line is the error
+        message = message.strip().splitlines()[-1].split(": ", 1)[-1]
+    print(f"{stage}: error: " + " ".join(message.split()), file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+def checked_read(path, make, read):
+    """read(path); a missing file is a FileNotFoundError, an unreadable one (truncated, empty, another kind, weights
+    of another network) a BadInput, each naming the file and `make`, the command that writes it."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing: make it with `{make}`")
+    try:
+        return read(path)
+    except (OSError, RuntimeError, ValueError, EOFError, KeyError, pickle.UnpicklingError) as e:
+        raise BadInput(f"{path}: unusable ({' '.join(str(e).split())[:200]}); it must come from `{make}`") from None
+
+
+def load_npy(path, make, ndim=2, kind="f"):
+    """A .npy array checked at read: readable, ndim, dtype kind ('f' float, 'iu' integer), finite when float."""
+    array = checked_read(path, make, lambda p: np.load(p, allow_pickle=False))
+    if array.ndim != ndim or array.dtype.kind not in kind:
+        raise BadInput(f"{path}: {array.dtype} {array.shape}, expected a {ndim}-D {'float' if kind == 'f' else 'integer'}"
+                       f" array from `{make}`")
+    if kind == "f" and not np.isfinite(array).all():
+        raise BadInput(f"{path}: NaN or inf values; remake it with `{make}`")
+    return array
+
+
+def load_torch(path, make, keys=(), weights_only=True):
+    """A torch dict file (model, checkpoint) checked at read: readable and holding `keys`."""
+    data = checked_read(path, make, lambda p: torch.load(p, map_location="cpu", weights_only=weights_only))
+    missing = [k for k in keys if not isinstance(data, dict) or k not in data]
+    if missing:
+        raise BadInput(f"{path}: not a file of `{make}` (no '{missing[0]}')")
+    return data
+
+
+def settings_diff(old, new):
+    """'key old -> new, ...' of the keys whose values differ; '' when none."""
+    return ", ".join(f"{k} {old.get(k)} -> {new.get(k)}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
+
+
+def record_settings(folder, settings, overwrite, outputs="*.npy"):
+    """FOLDER/settings.json holds the settings its outputs (the glob `outputs`) were made with; while such outputs
+    exist, a re-run with other settings stops with a one-line diff, unless overwrite (then they are redone).
+    Temporaries of killed runs are removed."""
+    path, settings = os.path.join(folder, "settings.json"), json.loads(json.dumps(settings))
+    os.makedirs(folder, exist_ok=True)
+    remove_stale_temporaries(folder)
+    old = checked_read(path, "the same stage", lambda p: json.load(open(p))) if os.path.exists(path) else settings
+    if old != settings and not overwrite and glob.glob(os.path.join(glob.escape(folder), outputs)):
+        raise BadInput(f"{folder} holds outputs made with other settings ({settings_diff(old, settings)}): pass "
+                       "--overwrite to redo them, or use another --work")
+    atomic_write(path, lambda f: f.write(json.dumps(settings, indent=2).encode()))
+
+
+def remove_stale_temporaries(folder):
+    """Delete the FILE.tmp<PID> that killed processes left in folder and below (a live process's are kept)."""
+    for path in glob.glob(os.path.join(glob.escape(folder), "**", "*.tmp[0-9]*"), recursive=True):
+        try:
+            os.kill(int(path.rsplit(".tmp", 1)[1]), 0)
+        except ProcessLookupError:
+            os.remove(path)
+        except (ValueError, PermissionError):  # not one of ours; or alive, of another user
+            pass
+
+
+def resume_log(path, step, key="step"):
+    """log.jsonl opened for appending by a run from `step`: a fresh run (0) starts it empty; a resumed one keeps
+    the records up to step (a killed run may have logged past its last checkpoint)."""
+    keep = []
+    for line in open(path) if step and os.path.exists(path) else []:
+        try:
+            keep += [line] if json.loads(line).get(key, 0) <= step else []
+        except ValueError:  # a line cut by the kill
+            pass
+    atomic_write(path, lambda f: f.write("".join(keep).encode()))
+    return open(path, "a", buffering=1)
+
+
+def run_settings(args, neutral=("resume", "force_resume", "overwrite", "stop_after", "save_every", "log_every",
+                                "eval_every", "workers", "no_progress", "device", "work", "data", "out")):
+    """The flags that change a run's result: vars(args) (or a dict of them) less how and where it runs."""
+    return {k: v for k, v in json.loads(json.dumps(vars(args) if hasattr(args, "__dict__") else args)).items()
+            if k not in neutral}
+
+
+def check_resume(old_args, args, path):
+    """Resuming a checkpoint made with settings that change the run is refused (a one-line diff), unless
+    --force-resume: the result would equal no uninterrupted run."""
+    if (diff := settings_diff(run_settings(old_args), run_settings(args))) and not args.force_resume:
+        raise BadInput(f"{path} was made with other settings ({diff}): pass --force-resume to resume anyway, or "
+                       "--overwrite to start again")
+
+
 def atomic_write(path, write):
     """Write `path` through write(file) into a temporary file beside it, then rename: never a half-written file."""
     tmp = f"{path}.tmp{os.getpid()}"
@@ -620,6 +752,7 @@ def train_outputs(args):
     needs --resume (continue it) or --overwrite (start again)."""
     out = os.path.join(args.work, "depth")
     model_path, ckpt_path = os.path.join(out, "model.pt"), os.path.join(out, "checkpoint.pt")
+    record_settings(out, run_settings(args), args.overwrite or args.force_resume, "model.pt")  # a model of others
     resume = args.resume and os.path.exists(ckpt_path)
     if os.path.exists(model_path) and not (args.overwrite or resume):
         return print(f"[depth] {model_path} exists: skipping training (--resume to continue, --overwrite to restart)")
@@ -654,7 +787,9 @@ def train(args):
     # ===== resume =====
     step = 0
     if resume:
-        ckpt = torch.load(os.path.join(out, "checkpoint.pt"), map_location="cpu", weights_only=False)
+        path = os.path.join(out, "checkpoint.pt")
+        ckpt = load_torch(path, "python depth.py train", ("args", "step", "noise"), weights_only=False)
+        check_resume(ckpt["args"], args, path)
         for part, key in [(depth_net, "model"), (pose_net, "pose_model"), (optimizer, "optimizer"), (scaler, "scaler")]:
             part.load_state_dict(ckpt[key])
         noise.set_state(ckpt["noise"])
@@ -667,7 +802,7 @@ def train(args):
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=args.workers,
                                          pin_memory=device.type == "cuda")
     start_time, start_step = time.time(), step
-    with open(os.path.join(out, "log.jsonl"), "a" if resume else "w") as log:
+    with resume_log(os.path.join(out, "log.jsonl"), step) as log:
         for batch in tqdm(loader, initial=step, total=total, desc="depth train", disable=args.no_progress):
             for group in optimizer.param_groups:  # Monodepth2: x0.1 after epoch 15 of 20
                 group["lr"] = args.lr * (args.lr_gamma if step >= drop_step else 1.0)
@@ -700,14 +835,15 @@ def colorize_disparity(disp):
 
 def predict(args):
     """Scaled disparity 1 / depth (disp_to_depth; one scale per dataset: DepthMix compares images) -> WORK/disp."""
-    path = os.path.join(args.work, "depth", "model.pt")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} is missing: make it with `python depth.py train --data DATA --work WORK`")
-    model = torch.load(path, map_location="cpu", weights_only=False)
+    path, make = os.path.join(args.work, "depth", "model.pt"), "python depth.py train --data DATA --work WORK"
+    model = load_torch(path, make, ("arch", "model", "size", "crop_bottom", "min_depth", "max_depth"), False)
     device = pick_device(args.device)
     amp_dtype = amp_dtype_for(device, args.no_amp)
-    net = DepthNet(model["arch"]).eval().to(device)
-    net.load_state_dict(model["model"])
+    def rebuild(_):  # weights of another network (a swav_dense model, another arch): one line, not a traceback
+        net = DepthNet(ENCODER_CHANNELS[model["arch"]] and model["arch"])
+        net.load_state_dict(model["model"])
+        return net
+    net = checked_read(path, make, rebuild).eval().to(device)
     net_size = (max(32, round(model["size"][0] / (1 - model["crop_bottom"]) / 32) * 32), model["size"][1])
     size = tuple(args.size) if args.size else net_size
     paths = sorted(glob.glob(args.images)) if args.images else list_split_images(args.data, args.split)
@@ -716,6 +852,9 @@ def predict(args):
     out, preview = os.path.join(args.work, "disp"), os.path.join(args.work, "disp_preview")
     for folder in (out, preview) if args.preview else (out,):
         os.makedirs(folder, exist_ok=True)
+        remove_stale_temporaries(folder)
+    record_settings(out, {"size": size, "arch": model["arch"], "train_size": model["size"], "no_amp": args.no_amp},
+                    args.overwrite)  # maps of another size or model are never mixed in
     todo = [p for p in paths if args.overwrite or not os.path.exists(os.path.join(out, image_stem(p) + ".npy"))]
     print(f"[depth] predict {len(todo)} of {len(paths)} images (others done) at {size[0]} x {size[1]}, "
           f"network input {net_size[0]} x {net_size[1]}, device {device}")
@@ -742,13 +881,13 @@ def evaluate(args):
     for stem in [image_stem(p) for p in list_split_images(args.data, args.split)]:
         disp_path = os.path.join(args.work, "disp", stem + ".npy")
         gt_path = split_file(args.data, "disparity", args.split, stem, "disparity.png")
-        for path, make in ((disp_path, f"run `python depth.py predict --work {args.work} --data {args.data} "
-                                        f"--split {args.split}` first"), (gt_path, "eval needs ground-truth disparity")):
-            if not os.path.exists(path):
-                raise SystemExit(f"{path} is missing: {make}")
-        pred, gt_disp = np.load(disp_path), read_disparity_png(gt_path)
-        if pred.ndim != 2 or pred.dtype != np.float32:
-            raise SystemExit(f"{disp_path}: expected a float32 (H, W) disparity, got {pred.dtype} {pred.shape}")
+        pred = load_npy(disp_path, f"python depth.py predict --work {args.work} --data {args.data} --split {args.split}")
+        if not os.path.exists(gt_path):
+            raise FileNotFoundError(f"{gt_path} is missing: eval needs ground-truth disparity")
+        gt_disp = read_disparity_png(gt_path)
+        if pred.min() <= 0 or abs(pred.shape[0] * gt_disp.shape[1] / (pred.shape[1] * gt_disp.shape[0]) - 1) > 0.02:
+            raise BadInput(f"{disp_path}: {pred.shape[0]} x {pred.shape[1]}, minimum {pred.min():.3g}: need a positive "
+                           f"disparity of the aspect of {gt_path} ({gt_disp.shape[0]} x {gt_disp.shape[1]})")
         camera = find_camera_json(args.data, args.split, stem)
         frame = split_file(args.data, "leftImg8bit", args.split, stem, "leftImg8bit.png")
         fx = read_camera_json(camera, image_size(frame))[0] * gt_disp.shape[1]  # fx in pixels of the PNG
@@ -768,7 +907,7 @@ def evaluate(args):
               "images": len(rows), "split": args.split, "crop_bottom": args.crop_bottom}
     os.makedirs(os.path.join(args.work, "depth"), exist_ok=True)
     path = os.path.join(args.work, "depth", "eval.json")
-    atomic_write(path, lambda f: f.write(json.dumps(result, indent=2).encode()))
+    atomic_write(path, lambda f: f.write(json.dumps(result, indent=2, allow_nan=False).encode()))
     print(f"[depth] eval on {len(rows)} {args.split} images, median scaling ratio {result['ratio_median']:.3f} "
           f"(std of ratio/median {result['ratio_std']:.3f})")
     print(f"[depth] wrote {path}: " + ", ".join(f"{k} {mean[k]:.3f}" for k in names))
@@ -789,60 +928,62 @@ def get_args_parser():
     t.add_argument("--work", required=True, help="work folder; writes WORK/depth/")
     t.add_argument("--dataset", default="cityscapes", choices=["cityscapes", "kitti"], help="layout of --data")
     t.add_argument("--split", nargs="+", default=["train"], help="Cityscapes sequence splits to train on")
-    t.add_argument("--size", nargs=2, type=int, default=[192, 512], metavar=("H", "W"),
+    t.add_argument("--size", nargs=2, type=positive_int, default=[192, 512], metavar=("H", "W"),
                    help="training size, multiples of 32 (Cityscapes 192 x 512 after the crop; KITTI 192 x 640)")
-    t.add_argument("--crop-bottom", type=float, default=None,
+    t.add_argument("--crop-bottom", type=ranged(float, 0, high=0.9), default=None,
                    help="fraction of rows cut at the bottom before resizing (default 0.25 on Cityscapes, 0 otherwise)")
-    t.add_argument("--frame-offset", type=int, default=2,
+    t.add_argument("--frame-offset", type=positive_int, default=2,
                    help="source frames at -k and +k (Cityscapes 17 Hz: 2; KITTI 10 Hz and the toy city: 1)")
     t.add_argument("--arch", default="resnet18", choices=sorted(ENCODER_CHANNELS), help="encoder of both networks")
     t.add_argument("--weights", default=None, help="local torchvision ResNet state_dict (ImageNet) for both encoders")
-    t.add_argument("--epochs", type=int, default=20, help="Monodepth2: 20")
-    t.add_argument("--steps", type=int, default=None, help="total steps instead of --epochs (schedule scaled)")
-    t.add_argument("--batch-size", type=int, default=12, help="Monodepth2: 12")
-    t.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (Monodepth2: 1e-4)")
-    t.add_argument("--lr-drop-epoch", type=int, default=15, help="lr x gamma after this epoch (Monodepth2: 15 of 20)")
-    t.add_argument("--lr-gamma", type=float, default=0.1, help="lr factor at the drop (Monodepth2: 0.1)")
-    t.add_argument("--min-depth", type=float, default=MIN_DEPTH, help="depth range of the sigmoid (Monodepth2)")
-    t.add_argument("--max-depth", type=float, default=MAX_DEPTH, help="(Monodepth2: 0.1 to 100)")
-    t.add_argument("--ssim-weight", type=float, default=SSIM_WEIGHT, help="alpha of Eqn 1 (Monodepth2: 0.85)")
-    t.add_argument("--smoothness-weight", type=float, default=SMOOTHNESS_WEIGHT,
+    t.add_argument("--epochs", type=positive_int, default=20, help="Monodepth2: 20")
+    t.add_argument("--steps", type=positive_int, default=None, help="total steps instead of --epochs (schedule scaled)")
+    t.add_argument("--batch-size", type=positive_int, default=12, help="Monodepth2: 12")
+    t.add_argument("--lr", type=positive_float, default=1e-4, help="Adam learning rate (Monodepth2: 1e-4)")
+    t.add_argument("--lr-drop-epoch", type=nonnegative_int, default=15, help="lr x gamma after this epoch (Monodepth2: 15 of 20)")
+    t.add_argument("--lr-gamma", type=unit_float, default=0.1, help="lr factor at the drop (Monodepth2: 0.1)")
+    t.add_argument("--min-depth", type=positive_float, default=MIN_DEPTH, help="depth range of the sigmoid (Monodepth2)")
+    t.add_argument("--max-depth", type=positive_float, default=MAX_DEPTH, help="(Monodepth2: 0.1 to 100)")
+    t.add_argument("--ssim-weight", type=unit_float, default=SSIM_WEIGHT, help="alpha of Eqn 1 (Monodepth2: 0.85)")
+    t.add_argument("--smoothness-weight", type=ranged(float, 0), default=SMOOTHNESS_WEIGHT,
                    help="Eqn 3 weight, /2^s at scale s (Monodepth2: 1e-3)")
     t.add_argument("--no-automask", action="store_true", help="ablation: no auto-masking of static pixels")
     t.add_argument("--avg-reprojection", action="store_true", help="ablation: average over sources, not minimum")
     t.add_argument("--no-augment", action="store_true", help="no flip and color jitter (Monodepth2: both, p 0.5)")
-    t.add_argument("--workers", type=int, default=4, help="DataLoader worker processes; 0 = in the main process")
-    t.add_argument("--seed", type=int, default=0, help="seed of every random draw of the run")
+    t.add_argument("--workers", type=nonnegative_int, default=4, help="DataLoader worker processes; 0 = in the main process")
+    t.add_argument("--seed", type=nonnegative_int, default=0, help="seed of every random draw of the run")
     t.add_argument("--resume", action="store_true", help="continue from WORK/depth/checkpoint.pt, as an uninterrupted run")
     t.add_argument("--overwrite", action="store_true", help="train from scratch even if model.pt or checkpoint.pt exists")
-    t.add_argument("--stop-after", type=int, default=None,
+    t.add_argument("--force-resume", action="store_true", help="--resume even if the checkpoint's settings differ")
+    t.add_argument("--stop-after", type=positive_int, default=None,
                    help="stop once global step N is done, after writing checkpoint.pt, as an interruption would")
-    t.add_argument("--save-every", type=int, default=1000, help="write checkpoint.pt every N global steps (and each epoch)")
-    t.add_argument("--log-every", type=int, default=50, help="steps between log lines")
+    t.add_argument("--save-every", type=positive_int, default=1000, help="write checkpoint.pt every N global steps (and each epoch)")
+    t.add_argument("--log-every", type=positive_int, default=50, help="steps between log lines")
     r = sub.add_parser("predict", help="disparity of images -> WORK/disp/<stem>.npy", parents=[shared], **kw)
     r.add_argument("--work", required=True, help="work folder: reads WORK/depth/model.pt, writes WORK/disp/")
     r.add_argument("--data", help="dataset root: predicts the annotated frames of --split")
     r.add_argument("--split", default="val", help="split of --data whose annotated frames are predicted")
     r.add_argument("--images", help="glob of images instead of --data/--split (stem = file name)")
-    r.add_argument("--size", nargs=2, type=int, metavar=("H", "W"), help="output size (default: the network input size)")
-    r.add_argument("--batch-size", type=int, default=12, help="images per forward pass")
+    r.add_argument("--size", nargs=2, type=positive_int, metavar=("H", "W"), help="output size (default: the network input size)")
+    r.add_argument("--batch-size", type=positive_int, default=12, help="images per forward pass")
     r.add_argument("--preview", action="store_true", help="also color PNGs in WORK/disp_preview/")
     r.add_argument("--overwrite", action="store_true", help="redo finished images")
     e = sub.add_parser("eval", help="median-scaled depth metrics against ground-truth disparity PNGs", **kw)
     e.add_argument("--work", required=True, help="work folder: reads WORK/disp/, writes WORK/depth/eval.json")
     e.add_argument("--data", required=True, help="dataset root with disparity/ and camera/ (Cityscapes layout)")
     e.add_argument("--split", default="val", help="split to evaluate")
-    e.add_argument("--crop-bottom", type=float, default=0.0, help="ignore this bottom fraction of rows (Cityscapes: 0.25)")
+    e.add_argument("--crop-bottom", type=ranged(float, 0, high=0.9), default=0.0, help="ignore this bottom fraction of rows (Cityscapes: 0.25)")
     return p
 
 
 def main(argv=None):
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
     if args.command == "predict" and not (args.images or args.data):
-        raise SystemExit("depth.py predict: give --data DATA --split S or --images GLOB")
+        parser.error("depth.py predict: give --data DATA --split S or --images GLOB")
     if args.command == "train" and (args.size[0] % 32 or args.size[1] % 32):
-        raise SystemExit(f"--size {args.size[0]} {args.size[1]}: height and width must be multiples of 32")
-    {"train": train, "predict": predict, "eval": evaluate}[args.command](args)
+        parser.error(f"--size {args.size[0]} {args.size[1]}: height and width must be multiples of 32")
+    return run_main({"train": train, "predict": predict, "eval": evaluate}[args.command], args, f"depth.py {args.command}")
 
 
 if __name__ == "__main__":

@@ -51,8 +51,9 @@ from tqdm import tqdm
 
 from cluster import (IGNORE, IMAGENET_MEAN, TRAIN_CLASSES, confusion_matrix, labelids_to_trainids, list_eval_pairs,
                      normalize_images, print_scores, read_pair, scores_json, segmentation_scores)
-from depth import amp_dtype_for, atomic_write, pick_device, seed_everything
-from swav_dense import HEAD_DIM, build_model, load_backbone_weights, load_model
+from depth import (amp_dtype_for, atomic_write, fraction, nonnegative_int, pick_device, positive_float, positive_int,
+                   ranged, record_settings, resume_log, run_main, run_settings, seed_everything)
+from swav_dense import HEAD_DIM, RESNET_CHANNELS, build_model, load_backbone_weights, load_model, restore_checkpoint
 
 # ----------------------------------------------------------------------------------------------------------
 # Constants (common practice for the semantic-FPN head; the paper's supplement is unavailable)
@@ -187,22 +188,6 @@ def segmentation_network(args):
     return model
 
 
-def restore_checkpoint(path, iters, **parts):
-    """--resume: restore every part (model=, optimizer=, scaler=) from checkpoint.pt's state_dict of that name and
-    return its iteration; 0 when there is no checkpoint yet. A checkpoint of another --iters (another poly
-    schedule) is refused: the resumed run would not equal an uninterrupted one."""
-    if not os.path.exists(path):
-        return 0
-    ckpt = torch.load(path, map_location="cpu")
-    if ckpt["args"]["iters"] != iters:
-        raise ValueError(f"{path} was made with --iters {ckpt['args']['iters']}, now {iters}: the poly schedule "
-                         "would differ")
-    for name, part in parts.items():
-        part.load_state_dict(ckpt[name])
-    print(f"resumed {path} at iteration {ckpt['iteration']}")
-    return ckpt["iteration"]
-
-
 def model_file(model, args):
     """finetune.py's model.pt: a plain dict with all that rebuilds the network (SegmentationNet(arch,
     num_classes, head_dim), then load_state_dict(model))."""
@@ -312,6 +297,7 @@ def run(args):
     amp_dtype = amp_dtype_for(device, args.no_amp)
     out = args.out or os.path.join(args.work, "finetune")
     ckpt_path, log_path, metrics_path = (os.path.join(out, f) for f in ("checkpoint.pt", "log.jsonl", "metrics.json"))
+    record_settings(out, run_settings(args), args.overwrite or args.force_resume, "metrics.json")  # others': stop
     if os.path.exists(metrics_path) and not args.overwrite and not args.resume:
         print(f"{metrics_path} exists; skipping (use --overwrite to redo)")
         return json.load(open(metrics_path))
@@ -329,11 +315,11 @@ def run(args):
 
     # ===== resume, then loop over iterations start .. stop - 1 (--stop-after: a global iteration) =====
     parts = {"model": model, "optimizer": optimizer, "scaler": scaler}  # what checkpoint.pt holds, with iteration, args
-    start = restore_checkpoint(ckpt_path, args.iters, **parts) if args.resume else 0
+    start = restore_checkpoint(ckpt_path, args, "iteration", **parts)
     stop, tick, scores = min(args.iters, args.stop_after or args.iters), time.time(), None
     loader = torch.utils.data.DataLoader(TrainBatches(train, start, stop, base_size, args), batch_size=args.batch_size,
                                          num_workers=args.workers, pin_memory=device.type == "cuda")
-    with open(log_path, "a" if start else "w", buffering=1) as log:  # a fresh run starts a fresh log
+    with resume_log(log_path, start, "iteration") as log:  # a fresh run starts a fresh log, a resumed one is cut
         bar = tqdm(loader, desc="finetune", initial=start, total=args.iters, disable=args.no_progress or None)
         for iteration, (images, labels) in enumerate(bar, start=start):
             lr = poly_lr(args.lr, iteration, args.iters, args.poly_power)
@@ -381,55 +367,59 @@ def get_args_parser():
     p.add_argument("--swav-model", default=None, help="pre-trained model (default WORK/swav/model.pt)")
     p.add_argument("--backbone-weights", default=None, help="local torchvision ResNet state_dict (--init imagenet; "
                    "nothing is downloaded)")
-    p.add_argument("--arch", default=None, help="ResNet (default: the swav model's; else resnet50, the paper's)")
+    p.add_argument("--arch", default=None, choices=sorted(RESNET_CHANNELS), help="ResNet (default: the swav model's; else resnet50, the paper's)")
     p.add_argument("--train-split", default=None, help="labelled split (default train; KITTI training)")
     p.add_argument("--val-split", default="val", help="evaluation split (Cityscapes val, the paper's; not with "
                    "--folds)")
-    p.add_argument("--fraction", type=float, default=1.0, help="labelled fraction of the training split, a "
+    p.add_argument("--fraction", type=fraction, default=1.0, help="labelled fraction of the training split, a "
                    "deterministic subset by --seed (the paper's ablations: 1/16 = 0.0625)")
     p.add_argument("--subset", default=None, help="file of training stems, one a line (replaces --fraction)")
-    p.add_argument("--folds", type=int, default=1, help="k-fold cross-validation of the training split (KITTI: 5, "
+    p.add_argument("--folds", type=positive_int, default=1, help="k-fold cross-validation of the training split (KITTI: 5, "
                    "as the paper)")
-    p.add_argument("--fold", type=int, default=0, help="the held-out fold of this run (0..folds-1)")
-    p.add_argument("--split-seed", type=int, default=0, help="seed of the fold split (keep it across the folds' runs)")
-    p.add_argument("--iters", type=int, default=ABLATION_ITERS, help="iterations (the paper's ablations: 6000)")
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="crops per iteration (8: common practice for "
+    p.add_argument("--fold", type=nonnegative_int, default=0, help="the held-out fold of this run (0..folds-1)")
+    p.add_argument("--split-seed", type=nonnegative_int, default=0, help="seed of the fold split (keep it across the folds' runs)")
+    p.add_argument("--iters", type=positive_int, default=ABLATION_ITERS, help="iterations (the paper's ablations: 6000)")
+    p.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE, help="crops per iteration (8: common practice for "
                    "the semantic-FPN head; the paper does not say)")
-    p.add_argument("--lr", type=float, default=LR, help="SGD learning rate, poly-decayed per iteration (0.01: common "
+    p.add_argument("--lr", type=positive_float, default=LR, help="SGD learning rate, poly-decayed per iteration (0.01: common "
                    "practice)")
-    p.add_argument("--momentum", type=float, default=MOMENTUM, help="SGD momentum (0.9: common practice)")
-    p.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY, help="SGD weight decay (1e-4: common "
+    p.add_argument("--momentum", type=ranged(float, 0, 1), default=MOMENTUM, help="SGD momentum (0.9: common practice)")
+    p.add_argument("--weight-decay", type=ranged(float, 0), default=WEIGHT_DECAY, help="SGD weight decay (1e-4: common "
                    "practice)")
-    p.add_argument("--poly-power", type=float, default=POLY_POWER, help="poly decay power (0.9: common practice)")
-    p.add_argument("--size", nargs=2, type=int, default=None, metavar=("H", "W"), help="base size the scales "
+    p.add_argument("--poly-power", type=ranged(float, 0), default=POLY_POWER, help="poly decay power (0.9: common practice)")
+    p.add_argument("--size", nargs=2, type=positive_int, default=None, metavar=("H", "W"), help="base size the scales "
                    "refer to, and the evaluation size (default: the paper's 384 768 on Cityscapes, 384 1280 on "
                    "KITTI; the toy city's native size)")
-    p.add_argument("--scale-range", nargs=2, type=float, default=list(SCALE_RANGE), metavar=("MIN", "MAX"),
+    p.add_argument("--scale-range", nargs=2, type=positive_float, default=list(SCALE_RANGE), metavar=("MIN", "MAX"),
                    help="random scale range (0.5 2: common practice; 1 1 turns scaling off)")
-    p.add_argument("--crop", nargs=2, type=int, default=list(CROP), metavar=("H", "W"), help="training crop "
+    p.add_argument("--crop", nargs=2, type=positive_int, default=list(CROP), metavar=("H", "W"), help="training crop "
                    "(384 768: the paper's working resolution)")
     p.add_argument("--no-flip", dest="flip", action="store_false", help="no random horizontal flip")
-    p.add_argument("--eval-every", type=int, default=0, help="also evaluate every N iterations (0: only at the end)")
-    p.add_argument("--save-every", type=int, default=500, help="write checkpoint.pt every N iterations (and at the "
-                   "end)")
-    p.add_argument("--log-every", type=int, default=20, help="iterations between log lines")
-    p.add_argument("--stop-after", type=int, default=0, help="stop once global iteration N is done, after writing "
+    p.add_argument("--eval-every", type=nonnegative_int, default=0, help="also evaluate every N iterations (0: only at the end)")
+    p.add_argument("--save-every", type=nonnegative_int, default=500, help="write checkpoint.pt every N iterations (and at the end)")
+    p.add_argument("--log-every", type=positive_int, default=20, help="iterations between log lines")
+    p.add_argument("--stop-after", type=nonnegative_int, default=0, help="stop once global iteration N is done, after writing "
                    "checkpoint.pt, as an interruption would (for testing --resume); 0: run all --iters")
     p.add_argument("--resume", action="store_true", help="continue from checkpoint.pt in the output folder; the "
                    "result equals an uninterrupted run")
     p.add_argument("--overwrite", action="store_true", help="redo even if metrics.json exists")
-    p.add_argument("--workers", type=int, default=4, help="data loader worker processes; 0 = in the main process")
+    p.add_argument("--force-resume", action="store_true", help="--resume even if the checkpoint's settings differ")
+    p.add_argument("--workers", type=nonnegative_int, default=4, help="data loader worker processes; 0 = in the main process")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda: auto picks CUDA when torch sees one, else CPU")
     p.add_argument("--no-amp", action="store_true", help="fp32 throughout (default: autocast, fp16 + GradScaler on "
                    "CUDA, bf16 on CPU; bf16 is much slower than fp32 on CPUs without bf16 units)")
-    p.add_argument("--seed", type=int, default=0, help="seed of every random draw of the run (the subset, the "
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of every random draw of the run (the subset, the "
                    "classifier's initialization, the batches and their augmentation)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar (the log lines stay)")
     return p
 
 
-def main():
-    run(get_args_parser().parse_args())
+def main(argv=None):
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if (args.fold is not None and args.fold >= args.folds) or args.scale_range[0] > args.scale_range[1]:
+        parser.error(f"need --fold < --folds ({args.fold}, {args.folds}) and --scale-range MIN <= MAX")
+    return run_main(run, args, "finetune.py")
 
 
 if __name__ == "__main__":

@@ -55,8 +55,9 @@ from skimage.measure import label as connected_components
 from skimage.segmentation import felzenszwalb, find_boundaries, slic
 from tqdm import tqdm
 
-from depth import (atomic_write, find_camera_json, image_stem, list_split_images, read_camera_json,
-                   read_disparity_png, split_file)
+from depth import (BadInput, atomic_write, checked_read, find_camera_json, finite_float, image_stem,
+                   list_split_images, load_npy, nonnegative_int, positive_int, ranged, read_camera_json,
+                   read_disparity_png, record_settings, run_main, split_file, unit_float)
 
 # ===== paper constants (Sec 3.2; the released code's values where the paper gives none) =====
 KITTI_INTRINSICS = (0.58, 1.92, 0.5, 0.5)  # normalized fx, fy, cx, cy (Monodepth2's KITTI K; released default)
@@ -405,10 +406,9 @@ def load_disparity(args, stem, native, size):
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no disparity for {stem}; make it with `python depth.py predict --work "
                                 "WORK ...` (or pass --disp-dir DIR, or --stereo for Cityscapes stereo disparity)")
-    disparity = np.load(path)
-    if disparity.ndim != 2 or not np.issubdtype(disparity.dtype, np.floating):
-        raise ValueError(f"{path}: expected a float (H, W) disparity from `depth.py predict`, got "
-                         f"{disparity.dtype} {disparity.shape}")
+    disparity = load_npy(path, "python depth.py predict --work WORK ...")  # readable, float (H, W), finite
+    if disparity.min() < 0 or disparity.max() <= 0:  # 0 marks an invalid pixel; a map of them is no depth
+        raise BadInput(f"{path}: negative or no positive disparity; remake it with `python depth.py predict`")
     check_aspect(native, disparity.shape, "the disparity", path)
     made = os.path.join(folder, "resolution.json")                 # {"predicted_at": [h, w]}
     rows = json.load(open(made))["predicted_at"][0] if os.path.exists(made) else disparity.shape[0]
@@ -418,7 +418,7 @@ def load_disparity(args, stem, native, size):
 def process_one(item, args):
     """Group one image (--method) and write its regions (and preview). Returns (stem, number of regions)."""
     (stem, image_path), size = item, tuple(args.size)
-    image, native = load_image(image_path, size)
+    image, native = checked_read(image_path, "the dataset", lambda p: load_image(p, size))
     if args.method == "depth":
         disparity, pitch = load_disparity(args, stem, native, size)
         intrinsics = intrinsics_of(args, stem, native)[0]
@@ -447,7 +447,10 @@ def evaluate_regions(args):
         if not os.path.exists(region_path):
             raise FileNotFoundError(f"{region_path}: no regions; run `python group.py --work {args.work} --data "
                                     f"{args.data} --split {args.split}` first")
-        regions, (ids, valid) = np.load(region_path), read_gt_segments(args.data, args.split, stem)
+        regions = load_npy(region_path, f"python group.py --work {args.work} ...", kind="iu")
+        if regions.min() < 0:
+            raise BadInput(f"{region_path}: negative region ids; remake it with `python group.py --work {args.work}`")
+        ids, valid = read_gt_segments(args.data, args.split, stem)
         check_aspect(ids.shape, regions.shape, "the regions", region_path)
         per_image.append({"stem": stem, **segment_scores(resize_nearest(regions, ids.shape), connected_regions(ids),
                                                          valid)})
@@ -474,6 +477,9 @@ def run(args):
     if (args.stereo or args.method == "gt") and not args.data:
         raise SystemExit("group.py: --stereo and --method gt read DATA (give --data DATA --split S)")
     os.makedirs(os.path.join(args.work, "regions", "preview" if args.preview else ""), exist_ok=True)
+    keys = ("size", "method", "segments", "w_ocln", "w_sup", "bias", "tau", "preferred_modules", "seed", "stereo",
+            "disp_dir", "intrinsics")  # what changes the maps: maps of other settings are never mixed in
+    record_settings(os.path.join(args.work, "regions"), {k: vars(args)[k] for k in keys}, args.overwrite)
     items = list_items(args)
     todo = [(stem, path) for stem, path in items
             if args.overwrite or not os.path.exists(os.path.join(args.work, "regions", f"{stem}.npy"))]
@@ -512,27 +518,27 @@ def get_args_parser():
     add("--images", help="glob of images instead of --data/--split (stem = file name)")
     add("--disp-dir", help="folder of <stem>.npy disparity (default WORK/disp, from depth.py predict)")
     add("--stereo", action="store_true", help="read DATA/disparity/*.png stereo disparity (Cityscapes, 0 invalid)")
-    add("--intrinsics", nargs=4, type=float, metavar=("FX", "FY", "CX", "CY"),
+    add("--intrinsics", nargs=4, type=finite_float, metavar=("FX", "FY", "CX", "CY"),
         help="normalized intrinsics (fx/W, fy/H, cx/W, cy/H); default: the camera JSON of --data, else the KITTI "
              f"K {KITTI_INTRINSICS} (the released code's K for every dataset)")
-    add("--size", nargs=2, type=int, default=[384, 768], metavar=("H", "W"),
+    add("--size", nargs=2, type=positive_int, default=[384, 768], metavar=("H", "W"),
         help="working and output size (paper: 384 x 768 Cityscapes, 384 x 1280 KITTI)")
     add("--method", default="depth", choices=["depth", "felzenszwalb", "gt"],
         help="proposals (Table 3): depth = ours; felzenszwalb = color only (stand-in for owt-ucm); gt = gtFine "
              "instances and classes split into connected regions")
-    add("--segments", type=int, default=SLIC_SEGMENTS, help="SLIC n_segments (paper and released: 10000 at 384 x "
+    add("--segments", type=positive_int, default=SLIC_SEGMENTS, help="SLIC n_segments (paper and released: 10000 at 384 x "
         "768, about 30 pixels each; scale it with the pixel count, e.g. 2500 at 192 x 384)")
-    add("--w-ocln", type=float, default=W_OCLN, help="Eqn 3 weight of D_ocln (released 48)")
-    add("--w-sup", type=float, default=W_SUP, help="Eqn 3 weight of D_sup (released 0: the support term is off; "
+    add("--w-ocln", type=ranged(float, 0), default=W_OCLN, help="Eqn 3 weight of D_ocln (released 48)")
+    add("--w-sup", type=ranged(float, 0), default=W_SUP, help="Eqn 3 weight of D_sup (released 0: the support term is off; "
         "the released alternative was 2.5 with --w-ocln 36)")
-    add("--bias", type=float, default=BIAS, help="Eqn 3 bias b (released -4)")
-    add("--tau", type=float, default=MERGE_TAU, help="merging threshold on W (released 0.2): a module with an edge "
+    add("--bias", type=finite_float, default=BIAS, help="Eqn 3 bias b (released -4)")
+    add("--tau", type=unit_float, default=MERGE_TAU, help="merging threshold on W (released 0.2): a module with an edge "
         "W < tau to another stays open and is merged further")
-    add("--preferred-modules", type=int, default=PREFERRED_MODULES, help="InfoMap --preferred-number-of-modules, "
+    add("--preferred-modules", type=nonnegative_int, default=PREFERRED_MODULES, help="InfoMap --preferred-number-of-modules, "
         "0 = off (default; released: 10, which caps the result at about 10 regions per image: see the docstring)")
-    add("--seed", type=int, default=INFOMAP_SEED, help="seed of every random draw of the run: InfoMap's search and "
+    add("--seed", type=nonnegative_int, default=INFOMAP_SEED, help="seed of every random draw of the run: InfoMap's search and "
         "the preview colors (default 123: infomap's own default, which the released code kept)")
-    add("--workers", type=int, default=0, help="worker processes (one image each); 0 = in the main process")
+    add("--workers", type=nonnegative_int, default=0, help="worker processes (one image each); 0 = in the main process")
     add("--shard", type=parse_shard, default=(0, 1), metavar="i/n", help="every n-th image from the i-th (0-based)")
     add("--overwrite", action="store_true", help="redo images whose regions exist")
     add("--no-progress", action="store_true", help="no tqdm bar (the log lines stay)")
@@ -542,8 +548,8 @@ def get_args_parser():
     return p
 
 
-def main():
-    run(get_args_parser().parse_args())
+def main(argv=None):
+    return run_main(run, get_args_parser().parse_args(argv), "group.py")
 
 
 if __name__ == "__main__":

@@ -43,7 +43,6 @@ import glob
 import json
 import math
 import os
-import sys
 import time
 
 import torch
@@ -56,7 +55,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.ops import FeaturePyramidNetwork
 from tqdm import tqdm
 
-from depth import amp_dtype_for, atomic_write, pick_device, seed_everything
+from depth import (BadInput, amp_dtype_for, atomic_write, check_resume, checked_read, load_torch,
+                   nonnegative_int, pick_device, positive_float, positive_int, ranged, record_settings, resume_log,
+                   run_main, run_settings, seed_everything, unit_float)
 
 # ===== Paper constants (Sec 3.4 and Sec 4; SwAV for the Sinkhorn settings) =====
 NUM_PROTOTYPES = 1000  # K, Sec 3.4
@@ -366,7 +367,7 @@ def load_backbone_weights(model, path):
                                 f"state_dict (nothing is downloaded); got {path!r}. Make one where the internet "
                                 f"is reachable: torch.save(torchvision.models.{model.arch}(weights='DEFAULT')"
                                 f".state_dict(), FILE)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = checked_read(path, "a torchvision ResNet state_dict", lambda p: torch.load(p, "cpu", weights_only=True))
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
@@ -375,17 +376,12 @@ def load_backbone_weights(model, path):
 
 def load_model(path, map_location="cpu"):
     """(model, checkpoint dict) from a swav_dense.py model.pt (or checkpoint.pt), strict."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: pre-train the network first with "
-                                f"`python swav_dense.py --work WORK` (stage 4, swav_dense.py)")
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    for key in ("arch", "model", "num_prototypes"):
-        if key not in ckpt:
-            raise ValueError(f"{path}: not a swav_dense.py model file (no '{key}')")
-    model = build_model(ckpt["arch"], ckpt["num_prototypes"], ckpt.get("proj_dim", PROJ_DIM),
-                        ckpt.get("head_dim", HEAD_DIM))
-    model.load_state_dict(ckpt["model"], strict=True)
-    return model, ckpt
+    make = "python swav_dense.py --work WORK (stage 4, swav_dense.py)"
+    ckpt = load_torch(path, make, ("arch", "model", "num_prototypes"))  # a depth or finetune model: one line
+    model = checked_read(path, make, lambda _: build_model(ckpt["arch"], ckpt["num_prototypes"],
+                                                           ckpt.get("proj_dim", PROJ_DIM), ckpt.get("head_dim", HEAD_DIM)))
+    checked_read(path, make, lambda _: model.load_state_dict(ckpt["model"], strict=True))
+    return model.to(map_location), ckpt
 
 
 
@@ -410,6 +406,8 @@ def check_sample(sample, where):
     if sample["images"].shape != (c, 3, h, w) or sample["transforms"].shape != (r, t, 3, 3):
         raise ValueError(f"{where}: inconsistent shapes images {tuple(sample['images'].shape)}, labels "
                          f"{(c, h, w)}, transforms {tuple(sample['transforms'].shape)}, canvas_of {(r, t)}")
+    if not torch.isfinite(sample["transforms"]).all() or sample["canvas_of"].max() >= c:
+        raise BadInput(f"{where}: NaN or inf transforms, or canvas ids out of range; remake it with copypaste.py")
 
 
 def augment_sample(sample, generator, augment=True, photometric=True, input_size=None):
@@ -461,7 +459,7 @@ class TrainingSamples(Dataset):
             sample, where = self.on_the_fly[index], f"CopyPasteDataset[{index}]"
         else:
             where = self.files[self.epoch % len(self.files)][index]
-            sample = torch.load(where, map_location="cpu", weights_only=True)
+            sample = load_torch(where, "python copypaste.py --work WORK ...")
         check_sample(sample, where)
         generator = torch.Generator().manual_seed(item_seed(self.seed, self.epoch, index))
         return augment_sample(sample, generator, self.augment, self.photometric, self.input_size)
@@ -516,6 +514,23 @@ def build_dataset(args):
                            not args.no_photometric, args.input_size)
 
 
+def restore_checkpoint(path, args, key="step", **parts):
+    """--resume: restore every part (model=, optimizer=, ...) from checkpoint.pt's state_dict of that name and return
+    its step (`key`); 0 when there is no checkpoint (or --overwrite). A checkpoint of settings that change the run
+    (--steps, --lr, --batch-size ...) is refused unless --force-resume: the resumed run would equal no uninterrupted
+    one; without --resume an unfinished checkpoint stops the run."""
+    if not os.path.exists(path) or (args.overwrite and not args.resume):
+        return 0
+    if not args.resume:
+        raise BadInput(f"{path} exists from an unfinished run: pass --resume to continue it or --overwrite")
+    make = "an interrupted run of this command"
+    ckpt = load_torch(path, make, ("args", key))
+    check_resume(ckpt["args"], args, path)
+    checked_read(path, make, lambda _: [part.load_state_dict(ckpt[name]) for name, part in parts.items()])
+    print(f"resumed {path} at {key} {ckpt[key]}")
+    return ckpt[key]
+
+
 def epoch_batches(num_items, batch_samples, seed, epoch):
     """The epoch's batches of item indices, shuffled reproducibly (a resumed run skips the ones it has done)."""
     order = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
@@ -526,10 +541,10 @@ def run(args):
     """Dense SwAV pre-training (Sec 3.4): WORK/samples (or samples built on the fly) -> WORK/swav/model.pt."""
     out_dir = args.out or os.path.join(args.work, "swav")
     final, ckpt_path = os.path.join(out_dir, "model.pt"), os.path.join(out_dir, "checkpoint.pt")
-    if os.path.exists(final) and not (args.overwrite or args.resume):
+    record_settings(out_dir, run_settings(args), args.overwrite or args.force_resume, "model.pt")  # others': stop
+    if os.path.exists(final) and not args.overwrite and not (args.resume and os.path.exists(ckpt_path)):
         print(f"[swav_dense] {final} exists: skipping (--overwrite to retrain)")
         return final
-    os.makedirs(out_dir, exist_ok=True)
     device = pick_device(args.device)
     amp_dtype = amp_dtype_for(device, args.no_amp)
     print(f"[swav_dense] device {device}, amp {amp_dtype}, threads {torch.get_num_threads()}, args {vars(args)}")
@@ -551,13 +566,10 @@ def run(args):
     scheduler = LambdaLR(optimizer, lambda s: learning_rate(s, total, warmup, args.lr, args.min_lr) / args.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     # ===== resume =====
-    ckpt = torch.load(ckpt_path, weights_only=True) if args.resume and os.path.exists(ckpt_path) else None
-    for name, obj in [("model", model), ("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)]:
-        obj.load_state_dict(ckpt[name]) if ckpt else None
-    step = ckpt["step"] if ckpt else 0
+    step = restore_checkpoint(ckpt_path, args, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
     # ===== loop =====
     start_time, start_step = time.time(), step
-    with open(os.path.join(out_dir, "log.jsonl"), "a" if step else "w") as log, \
+    with resume_log(os.path.join(out_dir, "log.jsonl"), step) as log, \
             tqdm(total=total, initial=step, desc="swav_dense", dynamic_ncols=True, disable=args.no_progress) as bar:
         while step < stop_at:
             dataset.set_epoch(epoch := step // steps_per_epoch)
@@ -591,7 +603,7 @@ def get_args_parser():
     p.add_argument("--out", default=None, help="output folder (default WORK/swav)")
     g = p.add_argument_group("network")
     g.add_argument("--arch", default="resnet50", choices=sorted(RESNET_CHANNELS), help="ResNet (paper: resnet50)")
-    g.add_argument("--num-prototypes", type=int, default=NUM_PROTOTYPES, help="K prototypes (paper: 1000)")
+    g.add_argument("--num-prototypes", type=positive_int, default=NUM_PROTOTYPES, help="K prototypes (paper: 1000)")
     g.add_argument("--init", default="scratch", choices=["scratch", "imagenet"],
                    help="backbone initialization (paper Table 1: scratch, or 'IN' from --backbone-weights)")
     g.add_argument("--backbone-weights", help="local torchvision ResNet state_dict for --init imagenet (no download)")
@@ -602,57 +614,53 @@ def get_args_parser():
     g.add_argument("--split", default="train", help="split (only with --on-the-fly)")
     g.add_argument("--disp-dir", help="<stem>.npy disparity (--on-the-fly; default WORK/disp)")
     g.add_argument("--regions-dir", help="<stem>.npy regions (--on-the-fly; default WORK/regions)")
-    g.add_argument("--size", type=int, nargs=2, default=[384, 768], metavar=("H", "W"),
+    g.add_argument("--size", type=positive_int, nargs=2, default=[384, 768], metavar=("H", "W"),
                    help="canvas size (only with --on-the-fly; paper: 384 x 768)")
-    g.add_argument("--mix", type=int, default=8, help="M source images per sample (only with --on-the-fly; paper: 8)")
-    g.add_argument("--paste-times", type=int, nargs=2, default=[2, 4], metavar=("E1", "E2"),
+    g.add_argument("--mix", type=positive_int, default=8, help="M source images per sample (only with --on-the-fly; paper: 8)")
+    g.add_argument("--paste-times", type=nonnegative_int, nargs=2, default=[2, 4], metavar=("E1", "E2"),
                    help="pastes per region in rounds 1 and 2 (only with --on-the-fly; paper: 2 4)")
-    g.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), help="resize the canvases to H x W for "
+    g.add_argument("--input-size", type=positive_int, nargs=2, metavar=("H", "W"), help="resize the canvases to H x W for "
                    "the network (labels and matrices stay exact); cheap CPU runs. Default: the samples' size")
     g.add_argument("--no-augment", action="store_true", help="no per-canvas augmentation (G = identity): ablation")
     g.add_argument("--no-photometric", action="store_true", help="per-canvas augmentation without color changes")
-    g.add_argument("--batch-samples", type=int, default=1, help="samples per step (paper: 1 sample = 2M canvases)")
-    g.add_argument("--workers", type=int, default=4, help="DataLoader worker processes; 0 = in the main process")
+    g.add_argument("--batch-samples", type=positive_int, default=1, help="samples per step (paper: 1 sample = 2M canvases)")
+    g.add_argument("--workers", type=nonnegative_int, default=4, help="DataLoader worker processes; 0 = in the main process")
     g = p.add_argument_group("loss (Eqn 4-7)")
-    g.add_argument("--pixel-samples", type=int, default=PIXEL_SAMPLES, help="pixel seeds per canvas (released: 4000)")
-    g.add_argument("--region-samples", type=int, default=REGION_SAMPLES, help="region points/canvas (released: 7200)")
-    g.add_argument("--lam", type=float, default=LAMBDA,
+    g.add_argument("--pixel-samples", type=positive_int, default=PIXEL_SAMPLES, help="pixel seeds per canvas (released: 4000)")
+    g.add_argument("--region-samples", type=positive_int, default=REGION_SAMPLES, help="region points/canvas (released: 7200)")
+    g.add_argument("--lam", type=unit_float, default=LAMBDA,
                    help="Eqn 7 weight of the pixel-level loss (paper: 0.5; 1 = pixel only, 0 = region only)")
-    g.add_argument("--eps", type=float, default=SINKHORN_EPS, help="Sinkhorn epsilon (SwAV: 0.05); smaller: sharper")
-    g.add_argument("--sinkhorn-iters", type=int, default=SINKHORN_ITERS, help="Sinkhorn iterations (SwAV: 3)")
-    g.add_argument("--tau", type=float, default=TAU, help="softmax temperature of Eqn 4 and 6 (paper: 0.1)")
+    g.add_argument("--eps", type=positive_float, default=SINKHORN_EPS, help="Sinkhorn epsilon (SwAV: 0.05); smaller: sharper")
+    g.add_argument("--sinkhorn-iters", type=positive_int, default=SINKHORN_ITERS, help="Sinkhorn iterations (SwAV: 3)")
+    g.add_argument("--tau", type=positive_float, default=TAU, help="softmax temperature of Eqn 4 and 6 (paper: 0.1)")
     g = p.add_argument_group("optimizer")
-    g.add_argument("--epochs", type=int, default=25, help="epochs (paper: 25; ablations 100)")
-    g.add_argument("--steps", type=int, default=None, help="total steps instead of --epochs (short runs)")
-    g.add_argument("--lr", type=float, default=0.1, help="SGD learning rate of each of the 4 groups (paper: 0.1)")
-    g.add_argument("--min-lr", type=float, default=1e-5, help="final lr of the cosine schedule (paper: 1e-5)")
-    g.add_argument("--warmup-epochs", type=float, default=2, help="linear warm-up from lr 0 per step (paper: 2)")
-    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (paper: 0.9)")
-    g.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay, all parameters (paper: 1e-4)")
+    g.add_argument("--epochs", type=positive_int, default=25, help="epochs (paper: 25; ablations 100)")
+    g.add_argument("--steps", type=positive_int, default=None, help="total steps instead of --epochs (short runs)")
+    g.add_argument("--lr", type=positive_float, default=0.1, help="SGD learning rate of each of the 4 groups (paper: 0.1)")
+    g.add_argument("--min-lr", type=ranged(float, 0), default=1e-5, help="final lr of the cosine schedule (paper: 1e-5)")
+    g.add_argument("--warmup-epochs", type=ranged(float, 0), default=2, help="linear warm-up from lr 0 per step (paper: 2)")
+    g.add_argument("--momentum", type=ranged(float, 0, 1), default=0.9, help="SGD momentum (paper: 0.9)")
+    g.add_argument("--weight-decay", type=ranged(float, 0), default=1e-4, help="SGD weight decay, all parameters (paper: 1e-4)")
     g.add_argument("--no-amp", action="store_true", help="fp32 throughout (default: autocast, fp16 + GradScaler "
                    "on CUDA, bf16 on CPU; the loss is fp32 either way)")
     g.add_argument("--device", default="auto", help="auto|cpu|cuda: auto picks CUDA when torch sees one, else CPU")
-    g.add_argument("--seed", type=int, default=0, help="seed of every random draw of the run")
+    g.add_argument("--seed", type=nonnegative_int, default=0, help="seed of every random draw of the run")
     g = p.add_argument_group("run")
     g.add_argument("--resume", action="store_true",
                    help="continue from checkpoint.pt in the output folder; the result equals an uninterrupted run")
-    g.add_argument("--stop-after", type=int, default=None,
+    g.add_argument("--stop-after", type=positive_int, default=None,
                    help="stop once global step N is done, after writing checkpoint.pt, as an interruption would")
-    g.add_argument("--save-every", type=int, default=500,
+    g.add_argument("--save-every", type=positive_int, default=500,
                    help="write checkpoint.pt every N global steps (and at each epoch's end and at the end)")
-    g.add_argument("--log-every", type=int, default=20, help="steps between log lines")
+    g.add_argument("--log-every", type=positive_int, default=20, help="steps between log lines")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bar (the log lines stay)")
     g.add_argument("--overwrite", action="store_true", help="retrain even when WORK/swav/model.pt exists")
+    g.add_argument("--force-resume", action="store_true", help="--resume even if the checkpoint's settings differ")
     return p
 
 
 def main(argv=None):
-    args = get_args_parser().parse_args(argv)
-    try:
-        run(args)
-    except (FileNotFoundError, FloatingPointError, ValueError) as e:
-        print(f"swav_dense.py: error: {e}", file=sys.stderr)
-        sys.exit(1)
+    return run_main(run, get_args_parser().parse_args(argv), "swav_dense.py")
 
 
 if __name__ == "__main__":

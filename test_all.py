@@ -500,7 +500,7 @@ def test_depth_kitti_calibration_and_triplets(tmp_path):
     assert np.allclose(items[0][1], K)
 
 
-def test_depth_clear_errors_name_the_file(tiny_city, tmp_path):
+def test_depth_clear_errors_name_the_file(tiny_city, tmp_path, capsys):
     import re
     import shutil
     import depth
@@ -509,14 +509,16 @@ def test_depth_clear_errors_name_the_file(tiny_city, tmp_path):
     args = ["train", "--data", data, "--work", str(tmp_path / "w"), *_DEPTH_TRAIN, "--steps", "1"]
     camera = os.path.join(data, "camera", "train", "toycity", "toycity_000001_000002_camera.json")
     os.remove(camera)
-    with pytest.raises(FileNotFoundError, match=re.escape(os.path.dirname(camera)) + ".*toycity_000001_"):
+    with pytest.raises(SystemExit, match="1"):  # main prints the error as one line on stderr, exit 1
         depth.main(args)
+    assert re.search(re.escape(os.path.dirname(camera)) + ".*toycity_000001_", capsys.readouterr().err)
     shutil.copy(os.path.join(data, "camera", "train", "toycity", "toycity_000000_000002_camera.json"), camera)
     frame = os.path.join(data, "leftImg8bit_sequence", "train", "toycity", "toycity_000000_000001_leftImg8bit.png")
     with open(frame, "wb") as f:
         f.write(b"not a png")
-    with pytest.raises(ValueError, match=re.escape(frame)):
+    with pytest.raises(SystemExit, match="1"):
         depth.main(args + ["--no-augment", "--batch-size", "4"])  # one batch holds every triplet
+    assert frame in capsys.readouterr().err
 
 # ==========================================================================================================
 # group.py
@@ -755,7 +757,7 @@ def test_group_cli_end_to_end(tiny_city, tmp_path, capsys):
     before = {s: os.path.getmtime(work / "regions" / f"{s}.npy") for s in stems}
     import group   # the same command lines in-process (saves interpreter starts)
     group.run(group.get_args_parser().parse_args(["--work", str(work), "--split", "train", "--stereo", "--shard",
-                                                  "1/2", *map(str, common)]))
+                                                  "1/2", "--segments", "300", *map(str, common)]))
     assert "0 to do" in capsys.readouterr().out
     assert before == {s: os.path.getmtime(work / "regions" / f"{s}.npy") for s in stems}
     # ground-truth proposals: perfect scores at the ground truth's own resolution
@@ -1389,7 +1391,8 @@ def test_swav_dense_cli_amp_step_finite(tmp_path):
     import swav_dense
     model, ckpt = swav_dense.load_model(str(tmp_path / "swav" / "model.pt"))
     assert ckpt["arch"] == "resnet18" and model.prototypes.weight.shape[0] == 16
-    final = swav_dense.run(swav_dense.get_args_parser().parse_args(["--work", str(tmp_path), *SWAV_TINY]))
+    final = swav_dense.run(swav_dense.get_args_parser().parse_args(["--work", str(tmp_path), "--steps", "2",
+                                                                    *SWAV_TINY]))
     assert final.endswith("model.pt") and len(open(tmp_path / "swav" / "log.jsonl").readlines()) == 2  # skipped
 
 
@@ -1730,6 +1733,302 @@ def test_finetune_resume_is_exact(tiny_city, cluster_swav_model, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+# ==========================================================================================================
+# bad input and interruption (#18): every stage's real command line refuses in one line on stderr, exit 2 for
+# bad usage and 1 for bad data, and leaves no output or temporary file; a row per case, so new flags join it
+# ==========================================================================================================
+@pytest.fixture(scope="session")
+def bad_base(tiny_city, cluster_swav_model, tmp_path_factory):
+    """The work folder every row starts from (linked into the row's folder, never written): a random depth model,
+    positive disparity of both splits, ground-truth regions of train, a swav model, two samples."""
+    import glob
+    import shutil
+    import depth
+    base = tmp_path_factory.mktemp("bad_base")
+    for split in ("val", "train"):
+        if split == "val":
+            _copypaste_inputs(tiny_city, str(base), split)
+            shutil.rmtree(base / "regions")
+        else:
+            _copypaste_inputs(tiny_city, str(base), split)
+    for path in glob.glob(str(base / "disp" / "*.npy")):  # the sky's 0: a positive disparity as predict writes
+        np.save(path, np.maximum(np.load(path), 1e-3).astype(np.float32))
+    torch.manual_seed(0)
+    os.makedirs(base / "depth")
+    torch.save({"arch": "resnet18", "model": depth.DepthNet().state_dict(), "size": [64, 128], "crop_bottom": 0.0,
+                "min_depth": 0.1, "max_depth": 100.0, "num_scales": 4}, base / "depth" / "model.pt")
+    os.makedirs(base / "swav")
+    shutil.copy(cluster_swav_model, base / "swav" / "model.pt")
+    _swav_write_block_samples(str(base), count=2, mix=2)
+    return base
+
+
+def _put(path, write):
+    """Replace path (a link into bad_base, or nothing) by a new file written by write(path)."""
+    path = str(path)
+    data = open(path, "rb").read() if os.path.exists(path) else b""
+    if os.path.lexists(path):
+        os.remove(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write(path, data)
+
+
+def _first(data, split):
+    import depth
+    return depth.image_stem(depth.list_split_images(data, split)[0])
+
+
+def _disp(split, change):
+    """Setup: the first image's disparity of split replaced by change(disparity)."""
+    return lambda work, data: _put(work / "disp" / f"{_first(data, split)}.npy",
+                                   lambda p, _: np.save(p, change(np.load(_BAD_BASE[0] / "disp" / os.path.basename(p)))))
+
+
+def _nan_patch(d):
+    d = d.copy()
+    d[:8, :8] = np.nan
+    return d
+
+
+def _truncate(rel):
+    return lambda work, data: _put(work / rel.format(stem=_first(data, "val"), train=_first(data, "train")),
+                                   lambda p, b: open(p, "wb").write(b[:len(b) // 2]))
+
+
+def _remove(rel):
+    return lambda work, data: os.remove(work / rel)
+
+
+def _torch_put(rel, make):
+    return lambda work, data: _put(work / rel, lambda p, b: torch.save(make(b, work, data), p))
+
+
+def _both(*setups):
+    return lambda work, data: [setup(work, data) for setup in setups]
+
+
+def _sample_change(change):
+    def make(b, work, data):
+        import io
+        sample = torch.load(io.BytesIO(b), weights_only=True)
+        change(sample)
+        return sample
+    return _torch_put("samples/epoch_000/000000.pt", make)
+
+
+def _checkpoint(stage, argv, **extra):
+    """Setup: a checkpoint made with other settings (argv), as a killed run of them would leave it."""
+    def make(b, work, data):
+        import importlib
+        args = importlib.import_module(stage).get_args_parser().parse_args(argv.format(work=work, data=data).split())
+        return {"args": vars(args), **extra}
+    return make
+
+
+def _settings(stage, folder, argv, marker=None):
+    """Setup: FOLDER (with its final marker) made with other settings (argv)."""
+    def setup(work, data):
+        import depth
+        import importlib
+        args = importlib.import_module(stage).get_args_parser().parse_args(argv.format(work=work, data=data).split())
+        depth.record_settings(str(work / folder), depth.run_settings(args), True)
+        if marker:
+            (work / folder / marker).write_text("{}")
+    return setup
+
+
+_BAD_BASE = []
+_DT = "train --data {data} --work {work} --size 64 128 --frame-offset 1 --batch-size 2 --workers 0 --no-progress " \
+      "--steps 1"
+_DP = "predict --work {work} --data {data} --split val --no-progress"
+_DE = "eval --work {work} --data {data} --split val"
+_G = "--work {work} --data {data} --split val --size 64 128 --segments 100 --no-progress"
+_C = "--work {work} --data {data} --split train --size 64 128 --mix 2 --paste-times 1 1 --no-progress"
+_S = "--work {work} --steps 1 --arch resnet18 --num-prototypes 16 --pixel-samples 64 --region-samples 64 " \
+     "--workers 0 --device cpu --no-progress"
+_K = "--work {work} --data {data} --dataset toycity --size 32 64 --no-progress"
+_F = "--work {work} --data {data} --dataset toycity --iters 1 --batch-size 2 --crop 32 64 --device cpu " \
+     "--workers 0 --no-progress"
+_DEPTH_MODEL = "depth/model.pt"
+BAD_ROWS = [  # (stage, argv, exit code, a word of the message, setup(work, data) or None)
+    # ----- bad usage: exit 2 (argparse) -----
+    *[("depth", _DT + extra, 2, word, None) for extra, word in [
+        (" --steps 0", "--steps"), (" --steps -1", "--steps"), (" --epochs 0", "--epochs"),
+        (" --batch-size -2", "--batch-size"), (" --batch-size 0", "--batch-size"), (" --size -64 128", "--size"),
+        (" --size 70 128", "multiples of 32"), (" --frame-offset 0", "--frame-offset"),
+        (" --save-every 0", "--save-every"), (" --log-every 0", "--log-every"), (" --workers -1", "--workers"),
+        (" --lr nan", "--lr"), (" --crop-bottom 1", "--crop-bottom")]],
+    ("depth", "predict --work {work}", 2, "--images", None),
+    ("depth", _DP + " --batch-size 0", 2, "--batch-size", None),
+    *[("group", _G + extra, 2, word, None) for extra, word in [
+        (" --segments 0", "--segments"), (" --segments -5", "--segments"), (" --tau -1", "--tau"),
+        (" --workers -1", "--workers"), (" --shard 2/2", "--shard"), (" --size 0 64", "--size")]],
+    *[("copypaste", _C + extra, 2, word, None) for extra, word in [
+        (" --epochs -1", "--epochs"), (" --mix 0", "--mix"), (" --paste-times -1 2", "--paste-times"),
+        (" --workers -1", "--workers")]],
+    *[("swav_dense", _S + extra, 2, word, None) for extra, word in [
+        (" --steps 0", "--steps"), (" --epochs 0", "--epochs"), (" --lam 2", "--lam"),
+        (" --batch-samples -1", "--batch-samples"), (" --tau -1", "--tau"), (" --save-every 0", "--save-every"),
+        (" --log-every 0", "--log-every"), (" --workers -1", "--workers"), (" --eps 0", "--eps")]],
+    *[("cluster", _K + extra, 2, word, None) for extra, word in [
+        (" --clusters -1", "--clusters"), (" --clusters 0", "--clusters"), (" --pca -1", "--pca")]],
+    *[("finetune", _F + extra, 2, word, None) for extra, word in [
+        (" --iters 0", "--iters"), (" --fraction 2", "--fraction"), (" --fraction 0", "--fraction"),
+        (" --batch-size 0", "--batch-size"), (" --folds 5 --fold 5", "--fold"), (" --arch vgg", "--arch"),
+        (" --workers -1", "--workers"), (" --log-every 0", "--log-every")]],
+    # ----- bad data: exit 1, the file named -----
+    ("depth", _DP, 1, "depth.py train", _remove(_DEPTH_MODEL)),
+    ("depth", _DP, 1, "unusable", _truncate(_DEPTH_MODEL)),
+    ("depth", _DP, 1, "no 'size'", lambda work, data: _put(work / _DEPTH_MODEL, lambda p, _: os.symlink(
+        _BAD_BASE[0] / "swav" / "model.pt", p))),                       # a swav_dense model given to predict
+    ("depth", _DP, 1, "unusable", _torch_put(_DEPTH_MODEL, lambda b, w, d: {  # weights of another network
+        **torch.load(_BAD_BASE[0] / _DEPTH_MODEL, weights_only=True), "arch": "resnet34"})),
+    ("depth", _DT + " --resume", 1, "batch_size", _torch_put("depth/checkpoint.pt", _checkpoint(
+        "depth", _DT + " --batch-size 4", step=1, noise=torch.zeros(1)))),
+    ("depth", _DT, 1, "--resume", _both(_remove(_DEPTH_MODEL), _torch_put("depth/checkpoint.pt", lambda b, w, d: {}))),
+    ("depth", _DE, 1, "NaN", _disp("val", _nan_patch)),
+    ("depth", _DE, 1, "positive", _disp("val", lambda d: d * 0)),
+    ("depth", _DE, 1, "aspect", _disp("val", lambda d: d[:, :64])),
+    ("depth", _DE, 1, "unusable", _truncate("disp/{stem}.npy")),
+    ("depth", _DE, 1, "depth.py predict", lambda work, data: os.remove(work / "disp" / f"{_first(data, 'val')}.npy")),
+    ("group", _G, 1, "NaN", _disp("val", _nan_patch)),
+    ("group", _G, 1, "negative", _disp("val", lambda d: -d)),
+    ("group", _G, 1, "positive", _disp("val", lambda d: d * 0)),
+    ("group", _G, 1, "float", _disp("val", lambda d: (d * 100).astype(np.int32))),
+    ("group", _G, 1, "unusable", _truncate("disp/{stem}.npy")),
+    ("group", _G, 1, "depth.py predict", lambda work, data: os.remove(work / "disp" / f"{_first(data, 'val')}.npy")),
+    ("group", _G, 1, "method", _both(lambda work, data: __import__("depth").record_settings(
+        str(work / "regions"), {"method": "felzenszwalb"}, True), lambda work, data: np.save(
+        work / "regions" / "x.npy", np.zeros((2, 2), np.int32)))),  # maps of other settings are never mixed in
+    ("depth", _DT, 1, "steps 5 -> 1", _settings("depth", "depth", _DT + " --steps 5")),  # finished with others
+    ("swav_dense", _S, 1, "steps 5 -> 1", _settings("swav_dense", "swav", _S + " --steps 5")),
+    ("cluster", _K, 1, "size", _settings("cluster", "cluster", _K + " --size 64 128", "metrics.json")),
+    ("finetune", _F, 1, "iters", _settings("finetune", "finetune", _F + " --iters 5", "metrics.json")),
+    ("copypaste", _C + " --overwrite", 1, "NaN", _disp("train", _nan_patch)),
+    ("copypaste", _C + " --overwrite", 1, "negative", _disp("train", lambda d: -d)),
+    ("copypaste", _C + " --overwrite", 1, "unusable", _truncate("regions/{train}.npy")),
+    ("copypaste", _C + " --overwrite", 1, "integer", lambda work, data: _put(work / "regions" / f"{_first(data, 'train')}.npy",
+                                                            lambda p, _: np.save(p, np.zeros((64, 128))))),
+    ("copypaste", _C + " --overwrite", 1, "group.py", lambda work, data: os.remove(work / "regions" / f"{_first(data, 'train')}.npy")),
+    ("copypaste", _C + " --mix 3", 1, "--mix", None),
+    ("swav_dense", _S + " --overwrite", 1, "copypaste", lambda work, data: __import__("shutil").rmtree(work / "samples")),
+    ("swav_dense", _S + " --overwrite", 1, "NaN", _sample_change(lambda s: s["transforms"].fill_(float("nan")))),
+    ("swav_dense", _S + " --overwrite", 1, "lacks", _sample_change(lambda s: s.pop("canvas_of"))),
+    ("swav_dense", _S + " --overwrite", 1, "unusable", _truncate("samples/epoch_000/000000.pt")),
+    ("swav_dense", _S + " --resume", 1, "lr", _torch_put("swav/checkpoint.pt", _checkpoint(
+        "swav_dense", _S + " --lr 0.5", step=1))),
+    ("swav_dense", _S, 1, "--resume", _both(_remove("swav/model.pt"), _torch_put("swav/checkpoint.pt",
+                                                                               lambda b, w, d: {}))),
+    ("cluster", _K + " --clusters 1000", 1, "above", None),
+    ("cluster", _K + " --model {work}/" + _DEPTH_MODEL, 1, "num_prototypes", None),
+    ("cluster", _K, 1, "unusable", _truncate("swav/model.pt")),
+    ("cluster", _K, 1, "swav_dense.py", _remove("swav/model.pt")),
+    ("finetune", _F, 1, "swav_dense.py", _remove("swav/model.pt")),
+    ("finetune", _F + " --swav-model {work}/" + _DEPTH_MODEL, 1, "num_prototypes", None),
+    ("finetune", _F + " --resume", 1, "lr", _torch_put("finetune/checkpoint.pt", _checkpoint(
+        "finetune", _F + " --lr 0.5", iteration=1, model={}, optimizer={}, scaler={}))),
+    ("finetune", _F, 1, "--resume", _torch_put("finetune/checkpoint.pt", lambda b, w, d: {})),
+]
+RECORDS = ("settings.json", "log.jsonl")  # what a refused run may leave: the folder's settings, an empty log
+
+
+def _bad_row_work(bad_base, tmp_path, setup, data):
+    """The row's work folder: bad_base linked file by file, then the row's setup."""
+    import pathlib
+    _BAD_BASE[:] = [bad_base]
+    work = tmp_path / "w"
+    for folder, _, files in os.walk(bad_base):
+        os.makedirs(work / os.path.relpath(folder, bad_base), exist_ok=True)
+        for f in files:
+            os.symlink(os.path.join(folder, f), work / os.path.relpath(folder, bad_base) / f)
+    if setup:
+        setup(pathlib.Path(work), data)
+    return work
+
+
+def _tree(root):
+    return {os.path.relpath(os.path.join(d, f), root) for d, _, files in os.walk(root) for f in files}
+
+
+@pytest.mark.parametrize("stage, argv, code, word, setup", BAD_ROWS,
+                         ids=[f"{r[0]}-{i}-{r[3]}" for i, r in enumerate(BAD_ROWS)])
+def test_validate_bad_input_table(stage, argv, code, word, setup, bad_base, tiny_city, tmp_path, capsys):
+    import importlib
+    work = _bad_row_work(bad_base, tmp_path, setup, tiny_city)
+    before, threads = _tree(work), torch.get_num_threads()
+    capsys.readouterr()
+    try:
+        importlib.import_module(stage).main(argv.format(work=work, data=tiny_city).split())
+        got = 0
+    except SystemExit as e:
+        got = e.code
+    finally:
+        torch.set_num_threads(threads)
+    err = capsys.readouterr().err
+    assert got == code, err
+    assert word in err and "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert "error:" in last and (code == 2 or str(work) in last or "--" in word), last  # the file is named
+    left = [f for f in _tree(work) - before if os.path.basename(f) not in RECORDS]
+    assert not left and not [f for f in _tree(work) if ".tmp" in f], left
+
+
+def test_validate_real_exit_code_and_no_traceback(bad_base, tiny_city, tmp_path):
+    """A row through a real interpreter: the exit status and the one line a user sees (no traceback)."""
+    work = _bad_row_work(bad_base, tmp_path, _truncate(_DEPTH_MODEL), tiny_city)
+    proc = subprocess.run([sys.executable, "depth.py", *_DP.format(work=work, data=tiny_city).split()], cwd=HERE,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"depth.py predict: error: {work}/depth/model.pt: unusable "
+                                                + proc.stderr.split(": unusable ", 1)[1].strip()], proc.stderr
+
+
+def test_validate_swav_resume_without_checkpoint_keeps_model(bad_base, tiny_city, tmp_path, capsys):
+    import swav_dense
+    work = _bad_row_work(bad_base, tmp_path, None, tiny_city)
+    mtime = os.path.getmtime(work / "swav" / "model.pt")
+    swav_dense.main((_S + " --resume").format(work=work).split())
+    assert "skipping" in capsys.readouterr().out and os.path.getmtime(work / "swav" / "model.pt") == mtime
+
+
+def test_validate_log_cut_to_the_resumed_step_and_stale_temporaries(tmp_path):
+    import json
+    import depth
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3, 4)) + '{"step": 5, "lo')
+    with depth.resume_log(str(log), 2) as f:
+        f.write(json.dumps({"step": 3}) + "\n")
+    assert [json.loads(line)["step"] for line in open(log)] == [1, 2, 3]
+    with depth.resume_log(str(log), 0):                                 # a fresh run: a fresh log
+        pass
+    assert log.read_text() == ""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale, alive = tmp_path / f"a.npy.tmp{dead.stdout.strip()}", tmp_path / f"b.npy.tmp{os.getpid()}"
+    stale.write_bytes(b"x")
+    alive.write_bytes(b"x")
+    depth.remove_stale_temporaries(str(tmp_path))
+    assert not stale.exists() and alive.exists()
+
+
+def test_validate_resume_check_and_settings_record(tmp_path):
+    import argparse
+    import depth
+    args = argparse.Namespace(batch_size=4, lr=0.1, workers=2, force_resume=False)
+    depth.check_resume({"batch_size": 4, "lr": 0.1, "workers": 0}, args, "ckpt")  # workers do not change the run
+    with pytest.raises(depth.BadInput, match="batch_size 2 -> 4"):
+        depth.check_resume({"batch_size": 2, "lr": 0.1}, args, "ckpt")
+    args.force_resume = True
+    depth.check_resume({"batch_size": 2, "lr": 0.1}, args, "ckpt")
+    depth.record_settings(str(tmp_path), {"size": [16, 32]}, False)
+    depth.record_settings(str(tmp_path), {"size": (64, 128)}, False)  # no output yet: the settings are replaced
+    np.save(tmp_path / "a.npy", np.zeros(1))
+    depth.record_settings(str(tmp_path), {"size": [64, 128]}, False)   # the same, as JSON
+    with pytest.raises(depth.BadInput, match=r"size \[64, 128\] -> \[32, 64\].*--overwrite"):
+        depth.record_settings(str(tmp_path), {"size": [32, 64]}, False)
+    depth.record_settings(str(tmp_path), {"size": [32, 64]}, True)
+    assert "32" in (tmp_path / "settings.json").read_text()
+
 
 # ==========================================================================================================
 # hygiene

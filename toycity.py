@@ -329,13 +329,13 @@ def render_frame(scene, pose, frame, height, width):
 # Writing the Cityscapes layout
 # ----------------------------------------------------------------------------------------------------------
 def save_png(array, path):
-    tmp = path + ".tmp.png"
-    Image.fromarray(array).save(tmp)
+    tmp = f"{path}.tmp{os.getpid()}"  # unique per process: two renders into one folder do not collide
+    Image.fromarray(array).save(tmp, format="PNG")
     os.replace(tmp, path)
 
 
 def save_json(obj, path):
-    tmp = path + ".tmp"
+    tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
     os.replace(tmp, path)
