@@ -52,13 +52,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
-from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from tqdm import tqdm
 
 from cluster import (IGNORE, IMAGENET_MEAN, IMAGENET_STD, TRAIN_CLASSES, confusion_matrix, labelids_to_trainids,
                      list_eval_pairs, normalize_images, print_scores, read_pair, scores_json, segmentation_scores)
-from depth import (amp_dtype_for, atomic_write, image_size, image_stem, list_split_images, pick_device,
-                   seed_everything, split_file)
+from depth import amp_dtype_for, atomic_write, image_size, pick_device, seed_everything
 from swav_dense import HEAD_DIM, build_model, load_backbone_weights, load_model
 
 # ----------------------------------------------------------------------------------------------------------
@@ -285,14 +283,19 @@ class TrainBatches(torch.utils.data.Dataset):
 def finetune_step(model, optimizer, scaler, images, labels, lr, amp_dtype=None):
     """One SGD step at learning rate lr on uint8 images (B, H, W, 3) and trainIds (B, H, W), moved to the model's
     device; autocast with amp_dtype (None: fp32), the loss in fp32, scaled by the GradScaler (enabled for fp16).
+    Mask R-CNN (labels a list of targets): images a list of uint8 (h, w, 3), the sum of its losses.
     Returns the loss; raises FloatingPointError, before any update, on a non-finite loss."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     device = next(model.parameters()).device
-    x, labels = normalize_images(images.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
-    with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        logits = model(x)  # (B, C, H, W)
-    loss = segmentation_loss(logits, labels)
+    if isinstance(labels, (list, tuple)):  # Mask R-CNN: images of different sizes, one target dict each
+        x = [im.to(device).permute(2, 0, 1).float().div(255) for im in images]  # normalized by its transform
+        labels = [{k: v.to(device) for k, v in t.items()} for t in labels]
+    else:
+        x, labels = normalize_images(images.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        out = model(x, labels) if isinstance(labels, list) else model(x)  # losses, or logits (B, C, H, W)
+    loss = sum(v.float() for v in out.values()) if isinstance(out, dict) else segmentation_loss(out, labels)
     if not torch.isfinite(loss):
         raise FloatingPointError(f"non-finite loss {loss.item()}: stopping")
     optimizer.zero_grad(set_to_none=True)
@@ -326,11 +329,9 @@ def evaluate_segmentation(model, pairs, size, device, amp_dtype=None, num_classe
 # Instance segmentation (Table 2): targets, schedule, Mask R-CNN, mask AP, Cityscapes results format
 # ----------------------------------------------------------------------------------------------------------
 def instance_masks(ids, encoding="cityscapes"):
-    """(masks bool (N, H, W), labelIds int64 (N,)) of the evaluated instance classes in an instance-id map.
-
-    cityscapes (gtFine instanceIds, also the toy city): v = labelId * 1000 + k; v < 1000 is stuff or a crowd
-    region, not an instance (ignored, as the official evaluation). kitti (data_semantics instance/, devkit README):
-    uint16, labelId = v // 256 (upper 8 bits), k = v % 256, k = 0: no instance. Classes: INSTANCE_LABEL_IDS."""
+    """(masks bool (N, H, W), labelIds int64 (N,)) of the INSTANCE_LABEL_IDS instances of an instance-id map.
+    cityscapes (gtFine instanceIds, the toy city): v = labelId * 1000 + k, v < 1000 stuff or crowd (not an
+    instance, ignored as the official evaluation); kitti (devkit README): uint16 labelId * 256 + k, k = 0 none."""
     ids = np.asarray(ids).astype(np.int64)
     base = 256 if encoding == "kitti" else 1000
     keep = (ids % 256 > 0) if encoding == "kitti" else (ids >= 1000)
@@ -339,48 +340,38 @@ def instance_masks(ids, encoding="cityscapes"):
 
 
 def instance_target(ids, encoding="cityscapes"):
-    """torchvision's detection target of an instance-id map: boxes float32 (N, 4) x0, y0, x1, y1 in pixel edges
-    (a 1-pixel instance is 1 x 1), labels int64 1..8 (0 = background), masks uint8 (N, H, W)."""
+    """torchvision's detection target of an instance-id map: boxes float32 (N, 4) x0, y0, x1, y1 at pixel edges
+    (a 1-pixel instance is 1 x 1), labels int64 1..8 (0: background), masks uint8 (N, H, W)."""
     masks, label_ids = instance_masks(ids, encoding)
     boxes = np.zeros((len(masks), 4), np.float32)
     for i, m in enumerate(masks):
         rows, cols = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
         boxes[i] = cols[0], rows[0], cols[-1] + 1, rows[-1] + 1
-    labels = np.searchsorted(INSTANCE_LABEL_IDS, label_ids) + 1
-    return {"boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(labels.astype(np.int64)),
-            "masks": torch.from_numpy(masks.astype(np.uint8))}
+    return {"boxes": torch.from_numpy(boxes), "masks": torch.from_numpy(masks.astype(np.uint8)),
+            "labels": torch.from_numpy(np.searchsorted(INSTANCE_LABEL_IDS, label_ids) + 1)}
 
 
 def warmup_step_lr(base_lr, iteration, total_iters, warmup_iters=WARMUP_ITERS, warmup_factor=WARMUP_FACTOR,
                    step_at=LR_STEP_AT, gamma=LR_GAMMA):
-    """detectron2's WarmupMultiStepLR: linear warmup from base_lr * warmup_factor over warmup_iters, then x gamma
-    from iteration step_at * total_iters on."""
+    """detectron2's WarmupMultiStepLR: linear warmup from base_lr * warmup_factor, x gamma from step_at * iters."""
     alpha = min(iteration / warmup_iters, 1.0) if warmup_iters > 0 else 1.0
     return base_lr * (warmup_factor * (1 - alpha) + alpha) * (gamma if iteration >= step_at * total_iters else 1.0)
 
 
-class KeepSize(GeneralizedRCNNTransform):
-    """Mask R-CNN's input transform without its resize: finetune.py scales images itself, from (seed, iteration,
-    slot), so a resumed run equals an uninterrupted one; normalization (ImageNet) and padding to /32 stay."""
-
-    def resize(self, image, target=None):
-        return image, target
-
-
 def build_mask_rcnn(arch="resnet50", num_classes=len(INSTANCE_CLASSES) + 1, rois_per_image=ROIS_PER_IMAGE):
-    """torchvision's Mask R-CNN on a ResNet + FPN (for resnet50 the network of maskrcnn_resnet50_fpn(weights=None,
-    weights_backbone=None)): trainable BatchNorm, all stages trainable, random initialization; rois_per_image
-    sampled proposals per training image for the box and mask heads (a quarter at most positive)."""
+    """torchvision's Mask R-CNN on ResNet + FPN (resnet50: maskrcnn_resnet50_fpn(weights=None, weights_backbone=
+    None)'s network), trainable BatchNorm and stages; rois_per_image proposals per image train the heads."""
     backbone = resnet_fpn_backbone(backbone_name=arch, weights=None, norm_layer=nn.BatchNorm2d, trainable_layers=5)
     model = MaskRCNN(backbone, num_classes=num_classes, box_batch_size_per_image=rois_per_image)
-    model.transform = KeepSize(1, 1, list(IMAGENET_MEAN), list(IMAGENET_STD))
-    model.arch = arch
+    # its transform keeps ImageNet normalization and /32 padding but not its resize: finetune.py scales from
+    # (seed, iteration, slot), so a resumed run equals an uninterrupted one
+    model.transform.resize, model.arch = (lambda image, target=None: (image, target)), arch
     return model
 
 
 def transfer_swav_to_mask_rcnn(mask_rcnn, checkpoint, source="model.pt"):
-    """Load a swav_dense.py model's backbone.* into Mask R-CNN's backbone.body.* and fpn.* into backbone.fpn.*
-    (strict: every ResNet and FPN tensor is replaced; head, projector, prototypes dropped). Returns the keys."""
+    """swav_dense.py's backbone.* -> Mask R-CNN's backbone.body.*, fpn.* -> backbone.fpn.*, strictly (every ResNet
+    and FPN tensor replaced; head, projector, prototypes dropped). Returns the Mask R-CNN keys loaded."""
     if checkpoint.get("arch") != mask_rcnn.arch:
         raise ValueError(f"{source} was pre-trained with arch {checkpoint.get('arch')!r}, but this network is "
                          f"{mask_rcnn.arch!r}: pass --arch {checkpoint.get('arch')}")
@@ -394,8 +385,7 @@ def transfer_swav_to_mask_rcnn(mask_rcnn, checkpoint, source="model.pt"):
 
 
 def instance_network(args):
-    """Mask R-CNN of a Table 2 row, by --init: swav (ResNet + FPN of WORK/swav/model.pt, --arch defaulting to its
-    own), imagenet (--backbone-weights for the ResNet) or scratch; new RPN, box and mask heads in every case."""
+    """Mask R-CNN of a Table 2 row, by --init as segmentation_network (swav: ResNet + FPN); new heads always."""
     swav_path = args.swav_model or os.path.join(args.work, "swav", "model.pt")
     swav = load_model(swav_path)[1] if args.init == "swav" else {}
     model = build_mask_rcnn(args.arch or swav.get("arch", "resnet50"), rois_per_image=args.rois_per_image)
@@ -407,26 +397,24 @@ def instance_network(args):
 
 
 def rle_annotations(image_id, masks, label_ids, scores=None):
-    """COCO annotations of one image's masks bool (N, H, W), run-length encoded: ground truth (scores None) or
-    detections (with their scores); category_id is the Cityscapes labelId."""
+    """COCO annotations (category_id: the labelId) of one image's masks bool (N, H, W), run-length encoded:
+    ground truth (scores None) or detections."""
     from pycocotools import mask as mask_utils
-    out = []
-    for i, (m, c) in enumerate(zip(masks, label_ids)):
-        rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
-        ann = {"image_id": image_id, "category_id": int(c), "segmentation": rle}
-        if scores is None:
-            ann.update(area=float(m.sum()), bbox=list(mask_utils.toBbox(rle)), iscrowd=0)
-        out.append(ann if scores is None else {**ann, "score": float(scores[i])})
-    return out
+    rles = [mask_utils.encode(np.asfortranarray(m.astype(np.uint8))) for m in masks]
+    if scores is None:
+        return [{"image_id": image_id, "category_id": int(c), "segmentation": r, "area": float(m.sum()),
+                 "bbox": list(mask_utils.toBbox(r)), "iscrowd": 0} for m, c, r in zip(masks, label_ids, rles)]
+    return [{"image_id": image_id, "category_id": int(c), "segmentation": r, "score": float(p)}
+            for c, r, p in zip(label_ids, rles, scores)]
 
 
 def mask_ap(image_sizes, ground_truth, detections):
-    """COCO mask AP (IoU 0.5:0.95) and AP50 with pycocotools, overall (mean over classes with ground truth, as
-    Cityscapes' AP) and per class (None where absent); rle_annotations lists, image ids index image_sizes."""
+    """COCO mask AP (IoU 0.5:0.95) and AP50 by pycocotools, per class (None where absent) and their mean over the
+    present classes (as Cityscapes' AP); rle_annotations lists whose image ids index image_sizes [(H, W)]."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
     present = [c in {a["category_id"] for a in ground_truth} for c in INSTANCE_LABEL_IDS]
-    precision = np.zeros((10, 101, len(INSTANCE_LABEL_IDS)))  # (IoU thresholds, recalls, classes): none detected
+    precision = np.zeros((10, 101, len(INSTANCE_LABEL_IDS)))  # (IoU thresholds, recalls, classes); no detections
     if detections:
         gt = COCO()
         gt.dataset = {"images": [{"id": i, "height": h, "width": w} for i, (h, w) in enumerate(image_sizes)],
@@ -436,9 +424,9 @@ def mask_ap(image_sizes, ground_truth, detections):
             gt.createIndex()
             evaluation = COCOeval(gt, gt.loadRes(detections), "segm")
             evaluation.evaluate(), evaluation.accumulate()
-        precision = evaluation.eval["precision"][:, :, :, 0, -1]  # area "all", 100 detections; -1: no GT
-    ap = {n: float(precision[:, :, k].mean()) if present[k] else None for k, n in enumerate(INSTANCE_CLASSES)}
-    ap50 = {n: float(precision[0, :, k].mean()) if present[k] else None for k, n in enumerate(INSTANCE_CLASSES)}
+        precision = evaluation.eval["precision"][:, :, :, 0, -1]  # area "all", 100 detections an image
+    ap, ap50 = ({n: float(p[..., k].mean()) if present[k] else None for k, n in enumerate(INSTANCE_CLASSES)}
+                for p in (precision, precision[0]))
     mean = lambda d: float(np.mean([v for v in d.values() if v is not None])) if any(present) else None  # noqa: E731
     return {"ap": mean(ap), "ap50": mean(ap50), "ap_per_class": ap, "ap50_per_class": ap50,
             "absent_classes": [n for n, p in zip(INSTANCE_CLASSES, present) if not p]}
@@ -446,39 +434,31 @@ def mask_ap(image_sizes, ground_truth, detections):
 
 def save_cityscapes_instances(folder, stem, masks, label_ids, scores):
     """The Cityscapes instance-results format (cityscapesScripts evalInstanceLevelSemanticLabeling): FOLDER/<stem>.txt
-    with one line per detection, `masks/<stem>_<k>.png <labelId> <confidence>` (path relative to the txt), and
-    each mask as a uint8 PNG (255 = instance, 0 = not) of the image's size."""
-    os.makedirs(os.path.join(folder, "masks"), exist_ok=True)
+    with a line per detection, `masks/<stem>_<k>.png <labelId> <confidence>` (path relative to the txt), and each
+    mask a uint8 PNG of the image's size, 255 inside, 0 outside."""
     lines = []
     for k, (m, c, p) in enumerate(zip(masks, label_ids, scores)):
-        name = f"masks/{stem}_{k:03d}.png"
-        atomic_write(os.path.join(folder, name), lambda f: Image.fromarray(m.astype(np.uint8) * 255).save(f, "PNG"))
-        lines.append(f"{name} {int(c)} {float(p):.6f}\n")
+        lines.append(f"masks/{stem}_{k:03d}.png {int(c)} {float(p):.6f}\n")
+        os.makedirs(os.path.join(folder, "masks"), exist_ok=True)
+        png = Image.fromarray(m.astype(np.uint8) * 255)
+        atomic_write(os.path.join(folder, lines[-1].split()[0]), lambda f: png.save(f, "PNG"))
     atomic_write(os.path.join(folder, f"{stem}.txt"), lambda f: f.write("".join(lines).encode()))
 
 
 def read_cityscapes_instances(txt_path):
     """(masks bool (N, H, W), labelIds int64 (N,), confidences float64 (N,)) of a Cityscapes results txt."""
     rows = [line.split() for line in open(txt_path) if line.strip()]
-    folder = os.path.dirname(txt_path)
-    masks = [np.asarray(Image.open(os.path.join(folder, r[0]))) > 0 for r in rows]
+    masks = [np.asarray(Image.open(os.path.join(os.path.dirname(txt_path), r[0]))) > 0 for r in rows]
     return np.array(masks, bool), np.array([int(r[1]) for r in rows], np.int64), np.array([float(r[2]) for r in rows])
 
 
 def list_instance_pairs(data, dataset, split):
-    """[(stem, image path, instance-id PNG)] sorted by stem: Cityscapes gtFine/..._gtFine_instanceIds.png, KITTI
-    (data_semantics) SPLIT/instance/<name>.png."""
-    if dataset == "kitti":
-        folder = os.path.join(data, split, "image_2")
-        names = sorted(f for f in os.listdir(folder) if f.endswith(".png")) if os.path.isdir(folder) else []
-        pairs = [(os.path.splitext(f)[0], os.path.join(folder, f), os.path.join(data, split, "instance", f))
-                 for f in names]
-    else:
-        pairs = [(image_stem(p), p, split_file(data, "gtFine", split, image_stem(p), "gtFine_instanceIds.png"))
-                 for p in list_split_images(data, split)]
-    if not pairs:
-        raise FileNotFoundError(f"no images of split {split!r} under {data}")
-    missing = [lab for _, _, lab in pairs if not os.path.exists(lab)]
+    """list_eval_pairs with each labelIds PNG replaced by its instance PNG: Cityscapes ..._gtFine_instanceIds.png,
+    KITTI (data_semantics) SPLIT/instance/<name>.png."""
+    pairs = [(stem, image, os.path.join(os.path.dirname(os.path.dirname(label)), "instance", os.path.basename(label))
+              if dataset == "kitti" else label.replace("_gtFine_labelIds.png", "_gtFine_instanceIds.png"))
+             for stem, image, label in list_eval_pairs(data, dataset, split)]
+    missing = [label for _, _, label in pairs if not os.path.exists(label)]
     if missing:
         raise FileNotFoundError(f"{len(missing)} instance label files missing, e.g. {missing[0]}")
     return pairs
@@ -498,35 +478,26 @@ def read_instance_pair(image_path, label_path, size=None):
 
 
 def with_instances(pairs, encoding):
-    """The training pairs whose labels hold at least one instance (detectron2's FILTER_EMPTY_ANNOTATIONS), and
-    how many were skipped; sizes are checked on the way (read_instance_pair's error)."""
+    """The pairs whose labels hold an instance (detectron2's FILTER_EMPTY_ANNOTATIONS) and how many were skipped;
+    sizes checked on the way (read_instance_pair's error)."""
     kept = [p for p in pairs if len(instance_masks(read_instance_pair(*p[1:])[1], encoding)[1])]
     return kept, len(pairs) - len(kept)
 
 
-class InstanceBatches(torch.utils.data.Dataset):
-    """TrainBatches for Mask R-CNN: item k = (image uint8 (h, w, 3), target) of slot k % B of iteration
-    start + k // B, scaled by a choice of args.instance_scales of the base size (None: native) and flipped, from
-    (args.seed, iteration, slot) only."""
-
-    def __init__(self, pairs, start, stop, base_size, args):
-        self.pairs, self.start, self.stop, self.base_size, self.args = pairs, start, stop, base_size, args
-
-    def __len__(self):
-        return max(self.stop - self.start, 0) * self.args.batch_size
+class InstanceBatches(TrainBatches):
+    """TrainBatches for Mask R-CNN: (image uint8 (h, w, 3), target), scaled by a choice of args.instance_scales of
+    the base size (None: native) and flipped, from (args.seed, iteration, slot) only."""
 
     def __getitem__(self, k):
         args = self.args
         iteration, slot = self.start + k // args.batch_size, k % args.batch_size
         index = batch_indices(iteration, args.batch_size, len(self.pairs), args.seed)[slot]
         rng = np.random.default_rng([args.seed, iteration, slot, 1])
-        s = rng.choice(args.instance_scales)
-        h, w = self.base_size or image_size(self.pairs[index][1])
+        s, (h, w) = rng.choice(args.instance_scales), self.base_size or image_size(self.pairs[index][1])
         image, ids = read_instance_pair(*self.pairs[index][1:], size=(max(1, round(h * s)), max(1, round(w * s))))
         if args.flip and rng.random() < 0.5:
             image, ids = image[:, ::-1], ids[:, ::-1]
-        encoding = "kitti" if args.dataset == "kitti" else "cityscapes"
-        return torch.from_numpy(np.ascontiguousarray(image)), instance_target(ids, encoding)
+        return torch.from_numpy(image.copy()), instance_target(ids, encoding_of(args))
 
 
 def collate_lists(items):
@@ -534,25 +505,8 @@ def collate_lists(items):
     return tuple(zip(*items))
 
 
-def instance_step(model, optimizer, scaler, images, targets, lr, amp_dtype=None):
-    """One SGD step of Mask R-CNN (the sum of its RPN, box and mask losses, in fp32) on uint8 images (h, w, 3)
-    and their targets; otherwise as finetune_step."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    device = next(model.parameters()).device
-    images = [im.to(device).permute(2, 0, 1).float().div(255) for im in images]
-    targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
-    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        losses = model(images, targets)
-    loss = sum(v.float() for v in losses.values())
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"non-finite loss {loss.item()} ({ {k: v.item() for k, v in losses.items()} }): "
-                                 "stopping")
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
-    return loss.item()
+def encoding_of(args):
+    return "kitti" if args.dataset == "kitti" else "cityscapes"
 
 
 @torch.no_grad()
@@ -581,21 +535,39 @@ def evaluate_instances(model, pairs, encoding, size, device, amp_dtype=None, pre
 
 
 def evaluate_task(model, pairs, size, device, amp_dtype, args, final=False):
-    """(JSON scores, log line) of the task over pairs: semantic cluster.scores_json (final: the IoU table
-    printed); instance mask_ap (final: the AP table printed, --save-pred's files written to OUT/pred)."""
+    """(JSON scores, log line) of the task over pairs; final: the per-class table printed and --save-pred's
+    files written to OUT/pred (instance)."""
     if args.task == "semantic":
         scores = evaluate_segmentation(model, pairs, size, device, amp_dtype)
-        if final:
-            print_scores(TRAIN_CLASSES, scores)
-        return scores_json(scores, TRAIN_CLASSES), f"mIoU {100 * scores['miou']:.2f}, acc {100 * scores['pixel_accuracy']:.2f}"
+        print_scores(TRAIN_CLASSES, scores) if final else None
+        line = f"mIoU {100 * scores['miou']:.2f}, acc {100 * scores['pixel_accuracy']:.2f}"
+        return scores_json(scores, TRAIN_CLASSES), line
     pred_dir = os.path.join(output_folder(args), "pred") if final and args.save_pred else None
-    scores = evaluate_instances(model, pairs, "kitti" if args.dataset == "kitti" else "cityscapes", size, device,
-                                amp_dtype, pred_dir)
+    scores = evaluate_instances(model, pairs, encoding_of(args), size, device, amp_dtype, pred_dir)
     pct = lambda v: "absent" if v is None else f"{100 * v:.2f}"  # noqa: E731
-    if final:
-        for name in INSTANCE_CLASSES:
-            print(f"{name:<16} AP {pct(scores['ap_per_class'][name]):>6}  AP50 {pct(scores['ap50_per_class'][name]):>6}")
+    for name in INSTANCE_CLASSES if final else []:
+        print(f"{name:<16} AP {pct(scores['ap_per_class'][name]):>6}  AP50 {pct(scores['ap50_per_class'][name]):>6}")
     return scores, f"mask AP {pct(scores['ap'])}, AP50 {pct(scores['ap50'])}"
+
+
+def training_data(args):
+    """(train pairs, evaluation pairs, base size): labelled_sets, for instance without the training images that
+    have no instance (a count printed; sizes checked), and --size or the dataset's base size (instance: native)."""
+    train, val = labelled_sets(args)
+    if args.task == "instance":
+        train, skipped = with_instances(train, encoding_of(args))
+        print(f"skipped {skipped} training images without instances")
+    return train, val, tuple(args.size) if args.size else (None if args.task == "instance" else BASE_SIZE[args.dataset])
+
+
+def parameter_groups(model, no_decay_norm):
+    """SGD's parameters: all in one group, or (no_decay_norm: detectron2's WEIGHT_DECAY_NORM 0) BatchNorm's weights
+    and biases in a group without weight decay."""
+    if not no_decay_norm:
+        return model.parameters()
+    norms = {id(p) for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters()}
+    return [{"params": [p for p in model.parameters() if id(p) not in norms]},
+            {"params": [p for p in model.parameters() if id(p) in norms], "weight_decay": 0.0}]
 
 
 def output_folder(args):
@@ -604,24 +576,22 @@ def output_folder(args):
 
 
 def run_folds(args):
-    """--folds K without --fold: every fold in turn into OUT/fold_<k>/ (a fold with its metrics.json is skipped),
-    then OUT/metrics.json: {"folds": per-fold metrics, "mean", "std"} over the folds of every score (per class
-    too, over the folds where the class is present; std with ddof 1, the spread between folds)."""
+    """--folds K without --fold: each fold in turn into OUT/fold_<k>/ (one with its metrics.json is skipped), then
+    OUT/metrics.json: {"folds": their metrics, "mean", "std"} of every score (per class: over the folds where
+    present; std with ddof 1, the spread between folds)."""
     out = output_folder(args)
     folds = [run(argparse.Namespace(**{**vars(args), "fold": k, "out": os.path.join(out, f"fold_{k}")}))
              for k in range(args.folds)]
     if any(m is None for m in folds):  # --stop-after
         return None
+    stats = lambda v: (float(np.mean(v)), float(np.std(v, ddof=1))) if v else (None, None)  # noqa: E731
     summary = {"folds": folds, "mean": {}, "std": {}}
     for key in (k for k in SCORE_KEYS if k in folds[0]):
-        values = [m[key] for m in folds]
-        stats = lambda v: [float(np.mean(v)), float(np.std(v, ddof=1))] if v else [None, None]  # noqa: E731
-        if isinstance(values[0], dict):
-            for name in values[0]:
-                summary["mean"].setdefault(key, {})[name], summary["std"].setdefault(key, {})[name] = stats(
-                    [v[name] for v in values if v[name] is not None])
+        if isinstance(folds[0][key], dict):
+            pairs = {n: stats([m[key][n] for m in folds if m[key][n] is not None]) for n in folds[0][key]}
+            summary["mean"][key], summary["std"][key] = ({n: v[i] for n, v in pairs.items()} for i in (0, 1))
         else:
-            summary["mean"][key], summary["std"][key] = stats([v for v in values if v is not None])
+            summary["mean"][key], summary["std"][key] = stats([m[key] for m in folds if m[key] is not None])
     atomic_write(os.path.join(out, "metrics.json"), lambda f: f.write(json.dumps(summary, indent=2).encode()))
     print(f"{args.folds} folds: " + ", ".join(f"{k} {100 * summary['mean'][k]:.2f} +- {100 * summary['std'][k]:.2f}"
                                               for k in ("miou", "ap", "ap50") if summary["mean"].get(k) is not None))
@@ -647,20 +617,14 @@ def run(args):
         return json.load(open(metrics_path))
     os.makedirs(out, exist_ok=True)
 
-    # ===== data (instance: training images without instances skipped, sizes checked) =====
-    train, val = labelled_sets(args)
-    if instance:
-        train, skipped = with_instances(train, "kitti" if args.dataset == "kitti" else "cityscapes")
-        print(f"skipped {skipped} training images without instances")
-    base_size = tuple(args.size) if args.size else (None if instance else BASE_SIZE[args.dataset])
+    # ===== data =====
+    train, val, base_size = training_data(args)
     print(f"device {device}, autocast {amp_dtype}; {len(train)} labelled training images, {len(val)} evaluation images")
 
     # ===== model (a Table 2 row's initialization), optimizer (SGD), GradScaler (fp16) =====
     model = (instance_network if instance else segmentation_network)(args).to(device).train()
-    norms = [p for m in model.modules() if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)) for p in m.parameters()]
-    groups = ([{"params": [p for p in model.parameters() if all(p is not q for q in norms)]},
-               {"params": norms, "weight_decay": 0.0}] if instance else model.parameters())  # SOLVER.WEIGHT_DECAY_NORM 0
-    optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    optimizer = torch.optim.SGD(parameter_groups(model, instance), lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     # ===== resume, then loop over iterations start .. stop - 1 (--stop-after: a global iteration) =====
@@ -668,18 +632,15 @@ def run(args):
     start = restore_checkpoint(ckpt_path, args.iters, **parts) if args.resume else 0
     stop, tick, scores = min(args.iters, args.stop_after or args.iters), time.time(), None
     batches = (InstanceBatches if instance else TrainBatches)(train, start, stop, base_size, args)
-    loader = torch.utils.data.DataLoader(batches, batch_size=args.batch_size, num_workers=args.workers,
-                                         pin_memory=device.type == "cuda", collate_fn=collate_lists if instance else None)
+    loader = torch.utils.data.DataLoader(batches, batch_size=args.batch_size, num_workers=args.workers, pin_memory=
+                                         device.type == "cuda", collate_fn=collate_lists if instance else None)
     with open(log_path, "a" if start else "w", buffering=1) as log:  # a fresh run starts a fresh log
         bar = tqdm(loader, desc="finetune", initial=start, total=args.iters, disable=args.no_progress or None)
         for iteration, (images, labels) in enumerate(bar, start=start):
             torch.manual_seed(args.seed * 1000003 + iteration)  # Mask R-CNN's box sampling: resumable draws
-            if instance:
-                lr = warmup_step_lr(args.lr, iteration, args.iters, args.warmup_iters)
-                loss = instance_step(model, optimizer, scaler, images, labels, lr, amp_dtype)
-            else:
-                lr = poly_lr(args.lr, iteration, args.iters, args.poly_power)
-                loss = finetune_step(model, optimizer, scaler, images, labels, lr, amp_dtype)
+            lr = (warmup_step_lr(args.lr, iteration, args.iters, args.warmup_iters) if instance
+                  else poly_lr(args.lr, iteration, args.iters, args.poly_power))
+            loss = finetune_step(model, optimizer, scaler, images, labels, lr, amp_dtype)
             done, speed = iteration + 1, (iteration + 1 - start) / (time.time() - tick)
             if done % args.log_every == 0 or done == stop:
                 log.write(json.dumps({"iteration": done, "loss": loss, "lr": lr, "it_per_s": speed}) + "\n")
@@ -697,7 +658,7 @@ def run(args):
         return None
 
     # ===== save: model.pt, then metrics.json =====
-    scores = scores or evaluate_task(model, val, base_size, device, amp_dtype, args, final=True)[0]  # resumed at the end
+    scores = scores or evaluate_task(model, val, base_size, device, amp_dtype, args, True)[0]  # resumed at the end
     atomic_write(os.path.join(out, "model.pt"), lambda f: torch.save(model_file(model, args), f))
     metrics = {"task": args.task, "init": args.init, "arch": model.arch, "dataset": args.dataset, "iters": args.iters,
                "train_images": len(train), "eval_images": len(val), "fraction": args.fraction, "subset": args.subset,
