@@ -54,7 +54,7 @@ from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from tqdm import tqdm
 
-from cluster import (IGNORE, IMAGENET_MEAN, IMAGENET_STD, TRAIN_CLASSES, confusion_matrix, labelids_to_trainids,
+from cluster import (IGNORE, IMAGENET_MEAN, TRAIN_CLASSES, confusion_matrix, labelids_to_trainids,
                      list_eval_pairs, normalize_images, print_scores, read_pair, scores_json, segmentation_scores)
 from depth import amp_dtype_for, atomic_write, image_size, pick_device, seed_everything
 from swav_dense import HEAD_DIM, build_model, load_backbone_weights, load_model
