@@ -32,8 +32,8 @@ Choices where the paper is silent (its supplement, with the schedule, could not 
   24k iterations, lr x0.1 at 18k (3/4), linear warmup 1000 iterations from 0.001, momentum 0.9, weight decay 1e-4
   (none on norm layers), short side chosen from 800..1024 step 32 of 1024 (scales of the native size), flip,
   test at native size, training images without instances skipped. BatchNorm: trainable (batch statistics, one
-  GPU = SyncBN), everything trainable, as the self-supervised transfer protocol (MoCo, DenseCL: SyncBN, no frozen
-  stage): SwAV's statistics are its own, not ImageNet's that FrozenBN/freeze_at=2 presume. FPN without norm
+  GPU = SyncBN), no stage frozen, as self-supervised transfer does (MoCo's detectron2 configs: SyncBN, FREEZE_AT
+  0): SwAV's statistics are its own, not ImageNet's that FrozenBN/FREEZE_AT 2 presume. FPN without norm
   (swav_dense.py's). Crowd/void regions are not GT (official: ignored); at most 100 detections per image.
 - KITTI folds: labelled images sorted, permuted with --split-seed, dealt into --folds parts; --fold i runs one.
 """
