@@ -560,7 +560,7 @@ def training_data(args):
     return train, val, tuple(args.size) if args.size else (None if args.task == "instance" else BASE_SIZE[args.dataset])
 
 
-def parameter_groups(model, no_decay_norm):
+def weight_decay_groups(model, no_decay_norm):
     """SGD's parameters: all in one group, or (no_decay_norm: detectron2's WEIGHT_DECAY_NORM 0) BatchNorm's weights
     and biases in a group without weight decay."""
     if not no_decay_norm:
@@ -623,7 +623,7 @@ def run(args):
 
     # ===== model (a Table 2 row's initialization), optimizer (SGD), GradScaler (fp16) =====
     model = (instance_network if instance else segmentation_network)(args).to(device).train()
-    optimizer = torch.optim.SGD(parameter_groups(model, instance), lr=args.lr, momentum=args.momentum,
+    optimizer = torch.optim.SGD(weight_decay_groups(model, instance), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
