@@ -381,8 +381,24 @@ def bench_finetune(args, size=(384, 768), arch="resnet50", repeat=2):
     seconds = timed(step, repeat)
     H, W = size
     precision = "fp16 autocast" if amp_dtype else "fp32"
+    # --task instance: Mask R-CNN (detectron2's 512 RoIs per image), 16 rectangular car/person instances an image
+    mask_rcnn = finetune.build_mask_rcnn(arch).to(device).train()
+    optimizer = torch.optim.SGD(mask_rcnn.parameters(), lr=finetune.LR, momentum=finetune.MOMENTUM)
+    ids = torch.full((batch, *size), 7, dtype=torch.int64)
+    for i in range(batch):
+        for k, (y, x) in enumerate(torch.randint(0, min(size) - 64, (16, 2)).tolist()):
+            ids[i, y:y + 16 + 3 * k, x:x + 16 + 2 * k] = (24 if k % 2 else 26) * 1000 + k
+    targets = [finetune.instance_target(i.numpy()) for i in ids]
+
+    def instance_step():
+        finetune.finetune_step(mask_rcnn, optimizer, scaler, list(images), targets, finetune.LR, amp_dtype)
+        sync()
+    instance_seconds = timed(instance_step, repeat)
     return [("finetune", f"train step, batch {batch} x {H}x{W} {arch} {precision}", seconds, "s/step"),
-            ("finetune", "  per image", seconds / batch, "s/image")]
+            ("finetune", "  per image", seconds / batch, "s/image"),
+            ("finetune", f"instance: Mask R-CNN train step, batch {batch} x {H}x{W} {arch} {precision}",
+             instance_seconds, "s/step"),
+            ("finetune", "  per image", instance_seconds / batch, "s/image")]
 
 
 STAGES = ["depth", "group", "copypaste", "swav_dense", "cluster", "finetune"]

@@ -1,58 +1,63 @@
-"""Stage 6: supervised fine-tuning of the pre-trained network for semantic segmentation on a labelled fraction.
+"""Stage 6: supervised fine-tuning of the pre-trained network for semantic or instance segmentation.
 
-Paper Sec 4.2 and 4.3 (Tables 2-4): the backbone, FPN and semantic head pre-trained by swav_dense.py are
-transferred (projector and prototypes dropped), a new 1x1 classifier and x4 bilinear upsampling are added, and
-the whole network is trained with cross-entropy on a labelled set: Cityscapes train (fine annotations, 19
-trainIds, evaluated on val), KITTI's 200 labelled images (5-fold cross-validation) or the toy city. The
-ablations pre-train on the 2975 train images and fine-tune on 1/16 of them (`--fraction 0.0625`) for 6k
-iterations. Scores come from cluster.py's metric code (one implementation): pixel accuracy, per-class IoU, mIoU.
+Paper Sec 4.2 and 4.3 (Tables 2-4): semantic (default): the pre-trained backbone, FPN and semantic head of
+swav_dense.py (projector and prototypes dropped) + a new 1x1 classifier, x4 bilinear upsampling, cross-entropy on
+19 trainIds; scores from cluster.py's metric code (pixel accuracy, per-class IoU, mIoU). --task instance (Table 2):
+torchvision's Mask R-CNN with the pre-trained ResNet + FPN (semantic head dropped), new box and mask heads for the
+8 Cityscapes instance classes; mask AP (0.5:0.95) and AP50 with pycocotools. Data: Cityscapes train/val, KITTI's
+200 labelled images (5-fold cross-validation) or the toy city. Ablations: 1/16 (--fraction 0.0625), 6k iterations.
 
     swav_dense.py (WORK/swav/model.pt) -> finetune.py        (cluster.py: the metric functions)
 
-| file                             | shape, dtype            | meaning                                       |
-|----------------------------------|-------------------------|-----------------------------------------------|
-| WORK/swav/model.pt (--init swav) | dict, state_dict        | backbone., fpn., head. transferred            |
-| DATA images + gtFine labelIds    | uint8 (H, W, 3), (H, W) | Cityscapes layout (also the toy city), KITTI  |
-| WORK/finetune/checkpoint.pt      | dict                    | model, optimizer, scaler, iteration, args     |
-| WORK/finetune/model.pt           | dict                    | arch, model, args, num_classes, classes, init |
-| WORK/finetune/metrics.json       | JSON                    | pixel accuracy, per-class IoU, mIoU (final)   |
-| WORK/finetune/log.jsonl          | JSON lines              | training steps (loss, lr) and evaluations     |
+| file                                 | meaning                                                           |
+|--------------------------------------|-------------------------------------------------------------------|
+| WORK/swav/model.pt (--init swav)     | backbone., fpn. (and head. for semantic) transferred              |
+| DATA gtFine labelIds / instanceIds   | Cityscapes layout (also the toy city); KITTI semantic/, instance/ |
+| OUT/checkpoint.pt, model.pt          | model, optimizer, scaler, iteration, args / arch, model, classes  |
+| OUT/metrics.json, log.jsonl          | final scores (folds: per fold, mean, std) / steps and evaluations |
+| OUT/pred/ (--save-pred, instance)    | Cityscapes instance-results format (see save_cityscapes_instances)|
+OUT: --out, default WORK/finetune (semantic), WORK/finetune_instance (instance); folds: OUT/fold_<k>/.
 
-Paper scale (one GPU, AMP):
     python finetune.py --work runs/cityscapes --data CITYSCAPES --init swav --fraction 0.0625 --iters 6000
-    python finetune.py --work runs/cityscapes --data KITTI/data_semantics --dataset kitti --folds 5 --fold 0 \\
-        --out runs/cityscapes/finetune_kitti_fold0
+    python finetune.py --work runs/cityscapes --data CITYSCAPES --task instance --init swav
+    python finetune.py --work runs/cityscapes --data KITTI/data_semantics --dataset kitti --folds 5
 Tiny (toy city, CPU; about a minute on 2 cores):
     python finetune.py --work runs/toy --data data/toycity --dataset toycity --init swav --fraction 0.25 \\
         --iters 60 --batch-size 4 --crop 96 192 --no-amp --workers 0
 
 Choices where the paper is silent (its supplement, with the schedule, could not be found), stated plainly
-- The schedule is common practice for the semantic-FPN head: SGD lr 0.01, momentum 0.9, weight decay 1e-4, poly
-  decay (power 0.9) per iteration, batch 8, random scale [0.5, 2], crop 384 x 768 (padded with ignore where the
-  scaled image is smaller), horizontal flip, cross-entropy ignoring 255.
-- Scales are relative to a base size, 384 x 768 for Cityscapes (the paper's working resolution everywhere;
-  KITTI 384 x 1280; the toy city its native size; --size). Evaluation: the whole frame at the base size, logits
-  bilinearly upsampled to the label's own resolution, confusion over the whole split.
-- The classifier is a plain 1x1 convolution with PyTorch's default initialization.
-- KITTI folds: the labelled images sorted by name, permuted with --split-seed, dealt into --folds parts; run
-  one fold per call (--fold i) and average the folds' metrics.json.
+- Semantic: SGD lr 0.01, momentum 0.9, weight decay 1e-4, poly decay (0.9) per iteration, batch 8, random scale
+  [0.5, 2] of the base size (Cityscapes 384 x 768, KITTI 384 x 1280, toy native; --size), crop 384 x 768, flip.
+- Instance: detectron2's configs/Cityscapes/mask_rcnn_R_50_FPN.yaml (commit 02b5c4e): SGD lr 0.01, batch 8,
+  24k iterations, lr x0.1 at 18k (3/4), linear warmup 1000 iterations from 0.001, momentum 0.9, weight decay 1e-4
+  (none on norm layers), short side chosen from 800..1024 step 32 of 1024 (scales of the native size), flip,
+  test at native size, training images without instances skipped. BatchNorm: trainable (batch statistics, one
+  GPU = SyncBN), no stage frozen, as self-supervised transfer does (MoCo's detectron2 configs: SyncBN, FREEZE_AT
+  0): SwAV's statistics are its own, not ImageNet's that FrozenBN/FREEZE_AT 2 presume. FPN without norm
+  (swav_dense.py's). Crowd/void regions are not GT (official: ignored); at most 100 detections per image.
+- KITTI folds: labelled images sorted, permuted with --split-seed, dealt into --folds parts; --fold i runs one.
 """
 import argparse
+import contextlib
+import io
 import json
 import os
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from tqdm import tqdm
 
 from cluster import (IGNORE, IMAGENET_MEAN, TRAIN_CLASSES, confusion_matrix, labelids_to_trainids, list_eval_pairs,
                      normalize_images, print_scores, read_pair, scores_json, segmentation_scores)
-from depth import (amp_dtype_for, atomic_write, fraction, nonnegative_int, pick_device, positive_float, positive_int,
-                   ranged, record_settings, resume_log, run_main, run_settings, seed_everything)
+from depth import (amp_dtype_for, atomic_write, fraction, image_size, nonnegative_int, pick_device, positive_float,
+                   positive_int, ranged, record_settings, resume_log, run_main, run_settings, seed_everything)
 from swav_dense import HEAD_DIM, RESNET_CHANNELS, build_model, load_backbone_weights, load_model, restore_checkpoint
 
 # ----------------------------------------------------------------------------------------------------------
@@ -68,6 +73,15 @@ CROP = (384, 768)             # (H, W)
 ABLATION_ITERS = 6000         # Sec 4.3: 6k iterations on 1/16 of Cityscapes train
 BASE_SIZE = {"cityscapes": (384, 768), "kitti": (384, 1280), "toycity": None}  # None = native size
 PAD_RGB = tuple(round(255 * m) for m in IMAGENET_MEAN)  # image padding: 0 after ImageNet normalization
+# Instance task: detectron2 configs/Cityscapes/mask_rcnn_R_50_FPN.yaml, config/defaults.py (commit 02b5c4e)
+INSTANCE_LABEL_IDS = (24, 25, 26, 27, 28, 31, 32, 33)  # Cityscapes labelIds of the 8 evaluated instance classes
+INSTANCE_CLASSES = ("person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle")
+INSTANCE_ITERS = 24000        # SOLVER.MAX_ITER
+LR_STEP_AT, LR_GAMMA = 0.75, 0.1                 # SOLVER.STEPS (18000,) of 24000, SOLVER.GAMMA
+WARMUP_ITERS, WARMUP_FACTOR = 1000, 1e-3         # SOLVER.WARMUP_ITERS, WARMUP_FACTOR (linear)
+ROIS_PER_IMAGE = 512          # MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE (torchvision's default too)
+INSTANCE_SCALES = tuple(m / 1024 for m in range(800, 1025, 32))  # INPUT.MIN_SIZE_TRAIN / MIN_SIZE_TEST 1024
+SCORE_KEYS = ("pixel_accuracy", "miou", "iou", "ap", "ap50", "ap_per_class", "ap50_per_class")  # averaged by folds
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -190,7 +204,11 @@ def segmentation_network(args):
 
 def model_file(model, args):
     """finetune.py's model.pt: a plain dict with all that rebuilds the network (SegmentationNet(arch,
-    num_classes, head_dim), then load_state_dict(model))."""
+    num_classes, head_dim), or for task instance build_mask_rcnn(arch, num_classes), then load_state_dict(model))."""
+    if args.task == "instance":
+        return {"arch": model.arch, "model": model.state_dict(), "args": vars(args), "task": "instance",
+                "num_classes": len(INSTANCE_CLASSES) + 1, "classes": ("background",) + INSTANCE_CLASSES,
+                "label_ids": INSTANCE_LABEL_IDS, "init": args.init}
     return {"arch": model.arch, "model": model.state_dict(), "args": vars(args), "num_classes": len(TRAIN_CLASSES),
             "classes": TRAIN_CLASSES, "head_dim": model.classifier.in_channels, "init": args.init}
 
@@ -202,15 +220,16 @@ def labelled_sets(args):
     """(train pairs, evaluation pairs) of (stem, image path, labelIds path): the split or --folds' fold, then
     the --subset file's stems or a --fraction of the training pairs."""
     train_split = args.train_split or ("training" if args.dataset == "kitti" else "train")
+    pairs_of = list_instance_pairs if args.task == "instance" else list_eval_pairs
     if args.folds > 1:
-        by_stem = {p[0]: p for p in list_eval_pairs(args.data, args.dataset, train_split)}
+        by_stem = {p[0]: p for p in pairs_of(args.data, args.dataset, train_split)}
         train_stems, held = kfold_split(list(by_stem), args.folds, args.fold, args.split_seed)
         train, val = [by_stem[s] for s in train_stems], [by_stem[s] for s in held]
     elif args.dataset == "kitti":
-        raise ValueError("KITTI has no labelled validation split: use --folds 5 --fold i")
+        raise ValueError("KITTI has no labelled validation split: use --folds 5 (all folds) or --fold i")
     else:
-        train = list_eval_pairs(args.data, args.dataset, train_split)
-        val = list_eval_pairs(args.data, args.dataset, args.val_split)
+        train = pairs_of(args.data, args.dataset, train_split)
+        val = pairs_of(args.data, args.dataset, args.val_split)
     if args.subset:
         with open(args.subset) as f:
             wanted = sorted({line.strip() for line in f if line.strip()})
@@ -249,14 +268,19 @@ class TrainBatches(torch.utils.data.Dataset):
 def finetune_step(model, optimizer, scaler, images, labels, lr, amp_dtype=None):
     """One SGD step at learning rate lr on uint8 images (B, H, W, 3) and trainIds (B, H, W), moved to the model's
     device; autocast with amp_dtype (None: fp32), the loss in fp32, scaled by the GradScaler (enabled for fp16).
+    Mask R-CNN (labels a list of targets): images a list of uint8 (h, w, 3), the sum of its losses.
     Returns the loss; raises FloatingPointError, before any update, on a non-finite loss."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     device = next(model.parameters()).device
-    x, labels = normalize_images(images.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
-    with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        logits = model(x)  # (B, C, H, W)
-    loss = segmentation_loss(logits, labels)
+    if isinstance(labels, (list, tuple)):  # Mask R-CNN: images of different sizes, one target dict each
+        x = [im.to(device).permute(2, 0, 1).float().div(255) for im in images]  # normalized by its transform
+        labels = [{k: v.to(device) for k, v in t.items()} for t in labels]
+    else:
+        x, labels = normalize_images(images.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        out = model(x, labels) if isinstance(labels, list) else model(x)  # losses, or logits (B, C, H, W)
+    loss = sum(v.float() for v in out.values()) if isinstance(out, dict) else segmentation_loss(out, labels)
     if not torch.isfinite(loss):
         raise FloatingPointError(f"non-finite loss {loss.item()}: stopping")
     optimizer.zero_grad(set_to_none=True)
@@ -287,15 +311,291 @@ def evaluate_segmentation(model, pairs, size, device, amp_dtype=None, num_classe
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Instance segmentation (Table 2): targets, schedule, Mask R-CNN, mask AP, Cityscapes results format
+# ----------------------------------------------------------------------------------------------------------
+def instance_masks(ids, encoding="cityscapes"):
+    """(masks bool (N, H, W), labelIds int64 (N,)) of the INSTANCE_LABEL_IDS instances of an instance-id map.
+    cityscapes (gtFine instanceIds, the toy city): v = labelId * 1000 + k, v < 1000 stuff or crowd (not an
+    instance, ignored as the official evaluation); kitti (devkit README): uint16 labelId * 256 + k, k = 0 none."""
+    ids = np.asarray(ids).astype(np.int64)
+    base = 256 if encoding == "kitti" else 1000
+    keep = (ids % 256 > 0) if encoding == "kitti" else (ids >= 1000)
+    values = np.unique(ids[keep & np.isin(ids // base, INSTANCE_LABEL_IDS)])
+    return ids[None] == values[:, None, None], values // base
+
+
+def instance_target(ids, encoding="cityscapes"):
+    """torchvision's detection target of an instance-id map: boxes float32 (N, 4) x0, y0, x1, y1 at pixel edges
+    (a 1-pixel instance is 1 x 1), labels int64 1..8 (0: background), masks uint8 (N, H, W)."""
+    masks, label_ids = instance_masks(ids, encoding)
+    boxes = np.zeros((len(masks), 4), np.float32)
+    for i, m in enumerate(masks):
+        rows, cols = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
+        boxes[i] = cols[0], rows[0], cols[-1] + 1, rows[-1] + 1
+    return {"boxes": torch.from_numpy(boxes), "masks": torch.from_numpy(masks.astype(np.uint8)),
+            "labels": torch.from_numpy(np.searchsorted(INSTANCE_LABEL_IDS, label_ids) + 1)}
+
+
+def warmup_step_lr(base_lr, iteration, total_iters, warmup_iters=WARMUP_ITERS, warmup_factor=WARMUP_FACTOR,
+                   step_at=LR_STEP_AT, gamma=LR_GAMMA):
+    """detectron2's WarmupMultiStepLR: linear warmup from base_lr * warmup_factor, x gamma from step_at * iters."""
+    alpha = min(iteration / warmup_iters, 1.0) if warmup_iters > 0 else 1.0
+    return base_lr * (warmup_factor * (1 - alpha) + alpha) * (gamma if iteration >= step_at * total_iters else 1.0)
+
+
+def build_mask_rcnn(arch="resnet50", num_classes=len(INSTANCE_CLASSES) + 1, rois_per_image=ROIS_PER_IMAGE):
+    """torchvision's Mask R-CNN on ResNet + FPN (resnet50: maskrcnn_resnet50_fpn(weights=None, weights_backbone=
+    None)'s network), trainable BatchNorm and stages; rois_per_image proposals per image train the heads."""
+    backbone = resnet_fpn_backbone(backbone_name=arch, weights=None, norm_layer=nn.BatchNorm2d, trainable_layers=5)
+    model = MaskRCNN(backbone, num_classes=num_classes, box_batch_size_per_image=rois_per_image)
+    # its transform keeps ImageNet normalization and /32 padding but not its resize: finetune.py scales from
+    # (seed, iteration, slot), so a resumed run equals an uninterrupted one
+    model.transform.resize, model.arch = (lambda image, target=None: (image, target)), arch
+    return model
+
+
+def transfer_swav_to_mask_rcnn(mask_rcnn, checkpoint, source="model.pt"):
+    """swav_dense.py's backbone.* -> Mask R-CNN's backbone.body.*, fpn.* -> backbone.fpn.*, strictly (every ResNet
+    and FPN tensor replaced; head, projector, prototypes dropped). Returns the Mask R-CNN keys loaded."""
+    if checkpoint.get("arch") != mask_rcnn.arch:
+        raise ValueError(f"{source} was pre-trained with arch {checkpoint.get('arch')!r}, but this network is "
+                         f"{mask_rcnn.arch!r}: pass --arch {checkpoint.get('arch')}")
+    state = {("body." + k[len("backbone."):] if k.startswith("backbone.") else k): v
+             for k, v in checkpoint["model"].items() if k.startswith(("backbone.", "fpn."))}
+    try:
+        mask_rcnn.backbone.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{source}: its backbone/FPN do not fit Mask R-CNN's {mask_rcnn.arch} + FPN ({e})")
+    return sorted("backbone." + k for k in state)
+
+
+def instance_network(args):
+    """Mask R-CNN of a Table 2 row, by --init as segmentation_network (swav: ResNet + FPN); new heads always."""
+    swav_path = args.swav_model or os.path.join(args.work, "swav", "model.pt")
+    swav = load_model(swav_path)[1] if args.init == "swav" else {}
+    model = build_mask_rcnn(args.arch or swav.get("arch", "resnet50"), rois_per_image=args.rois_per_image)
+    if args.init == "swav":
+        print(f"--init swav: {len(transfer_swav_to_mask_rcnn(model, swav, swav_path))} tensors from {swav_path}")
+    elif args.init == "imagenet":
+        load_backbone_weights(SimpleNamespace(backbone=model.backbone.body, arch=model.arch), args.backbone_weights)
+    return model
+
+
+def rle_annotations(image_id, masks, label_ids, scores=None):
+    """COCO annotations (category_id: the labelId) of one image's masks bool (N, H, W), run-length encoded:
+    ground truth (scores None) or detections."""
+    from pycocotools import mask as mask_utils
+    rles = [mask_utils.encode(np.asfortranarray(m.astype(np.uint8))) for m in masks]
+    if scores is None:
+        return [{"image_id": image_id, "category_id": int(c), "segmentation": r, "area": float(m.sum()),
+                 "bbox": list(mask_utils.toBbox(r)), "iscrowd": 0} for m, c, r in zip(masks, label_ids, rles)]
+    return [{"image_id": image_id, "category_id": int(c), "segmentation": r, "score": float(p)}
+            for c, r, p in zip(label_ids, rles, scores)]
+
+
+def mask_ap(image_sizes, ground_truth, detections):
+    """COCO mask AP (IoU 0.5:0.95) and AP50 by pycocotools, per class (None where absent) and their mean over the
+    present classes (as Cityscapes' AP); rle_annotations lists whose image ids index image_sizes [(H, W)]."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+    present = [c in {a["category_id"] for a in ground_truth} for c in INSTANCE_LABEL_IDS]
+    precision = np.zeros((10, 101, len(INSTANCE_LABEL_IDS)))  # (IoU thresholds, recalls, classes); no detections
+    if detections:
+        gt = COCO()
+        gt.dataset = {"images": [{"id": i, "height": h, "width": w} for i, (h, w) in enumerate(image_sizes)],
+                      "annotations": [{**a, "id": n + 1} for n, a in enumerate(ground_truth)],
+                      "categories": [{"id": c} for c in INSTANCE_LABEL_IDS]}
+        with contextlib.redirect_stdout(io.StringIO()):
+            gt.createIndex()
+            evaluation = COCOeval(gt, gt.loadRes(detections), "segm")
+            evaluation.evaluate(), evaluation.accumulate()
+        precision = evaluation.eval["precision"][:, :, :, 0, -1]  # area "all", 100 detections an image
+    ap, ap50 = ({n: float(p[..., k].mean()) if present[k] else None for k, n in enumerate(INSTANCE_CLASSES)}
+                for p in (precision, precision[0]))
+    mean = lambda d: float(np.mean([v for v in d.values() if v is not None])) if any(present) else None  # noqa: E731
+    return {"ap": mean(ap), "ap50": mean(ap50), "ap_per_class": ap, "ap50_per_class": ap50,
+            "absent_classes": [n for n, p in zip(INSTANCE_CLASSES, present) if not p]}
+
+
+def save_cityscapes_instances(folder, stem, masks, label_ids, scores):
+    """The Cityscapes instance-results format (cityscapesScripts evalInstanceLevelSemanticLabeling): FOLDER/<stem>.txt
+    with a line per detection, `masks/<stem>_<k>.png <labelId> <confidence>` (path relative to the txt), and each
+    mask a uint8 PNG of the image's size, 255 inside, 0 outside."""
+    lines = []
+    for k, (m, c, p) in enumerate(zip(masks, label_ids, scores)):
+        lines.append(f"masks/{stem}_{k:03d}.png {int(c)} {float(p):.6f}\n")
+        os.makedirs(os.path.join(folder, "masks"), exist_ok=True)
+        png = Image.fromarray(m.astype(np.uint8) * 255)
+        atomic_write(os.path.join(folder, lines[-1].split()[0]), lambda f: png.save(f, "PNG"))
+    atomic_write(os.path.join(folder, f"{stem}.txt"), lambda f: f.write("".join(lines).encode()))
+
+
+def read_cityscapes_instances(txt_path):
+    """(masks bool (N, H, W), labelIds int64 (N,), confidences float64 (N,)) of a Cityscapes results txt."""
+    rows = [line.split() for line in open(txt_path) if line.strip()]
+    masks = [np.asarray(Image.open(os.path.join(os.path.dirname(txt_path), r[0]))) > 0 for r in rows]
+    return np.array(masks, bool), np.array([int(r[1]) for r in rows], np.int64), np.array([float(r[2]) for r in rows])
+
+
+def list_instance_pairs(data, dataset, split):
+    """list_eval_pairs with each labelIds PNG replaced by its instance PNG: Cityscapes ..._gtFine_instanceIds.png,
+    KITTI (data_semantics) SPLIT/instance/<name>.png."""
+    pairs = [(stem, image, os.path.join(os.path.dirname(os.path.dirname(label)), "instance", os.path.basename(label))
+              if dataset == "kitti" else label.replace("_gtFine_labelIds.png", "_gtFine_instanceIds.png"))
+             for stem, image, label in list_eval_pairs(data, dataset, split)]
+    missing = [label for _, _, label in pairs if not os.path.exists(label)]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} instance label files missing, e.g. {missing[0]}")
+    return pairs
+
+
+def read_instance_pair(image_path, label_path, size=None):
+    """(RGB uint8 (H, W, 3), instance ids int64 (H, W)), resized to size (H, W) (bilinear, nearest) when given;
+    ValueError naming both files when their sizes differ."""
+    with Image.open(image_path) as im, Image.open(label_path) as lab:
+        image, ids = im.convert("RGB"), Image.fromarray(np.asarray(lab).astype(np.int32))
+    if image.size != ids.size:
+        raise ValueError(f"{label_path} is {ids.size[0]} x {ids.size[1]} but its image {image_path} is "
+                         f"{image.size[0]} x {image.size[1]}: a wrong or corrupt instance label file")
+    if size is not None:
+        image, ids = image.resize(size[::-1], Image.BILINEAR), ids.resize(size[::-1], Image.NEAREST)
+    return np.array(image), np.array(ids).astype(np.int64)
+
+
+def with_instances(pairs, encoding):
+    """The pairs whose labels hold an instance (detectron2's FILTER_EMPTY_ANNOTATIONS) and how many were skipped;
+    sizes checked on the way (read_instance_pair's error)."""
+    kept = [p for p in pairs if len(instance_masks(read_instance_pair(*p[1:])[1], encoding)[1])]
+    return kept, len(pairs) - len(kept)
+
+
+class InstanceBatches(TrainBatches):
+    """TrainBatches for Mask R-CNN: (image uint8 (h, w, 3), target), scaled by a choice of args.instance_scales of
+    the base size (None: native) and flipped, from (args.seed, iteration, slot) only."""
+
+    def __getitem__(self, k):
+        args = self.args
+        iteration, slot = self.start + k // args.batch_size, k % args.batch_size
+        index = batch_indices(iteration, args.batch_size, len(self.pairs), args.seed)[slot]
+        rng = np.random.default_rng([args.seed, iteration, slot, 1])
+        s, (h, w) = rng.choice(args.instance_scales), self.base_size or image_size(self.pairs[index][1])
+        image, ids = read_instance_pair(*self.pairs[index][1:], size=(max(1, round(h * s)), max(1, round(w * s))))
+        if args.flip and rng.random() < 0.5:
+            image, ids = image[:, ::-1], ids[:, ::-1]
+        return torch.from_numpy(image.copy()), instance_target(ids, encoding_of(args))
+
+
+def collate_lists(items):
+    """Images and targets as lists (Mask R-CNN takes images of different sizes)."""
+    return tuple(zip(*items))
+
+
+def encoding_of(args):
+    return "kitti" if args.dataset == "kitti" else "cityscapes"
+
+
+@torch.no_grad()
+def evaluate_instances(model, pairs, encoding, size, device, amp_dtype=None, pred_dir=None):
+    """mask_ap over a labelled set: each frame resized to size (None = native), mask probabilities bilinearly
+    resized to the label's resolution and thresholded at 0.5; pred_dir: also save_cityscapes_instances."""
+    was_training = model.training
+    model.eval()
+    sizes, ground_truth, detections = [], [], []
+    for i, (stem, image_path, label_path) in enumerate(pairs):
+        image, ids = read_instance_pair(image_path, label_path)
+        if size is not None:
+            image = np.array(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            out = model([torch.from_numpy(image).to(device).permute(2, 0, 1).float().div(255)])[0]
+        probs = F.interpolate(out["masks"].float(), size=ids.shape, mode="bilinear", align_corners=False)[:, 0]
+        masks, scores = (probs > 0.5).cpu().numpy(), out["scores"].float().cpu().numpy()
+        label_ids = np.array(INSTANCE_LABEL_IDS)[out["labels"].cpu().numpy() - 1]
+        sizes.append(ids.shape)
+        ground_truth += rle_annotations(i, *instance_masks(ids, encoding))
+        detections += rle_annotations(i, masks, label_ids, scores)
+        if pred_dir:
+            save_cityscapes_instances(pred_dir, stem, masks, label_ids, scores)
+    model.train(was_training)
+    return mask_ap(sizes, ground_truth, detections)
+
+
+def evaluate_task(model, pairs, size, device, amp_dtype, args, final=False):
+    """(JSON scores, log line) of the task over pairs; final: the per-class table printed and --save-pred's
+    files written to OUT/pred (instance)."""
+    if args.task == "semantic":
+        scores = evaluate_segmentation(model, pairs, size, device, amp_dtype)
+        print_scores(TRAIN_CLASSES, scores) if final else None
+        line = f"mIoU {100 * scores['miou']:.2f}, acc {100 * scores['pixel_accuracy']:.2f}"
+        return scores_json(scores, TRAIN_CLASSES), line
+    pred_dir = os.path.join(output_folder(args), "pred") if final and args.save_pred else None
+    scores = evaluate_instances(model, pairs, encoding_of(args), size, device, amp_dtype, pred_dir)
+    pct = lambda v: "absent" if v is None else f"{100 * v:.2f}"  # noqa: E731
+    for name in INSTANCE_CLASSES if final else []:
+        print(f"{name:<16} AP {pct(scores['ap_per_class'][name]):>6}  AP50 {pct(scores['ap50_per_class'][name]):>6}")
+    return scores, f"mask AP {pct(scores['ap'])}, AP50 {pct(scores['ap50'])}"
+
+
+def training_data(args):
+    """(train pairs, evaluation pairs, base size): labelled_sets, for instance without the training images that
+    have no instance (a count printed; sizes checked), and --size or the dataset's base size (instance: native)."""
+    train, val = labelled_sets(args)
+    if args.task == "instance":
+        train, skipped = with_instances(train, encoding_of(args))
+        print(f"skipped {skipped} training images without instances")
+    return train, val, tuple(args.size) if args.size else (None if args.task == "instance" else BASE_SIZE[args.dataset])
+
+
+def weight_decay_groups(model, no_decay_norm):
+    """SGD's parameters: all in one group, or (no_decay_norm: detectron2's WEIGHT_DECAY_NORM 0) BatchNorm's weights
+    and biases in a group without weight decay."""
+    if not no_decay_norm:
+        return model.parameters()
+    norms = {id(p) for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters()}
+    return [{"params": [p for p in model.parameters() if id(p) not in norms]},
+            {"params": [p for p in model.parameters() if id(p) in norms], "weight_decay": 0.0}]
+
+
+def output_folder(args):
+    """--out, or WORK/finetune (semantic) / WORK/finetune_instance (instance)."""
+    return args.out or os.path.join(args.work, "finetune" if args.task == "semantic" else "finetune_instance")
+
+
+def run_folds(args):
+    """--folds K without --fold: each fold in turn into OUT/fold_<k>/ (one with its metrics.json is skipped), then
+    OUT/metrics.json: {"folds": their metrics, "mean", "std"} of every score (per class: over the folds where
+    present; std with ddof 1, the spread between folds)."""
+    out = output_folder(args)
+    folds = [run(argparse.Namespace(**{**vars(args), "fold": k, "out": os.path.join(out, f"fold_{k}")}))
+             for k in range(args.folds)]
+    if any(m is None for m in folds):  # --stop-after
+        return None
+    stats = lambda v: (float(np.mean(v)), float(np.std(v, ddof=1))) if v else (None, None)  # noqa: E731
+    summary = {"folds": folds, "mean": {}, "std": {}}
+    for key in (k for k in SCORE_KEYS if k in folds[0]):
+        if isinstance(folds[0][key], dict):
+            pairs = {n: stats([m[key][n] for m in folds if m[key][n] is not None]) for n in folds[0][key]}
+            summary["mean"][key], summary["std"][key] = ({n: v[i] for n, v in pairs.items()} for i in (0, 1))
+        else:
+            summary["mean"][key], summary["std"][key] = stats([m[key] for m in folds if m[key] is not None])
+    atomic_write(os.path.join(out, "metrics.json"), lambda f: f.write(json.dumps(summary, indent=2).encode()))
+    print(f"{args.folds} folds: " + ", ".join(f"{k} {100 * summary['mean'][k]:.2f} +- {100 * summary['std'][k]:.2f}"
+                                              for k in ("miou", "ap", "ap50") if summary["mean"].get(k) is not None))
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Training, one function top to bottom (Sec 4.2): data, model, optimizer, resume, loop (log lines, checkpoints,
 # evaluations), model.pt, metrics.json
 # ----------------------------------------------------------------------------------------------------------
 def run(args):
+    if args.folds > 1 and args.fold is None:
+        return run_folds(args)
     print("args: " + ", ".join(f"{k}={v}" for k, v in sorted(vars(args).items())))
     seed_everything(args.seed)
     device = pick_device(args.device)
     amp_dtype = amp_dtype_for(device, args.no_amp)
-    out = args.out or os.path.join(args.work, "finetune")
+    instance, out = args.task == "instance", output_folder(args)
+    args.iters = args.iters or (INSTANCE_ITERS if instance else ABLATION_ITERS)
     ckpt_path, log_path, metrics_path = (os.path.join(out, f) for f in ("checkpoint.pt", "log.jsonl", "metrics.json"))
     record_settings(out, run_settings(args), args.overwrite or args.force_resume, "metrics.json")  # others': stop
     if os.path.exists(metrics_path) and not args.overwrite and not args.resume:
@@ -304,25 +604,28 @@ def run(args):
     os.makedirs(out, exist_ok=True)
 
     # ===== data =====
-    train, val = labelled_sets(args)
-    base_size = tuple(args.size) if args.size else BASE_SIZE[args.dataset]
+    train, val, base_size = training_data(args)
     print(f"device {device}, autocast {amp_dtype}; {len(train)} labelled training images, {len(val)} evaluation images")
 
-    # ===== model (a Table 2 row's initialization), optimizer (SGD, poly decay), GradScaler (fp16) =====
-    model = segmentation_network(args).to(device).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    # ===== model (a Table 2 row's initialization), optimizer (SGD), GradScaler (fp16) =====
+    model = (instance_network if instance else segmentation_network)(args).to(device).train()
+    optimizer = torch.optim.SGD(weight_decay_groups(model, instance), lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     # ===== resume, then loop over iterations start .. stop - 1 (--stop-after: a global iteration) =====
     parts = {"model": model, "optimizer": optimizer, "scaler": scaler}  # what checkpoint.pt holds, with iteration, args
     start = restore_checkpoint(ckpt_path, args, "iteration", **parts)
     stop, tick, scores = min(args.iters, args.stop_after or args.iters), time.time(), None
-    loader = torch.utils.data.DataLoader(TrainBatches(train, start, stop, base_size, args), batch_size=args.batch_size,
-                                         num_workers=args.workers, pin_memory=device.type == "cuda")
+    batches = (InstanceBatches if instance else TrainBatches)(train, start, stop, base_size, args)
+    loader = torch.utils.data.DataLoader(batches, batch_size=args.batch_size, num_workers=args.workers, pin_memory=
+                                         device.type == "cuda", collate_fn=collate_lists if instance else None)
     with resume_log(log_path, start, "iteration") as log:  # a fresh run starts a fresh log, a resumed one is cut
         bar = tqdm(loader, desc="finetune", initial=start, total=args.iters, disable=args.no_progress or None)
         for iteration, (images, labels) in enumerate(bar, start=start):
-            lr = poly_lr(args.lr, iteration, args.iters, args.poly_power)
+            torch.manual_seed(args.seed * 1000003 + iteration)  # Mask R-CNN's box sampling: resumable draws
+            lr = (warmup_step_lr(args.lr, iteration, args.iters, args.warmup_iters) if instance
+                  else poly_lr(args.lr, iteration, args.iters, args.poly_power))
             loss = finetune_step(model, optimizer, scaler, images, labels, lr, amp_dtype)
             done, speed = iteration + 1, (iteration + 1 - start) / (time.time() - tick)
             if done % args.log_every == 0 or done == stop:
@@ -333,22 +636,21 @@ def run(args):
                 state = {**{k: v.state_dict() for k, v in parts.items()}, "iteration": done, "args": vars(args)}
                 atomic_write(ckpt_path, lambda f: torch.save(state, f))
             if done == args.iters or (args.eval_every and done % args.eval_every == 0):
-                scores = evaluate_segmentation(model, val, base_size, device, amp_dtype)
-                log.write(json.dumps({"eval": True, "iteration": done, **scores_json(scores, TRAIN_CLASSES)}) + "\n")
-                bar.write(f"eval {done}: mIoU {100 * scores['miou']:.2f}, acc {100 * scores['pixel_accuracy']:.2f}")
+                scores, line = evaluate_task(model, val, base_size, device, amp_dtype, args, final=done == args.iters)
+                log.write(json.dumps({"eval": True, "iteration": done, **scores}) + "\n")
+                bar.write(f"eval {done}: {line}")
     if stop < args.iters:  # --stop-after: checkpoint.pt is written, as an interruption would leave it
         print(f"stopped after iteration {stop} of {args.iters}; continue with --resume")
         return None
 
     # ===== save: model.pt, then metrics.json =====
-    scores = scores or evaluate_segmentation(model, val, base_size, device, amp_dtype)  # resumed at the very end
+    scores = scores or evaluate_task(model, val, base_size, device, amp_dtype, args, True)[0]  # resumed at the end
     atomic_write(os.path.join(out, "model.pt"), lambda f: torch.save(model_file(model, args), f))
-    metrics = {"init": args.init, "arch": model.arch, "dataset": args.dataset, "iters": args.iters,
+    metrics = {"task": args.task, "init": args.init, "arch": model.arch, "dataset": args.dataset, "iters": args.iters,
                "train_images": len(train), "eval_images": len(val), "fraction": args.fraction, "subset": args.subset,
                "seed": args.seed, "folds": args.folds, "fold": args.fold,
-               "eval_size": list(base_size) if base_size else "native", **scores_json(scores, TRAIN_CLASSES)}
+               "eval_size": list(base_size) if base_size else "native", **scores}
     atomic_write(metrics_path, lambda f: f.write(json.dumps(metrics, indent=2).encode()))
-    print_scores(TRAIN_CLASSES, scores)
     return metrics
 
 
@@ -360,7 +662,10 @@ def get_args_parser():
                    "data_semantics")
     p.add_argument("--dataset", default="cityscapes", choices=["cityscapes", "kitti", "toycity"],
                    help="layout, base size and splits (kitti: no validation split, use --folds 5)")
-    p.add_argument("--out", default=None, help="where the outputs go (default WORK/finetune)")
+    p.add_argument("--task", default="semantic", choices=["semantic", "instance"], help="semantic: the semantic-FPN "
+                   "network, mIoU (Tables 2-4); instance: Mask R-CNN, mask AP (Table 2)")
+    p.add_argument("--out", default=None, help="where the outputs go (default WORK/finetune; instance: "
+                   "WORK/finetune_instance)")
     p.add_argument("--init", default="swav", choices=["swav", "scratch", "imagenet"],
                    help="Table 2's rows: swav, WORK/swav/model.pt (projector, prototypes dropped); scratch, random; "
                    "imagenet, --backbone-weights FILE for the backbone")
@@ -376,9 +681,18 @@ def get_args_parser():
     p.add_argument("--subset", default=None, help="file of training stems, one a line (replaces --fraction)")
     p.add_argument("--folds", type=positive_int, default=1, help="k-fold cross-validation of the training split (KITTI: 5, "
                    "as the paper)")
-    p.add_argument("--fold", type=nonnegative_int, default=0, help="the held-out fold of this run (0..folds-1)")
+    p.add_argument("--fold", type=nonnegative_int, default=None, help="run only this held-out fold (0..folds-1) into --out; "
+                   "default: every fold into OUT/fold_<k>, then their mean and std in OUT/metrics.json")
     p.add_argument("--split-seed", type=nonnegative_int, default=0, help="seed of the fold split (keep it across the folds' runs)")
-    p.add_argument("--iters", type=positive_int, default=ABLATION_ITERS, help="iterations (the paper's ablations: 6000)")
+    p.add_argument("--iters", type=positive_int, default=None, help="iterations (default: semantic 6000, the paper's "
+                   "ablations; instance 24000, detectron2's Cityscapes Mask R-CNN)")
+    p.add_argument("--warmup-iters", type=nonnegative_int, default=WARMUP_ITERS, help="instance: linear warmup iterations "
+                   "(1000: detectron2); the lr then drops x0.1 at 3/4 of --iters")
+    p.add_argument("--rois-per-image", type=positive_int, default=ROIS_PER_IMAGE, help="instance: proposals sampled per "
+                   "training image for the box and mask heads (512: detectron2; the heads' cost scales with it)")
+    p.add_argument("--instance-scales", nargs="+", type=positive_float, default=list(INSTANCE_SCALES), help="instance: "
+                   "training scales of the base size, one chosen per image (detectron2's short sides 800..1024 "
+                   "step 32 over its test size 1024)")
     p.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE, help="crops per iteration (8: common practice for "
                    "the semantic-FPN head; the paper does not say)")
     p.add_argument("--lr", type=positive_float, default=LR, help="SGD learning rate, poly-decayed per iteration (0.01: common "
@@ -395,8 +709,11 @@ def get_args_parser():
     p.add_argument("--crop", nargs=2, type=positive_int, default=list(CROP), metavar=("H", "W"), help="training crop "
                    "(384 768: the paper's working resolution)")
     p.add_argument("--no-flip", dest="flip", action="store_false", help="no random horizontal flip")
+    p.add_argument("--save-pred", action="store_true", help="instance: also write the final predictions in the "
+                   "Cityscapes instance-results format to OUT/pred (see save_cityscapes_instances)")
     p.add_argument("--eval-every", type=nonnegative_int, default=0, help="also evaluate every N iterations (0: only at the end)")
-    p.add_argument("--save-every", type=nonnegative_int, default=500, help="write checkpoint.pt every N iterations (and at the end)")
+    p.add_argument("--save-every", type=nonnegative_int, default=500, help="write checkpoint.pt every N iterations (and at the "
+                   "end)")
     p.add_argument("--log-every", type=positive_int, default=20, help="iterations between log lines")
     p.add_argument("--stop-after", type=nonnegative_int, default=0, help="stop once global iteration N is done, after writing "
                    "checkpoint.pt, as an interruption would (for testing --resume); 0: run all --iters")

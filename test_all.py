@@ -2031,6 +2031,167 @@ def test_validate_resume_check_and_settings_record(tmp_path):
 
 
 # ==========================================================================================================
+# finetune.py --task instance (Mask R-CNN, mask AP) and KITTI folds
+# ==========================================================================================================
+def test_instance_targets_cityscapes_and_kitti_decoders():
+    import finetune
+    ids = np.full((6, 8), 7, np.int64)               # road (stuff)
+    ids[0, :3] = 26                                  # a car crowd region: labelId only, no instance
+    ids[1:3, 1:4] = 26001                            # a car
+    ids[4, 6] = 24000                                # a 1-pixel person, instance index 0
+    ids[5, :2] = 29001                               # caravan: an instance, but not an evaluated class
+    masks, label_ids = finetune.instance_masks(ids, "cityscapes")
+    assert label_ids.tolist() == [24, 26] and masks.sum(axis=(1, 2)).tolist() == [1, 6]
+    target = finetune.instance_target(ids, "cityscapes")
+    assert target["labels"].tolist() == [1, 3]                          # person 1, car 3 (0 = background)
+    assert target["boxes"].tolist() == [[6, 4, 7, 5], [1, 1, 4, 3]]     # pixel edges: a 1-pixel box is 1 x 1
+    assert target["masks"].dtype == torch.uint8 and target["masks"].shape == (2, 6, 8)
+    kitti = np.zeros((6, 8), np.uint16)              # devkit: labelId * 256 + k, k = 0: no instance
+    kitti[:] = 7 * 256 + 1                           # road with an index: stuff, ignored
+    kitti[0, :3] = 26 * 256                          # car pixels without an instance
+    kitti[1:3, 1:4], kitti[3, 0], kitti[4, 6] = 26 * 256 + 1, 26 * 256 + 2, 24 * 256 + 1
+    masks, label_ids = finetune.instance_masks(kitti, "kitti")
+    assert label_ids.tolist() == [24, 26, 26] and masks.sum(axis=(1, 2)).tolist() == [1, 6, 1]
+    empty = finetune.instance_target(np.full((4, 4), 7), "cityscapes")
+    assert empty["boxes"].shape == (0, 4) and empty["masks"].shape == (0, 4, 4)
+
+
+def test_instance_mask_ap_perfect_empty_and_saved_format(tmp_path):
+    import finetune
+    rng = np.random.default_rng(0)
+    masks = np.zeros((3, 20, 30), bool)
+    masks[0, 2:8, 3:12], masks[1, 10:18, 5:9], masks[2, 12:19, 15:29] = True, True, True
+    label_ids = np.array([24, 26, 26])
+    gt = finetune.rle_annotations(0, masks, label_ids)
+    perfect = finetune.mask_ap([(20, 30)], gt, finetune.rle_annotations(0, masks, label_ids, [0.9, 0.8, 0.7]))
+    assert perfect["ap"] == pytest.approx(1.0) and perfect["ap50"] == pytest.approx(1.0)
+    assert perfect["ap_per_class"]["car"] == pytest.approx(1.0) and perfect["ap_per_class"]["bus"] is None
+    assert "bus" in perfect["absent_classes"] and "car" not in perfect["absent_classes"]
+    empty = finetune.mask_ap([(20, 30)], gt, [])
+    assert empty["ap"] == 0.0 and empty["ap50"] == 0.0 and empty["ap_per_class"]["person"] == 0.0
+    wrong = finetune.mask_ap([(20, 30)], gt, finetune.rle_annotations(0, masks, [26, 24, 24], [0.9, 0.8, 0.7]))
+    assert wrong["ap"] == 0.0                                            # right masks, wrong classes
+    scores = rng.random(3)
+    finetune.save_cityscapes_instances(str(tmp_path), "city_000000_000019", masks, label_ids, scores)
+    lines = open(tmp_path / "city_000000_000019.txt").read().split("\n")
+    assert lines[0] == f"masks/city_000000_000019_000.png 24 {scores[0]:.6f}"
+    back, back_ids, back_scores = finetune.read_cityscapes_instances(str(tmp_path / "city_000000_000019.txt"))
+    assert np.array_equal(back, masks) and back_ids.tolist() == [24, 26, 26]
+    assert np.allclose(back_scores, scores, atol=1e-6)
+
+
+def test_instance_swav_transfer_moves_every_backbone_and_fpn_tensor(cluster_swav_model):
+    import finetune
+    from torchvision.models.detection import maskrcnn_resnet50_fpn
+    ckpt = torch.load(cluster_swav_model, weights_only=True)
+    torch.manual_seed(1)
+    model = finetune.build_mask_rcnn("resnet18")
+    heads = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("backbone.")}
+    keys = finetune.transfer_swav_to_mask_rcnn(model, ckpt)
+    state = model.state_dict()
+    backbone = sorted(k for k in state if k.startswith(("backbone.body.", "backbone.fpn.")))
+    swav = [k for k in ckpt["model"] if k.startswith(("backbone.", "fpn."))]
+    assert keys == backbone and len(keys) == len(swav) == 136              # resnet18: 122 ResNet + 14 FPN tensors
+    for k in swav:
+        new = "backbone.body." + k[9:] if k.startswith("backbone.") else "backbone." + k
+        assert torch.equal(state[new], ckpt["model"][k]), k
+    for k, v in heads.items():                                            # RPN, box and mask heads untouched
+        assert torch.equal(state[k], v), k
+    assert type(model.backbone.body.bn1) is torch.nn.BatchNorm2d and model.backbone.body.conv1.weight.requires_grad
+    with pytest.raises(ValueError, match="resnet18"):
+        finetune.transfer_swav_to_mask_rcnn(finetune.build_mask_rcnn("resnet34"), ckpt)
+    import swav_dense                                                     # the paper's resnet50: 318 + 16 tensors
+    ours, ref = finetune.build_mask_rcnn("resnet50"), maskrcnn_resnet50_fpn(weights=None, weights_backbone=None,
+                                                                            num_classes=9).state_dict()
+    assert ours.state_dict().keys() == ref.keys() and all(ours.state_dict()[k].shape == ref[k].shape for k in ref)
+    swav50 = swav_dense.build_model("resnet50", num_prototypes=2).state_dict()
+    moved = finetune.transfer_swav_to_mask_rcnn(ours, {"arch": "resnet50", "model": swav50})
+    assert len(moved) == len([k for k in ref if k.startswith(("backbone.body.", "backbone.fpn."))]) == 334
+
+
+def test_instance_schedule_is_detectron2s():
+    import finetune
+    lr = lambda i: finetune.warmup_step_lr(0.01, i, 24000)  # noqa: E731
+    assert lr(0) == pytest.approx(1e-5) and lr(500) == pytest.approx(0.01 * (0.001 * 0.5 + 0.5))
+    assert lr(1000) == pytest.approx(0.01) and lr(17999) == pytest.approx(0.01) and lr(18000) == pytest.approx(0.001)
+    assert finetune.warmup_step_lr(0.01, 0, 10, warmup_iters=0) == 0.01
+    assert finetune.INSTANCE_SCALES[0] * 1024 == 800 and len(finetune.INSTANCE_SCALES) == 8
+
+
+def test_instance_bad_labels_named_or_skipped(tiny_city, tmp_path):
+    import finetune
+    from PIL import Image
+    pairs = finetune.list_instance_pairs(tiny_city, "toycity", "train")
+    bad = str(tmp_path / "bad_gtFine_instanceIds.png")
+    Image.fromarray(np.zeros((10, 10), np.uint16)).save(bad)
+    with pytest.raises(ValueError, match="bad_gtFine_instanceIds.png is 10 x 10"):
+        finetune.with_instances([(pairs[0][0], pairs[0][1], bad)], "cityscapes")
+    h, w = TINY["size"]
+    empty = str(tmp_path / "empty_gtFine_instanceIds.png")
+    Image.fromarray(np.full((h, w), 7, np.uint16)).save(empty)
+    kept, skipped = finetune.with_instances(pairs + [("empty", pairs[0][1], empty)], "cityscapes")
+    assert kept == pairs and skipped == 1
+
+
+def kitti_layout(city, root):
+    """data_semantics/training of the tiny city's 4 annotated frames (instance PNG: labelId * 256 + k + 1)."""
+    from PIL import Image
+    import finetune
+    for d in ("image_2", "semantic", "instance"):
+        os.makedirs(os.path.join(root, "training", d), exist_ok=True)
+    for n, (_, image, ids) in enumerate(finetune.list_instance_pairs(city, "toycity", "train") +
+                                        finetune.list_instance_pairs(city, "toycity", "val")):
+        ids = np.asarray(Image.open(ids)).astype(np.int64)
+        name = f"{n:06d}_10.png"
+        Image.open(image).save(os.path.join(root, "training", "image_2", name))
+        Image.fromarray(np.where(ids >= 1000, ids // 1000, ids).astype(np.uint8)).save(
+            os.path.join(root, "training", "semantic", name))
+        kitti = np.where(ids >= 1000, (ids // 1000) * 256 + ids % 1000 + 1, ids * 256)
+        Image.fromarray(kitti.astype(np.uint16)).save(os.path.join(root, "training", "instance", name))
+    return str(root)
+
+
+def test_instance_kitti_all_folds_in_one_call_and_rerun_skips(tiny_city, cluster_swav_model, tmp_path, capsys):
+    import json
+    work = cluster_work_with_model(tmp_path, cluster_swav_model)
+    data = kitti_layout(tiny_city, tmp_path / "data_semantics")
+    out = os.path.join(work, "kitti")
+    cmd = ["finetune.py", "--work", work, "--data", data, "--dataset", "kitti", "--task", "instance", "--folds", "2",
+           "--iters", "1", "--batch-size", "1", "--size", "32", "64", "--rois-per-image", "16", "--device", "cpu",
+           "--workers", "0", "--no-amp", "--no-progress", "--out", out]
+    run_cli(*cmd)                                                         # the interface, through the command line
+    summary = json.load(open(os.path.join(out, "metrics.json")))
+    assert [m["fold"] for m in summary["folds"]] == [0, 1] and [m["eval_images"] for m in summary["folds"]] == [2, 2]
+    aps = [m["ap"] for m in summary["folds"]]
+    assert summary["mean"]["ap"] == pytest.approx(np.mean(aps)) and summary["std"]["ap"] == pytest.approx(np.std(aps, ddof=1))
+    assert summary["folds"][0]["task"] == "instance" and 0 <= summary["mean"]["ap50"] <= 1
+    assert os.path.exists(os.path.join(out, "fold_1", "model.pt"))
+    import finetune
+    assert finetune.run(finetune.get_args_parser().parse_args(cmd[1:])) == summary    # in-process: no import cost
+    assert capsys.readouterr().out.count("exists; skipping") == 2
+
+
+def test_instance_resume_is_exact_and_save_pred(tiny_city, cluster_swav_model, tmp_path):
+    import finetune
+    work = cluster_work_with_model(tmp_path, cluster_swav_model)
+    common = ["--task", "instance", "--iters", "3", "--size", "32", "64", "--rois-per-image", "16", "--save-every",
+              "0", "--warmup-iters", "2", "--no-amp", "--no-progress"]
+    torch.set_num_threads(1)
+    straight = finetune.run(finetune_args(work, tiny_city, *common, "--out", os.path.join(work, "straight"),
+                                          "--save-pred"))
+    resumed = os.path.join(work, "resumed")
+    assert finetune.run(finetune_args(work, tiny_city, *common, "--out", resumed, "--stop-after", "1")) is None
+    again = finetune.run(finetune_args(work, tiny_city, *common, "--out", resumed, "--resume"))
+    a = torch.load(os.path.join(work, "straight", "model.pt"), weights_only=True)["model"]
+    b = torch.load(os.path.join(resumed, "model.pt"), weights_only=True)["model"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert straight["ap"] == again["ap"] and straight["eval_images"] == 2 and len(straight["ap_per_class"]) == 8
+    txts = sorted(f for f in os.listdir(os.path.join(work, "straight", "pred")) if f.endswith(".txt"))
+    assert txts == ["toycity_000500_000002.txt", "toycity_000501_000002.txt"]
+
+# ==========================================================================================================
 # hygiene
 # ==========================================================================================================
 STAGE_FILES = ["toycity.py", "depth.py", "group.py", "copypaste.py", "swav_dense.py", "cluster.py", "finetune.py"]
