@@ -489,11 +489,51 @@ def pick_device(name):
     return torch.device(name)
 
 
-def amp_dtype_for(device, no_amp):
-    """Autocast dtype: fp16 (with a GradScaler) on CUDA, bf16 on CPU, None (fp32) with --no-amp."""
-    if no_amp:
-        return None
-    return torch.float16 if device.type == "cuda" else torch.bfloat16
+def amp_dtype_for(device, no_amp, name="auto"):
+    """Autocast dtype: fp16 (with a GradScaler) on CUDA, bf16 on CPU, None (fp32) with --no-amp; --amp-dtype
+    float16|bfloat16 forces one (float16 on CPU runs CUDA's path: fp16 autocast, GradScaler, channels-last)."""
+    return None if no_amp else getattr(torch, name, torch.float16 if device.type == "cuda" else torch.bfloat16)
+
+
+def setup_distributed(device_name):
+    """Under torchrun (WORLD_SIZE > 1) join the process group from the environment: nccl on CUDA (the GPU of
+    LOCAL_RANK), gloo on CPU. Returns (rank, world_size, device); (0, 1, device) without torchrun."""
+    world, device = int(os.environ.get("WORLD_SIZE", 1)), pick_device(device_name)
+    if world > 1 and not torch.distributed.is_initialized():
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return (torch.distributed.get_rank() if world > 1 else 0), world, device
+
+
+def train_mode(model, freeze_bn=False):
+    """model.train(); with --freeze-bn every BatchNorm in eval mode (its running statistics, not updated)."""
+    for m in model.train().modules():  # parents come before children: a BatchNorm's eval() is the last word
+        m.train(not (freeze_bn and isinstance(m, nn.modules.batchnorm._BatchNorm)))
+    return model
+
+
+def wrap_ddp(model, args, device, world):
+    """--sync-bn (CUDA only: torch's SyncBatchNorm runs on GPUs), --freeze-bn, then DistributedDataParallel when
+    world > 1 (it averages the gradients over the processes). The bare model stays reachable as .module."""
+    if args.sync_bn and world > 1:
+        if device.type != "cuda":
+            raise ValueError("--sync-bn needs CUDA devices (torch's SyncBatchNorm runs only on GPUs)")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    train_mode(model, args.freeze_bn)
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids) if world > 1 else model
+
+
+def add_parallel_args(p):
+    """The flags of mixed precision and torchrun data parallelism, shared by the training stages."""
+    p.add_argument("--amp-dtype", default="auto", choices=["auto", "float16", "bfloat16"], help="autocast dtype "
+                   "(auto: fp16 on CUDA, bf16 on CPU); float16 on CPU runs CUDA's path (GradScaler, channels-last)")
+    p.add_argument("--freeze-bn", action="store_true", help="BatchNorm on its running statistics, not updated "
+                   "(batch-independent: fine-tuning, and runs that equal each other over any process split)")
+    p.add_argument("--sync-bn", action="store_true", help="torchrun on CUDA: BatchNorm statistics of the global "
+                   "batch (SyncBatchNorm). Default off: each GPU normalizes its own batch, as the paper's one GPU")
 
 
 def atomic_write(path, write):

@@ -47,6 +47,7 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
@@ -56,7 +57,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.ops import FeaturePyramidNetwork
 from tqdm import tqdm
 
-from depth import amp_dtype_for, atomic_write, pick_device, seed_everything
+from depth import add_parallel_args, amp_dtype_for, atomic_write, seed_everything, setup_distributed, wrap_ddp
 
 # ===== Paper constants (Sec 3.4 and Sec 4; SwAV for the Sinkhorn settings) =====
 NUM_PROTOTYPES = 1000  # K, Sec 3.4
@@ -167,13 +168,14 @@ def region_positives(labels, augment, num_slots, num_points, generator=None):
 def batch_positives(samples, pixel_samples, region_samples, generator=None, pixel=True, region=True):
     """Positives of a batch of samples, with canvas, seed and region ids offset per sample.
 
-    samples: list of dicts with labels, transforms, canvas_of, augment (see pixel_positives). Returns
+    samples: list of dicts with labels, transforms, canvas_of, augment (see pixel_positives). generator: one for
+    all samples, or a list of one per sample (each sample's draws then do not depend on the others). Returns
     {"pixel": (points, canvas, group, num_groups), "region": (...)} for the levels asked for, sorted by canvas.
     """
-    out = {}
+    out, generators = {}, generator if isinstance(generator, list) else [generator] * len(samples)
     for level in [name for name, wanted in (("pixel", pixel), ("region", region)) if wanted]:
         parts, canvas_offset, group_offset = [], 0, 0
-        for sample in samples:
+        for sample, generator in zip(samples, generators):
             labels, transforms, augment = sample["labels"], sample["transforms"], sample["augment"]
             if level == "pixel":
                 points, canvas, group, num = pixel_positives(labels, transforms, sample["canvas_of"], augment,
@@ -205,19 +207,30 @@ def sample_features(features, canvas, points):
     return torch.cat([s[:, 0, :n].t() for s, n in zip(sampled, counts)])  # (B, D, 1, P) -> (N, D)
 
 
+def all_reduce(x, process_group, op=dist.ReduceOp.SUM):
+    """x summed (or op) in place over the processes of process_group; None: one process, x unchanged."""
+    if process_group is not None:
+        dist.all_reduce(x, op, group=process_group)
+    return x
+
+
 @torch.no_grad()
-def sinkhorn(scores, eps=SINKHORN_EPS, iters=SINKHORN_ITERS):
+def sinkhorn(scores, eps=SINKHORN_EPS, iters=SINKHORN_ITERS, process_group=None):
     """SwAV's Sinkhorn-Knopp codes of scores (B samples, K prototypes) -> (B, K), fp32, no gradient.
 
     In SwAV's K x B layout: Q = exp(S / eps)^T divided by its sum; each iteration scales every prototype (row
     of Q) to total 1/K, then every sample (column) to total 1/B; finally x B, so each sample's code sums to 1.
     Here on Q^T (B, K). The maximum of S / eps is subtracted before exp (it cancels in the first division).
+    process_group (torchrun): the rows are spread over its processes, as in SwAV's distributed Sinkhorn: the
+    maximum, the total and the prototype sums are all-reduced and B is the global number of rows, so each
+    process gets its rows of the codes of all rows together (a process may hold none).
     """
-    q = (scores.float() - scores.max()).div_(eps).exp_()  # Q^T (B, K), one copy, scaled in place
-    q /= q.sum()
-    b, k = q.shape
+    top = scores.max() if len(scores) else scores.new_tensor(-math.inf)
+    q = (scores.float() - all_reduce(top, process_group, dist.ReduceOp.MAX)).div_(eps).exp_()  # Q^T (B, K)
+    q /= all_reduce(q.sum(), process_group)
+    k, b = q.shape[1], int(all_reduce(torch.tensor(q.shape[0], device=q.device), process_group))
     for _ in range(iters):
-        q /= q.sum(dim=0, keepdim=True) * k  # prototypes to 1/K
+        q /= all_reduce(q.sum(dim=0, keepdim=True), process_group) * k  # prototypes to 1/K
         q /= q.sum(dim=1, keepdim=True) * b  # samples to 1/B
     return q.mul_(b)
 
@@ -229,33 +242,41 @@ def group_mean_codes(codes, group, num_groups):
     return sums.div_(counts[:, None])
 
 
-def swav_cross_entropy(logits, group_codes, group):
+def swav_cross_entropy(logits, group_codes, group, count=None):
     """Eqn 6: mean over points n of -sum_k qbar_{g(n),k} log p_{n,k}, p_n = softmax(S_n / tau) (Eqn 4).
 
     logits (N, K) = S / tau, group_codes (G, K), group (N,) ids < G. Computed as -(1/N) sum_g <qbar_g, sum_{n in
     g} log p_n>: the log-probabilities are summed per group first, so no N x K target matrix is formed.
+    count: the N of the mean when these points are one process's share of more (default: N = len(logits)).
     """
     log_p = F.log_softmax(logits, dim=1)  # (N, K)
     summed = log_p.new_zeros(group_codes.shape).index_add_(0, group, log_p)  # (G, K)
-    return -torch.dot(group_codes.flatten(), summed.flatten()) / max(logits.shape[0], 1)
+    return -torch.dot(group_codes.flatten(), summed.flatten()) / max(len(logits) if count is None else count, 1)
 
 
 def dense_swav_loss(features, positives, prototypes, lam=LAMBDA, eps=SINKHORN_EPS, tau=TAU,
-                    iters=SINKHORN_ITERS):
+                    iters=SINKHORN_ITERS, process_group=None):
     """Eqn 7: L = lam L_pixel + (1 - lam) L_region, from projector features (B, D, h, w), batch_positives() and
     the prototypes (K, D); all in fp32. Returns (loss, {"pixel": L_pixel, "region": L_region}) for the levels
-    in `positives`."""
+    in `positives`. process_group (torchrun): Sinkhorn over the points of all processes, and each process's
+    loss is its points' share of the mean over all points (the sum over processes is one process's loss on the
+    whole batch). Pixel and region groups lie within one sample, so the group means need no communication."""
     features = features.float()
     prototypes = F.normalize(prototypes.float(), dim=1)
     parts = {}
     for level, (points, canvas, group, num_groups) in positives.items():
-        if len(group) == 0:  # no positives at this level (nothing visible twice): no loss, graph kept
+        count = len(group) if process_group is None else int(
+            all_reduce(torch.tensor(len(group), device=features.device), process_group))
+        if count == 0:  # no positives at this level (nothing visible twice): no loss, graph kept
             parts[level] = features.sum() * 0
             continue
-        z = F.normalize(sample_features(features, canvas, points), dim=1)  # (N, D)
+        if len(group):
+            z = F.normalize(sample_features(features, canvas, points), dim=1)  # (N, D)
+        else:  # none here, some on other processes: an empty share that still joins the all-reduces and DDP
+            z = features.new_zeros(0, features.shape[1]) + features.sum() * 0
         logits = z @ (prototypes / tau).t()  # S / tau (N, K): 1/tau applied to the small (K, D) matrix
-        codes = sinkhorn(logits, eps / tau, iters)  # q (N, K); exp(S / eps) = exp((S / tau) / (eps / tau))
-        parts[level] = swav_cross_entropy(logits, group_mean_codes(codes, group, num_groups), group)
+        codes = sinkhorn(logits, eps / tau, iters, process_group)  # exp(S / eps) = exp((S / tau) / (eps / tau))
+        parts[level] = swav_cross_entropy(logits, group_mean_codes(codes, group, num_groups), group, count)
     loss = lam * parts.get("pixel", 0.0) + (1 - lam) * parts.get("region", 0.0)
     return loss, parts
 
@@ -464,7 +485,7 @@ class TrainingSamples(Dataset):
             sample = torch.load(where, map_location="cpu", weights_only=True)
         check_sample(sample, where)
         generator = torch.Generator().manual_seed(item_seed(self.seed, self.epoch, index))
-        return augment_sample(sample, generator, self.augment, self.photometric, self.input_size)
+        return {**augment_sample(sample, generator, self.augment, self.photometric, self.input_size), "index": index}
 
 
 # ===== Training =====
@@ -476,28 +497,32 @@ def parameter_groups(model):
             {"name": "prototypes", "params": list(model.prototypes.parameters())}]
 
 
-def train_step(model, batch, args, optimizer, scaler, amp_dtype, step):
+def train_step(model, batch, args, optimizer, scaler, amp_dtype, step, world=1):
     """One SGD step of Eqn 7 on a batch (a list of augmented samples, all canvases through the network as one
-    batch); the positives are drawn with a generator seeded by (--seed, step). Returns (loss, {level: loss})."""
-    device = model.prototypes.weight.device
-    model.normalize_prototypes()  # each prototype L2-normalized before every step (SwAV)
+    batch); the positives of a sample are drawn with a generator seeded by (--seed, step, its index), whichever
+    process holds it. model: the network, or its DDP wrapper under torchrun (world processes, this one holding
+    its share of the global batch). Returns (loss, {level: loss}) of the global batch."""
+    net = getattr(model, "module", model)  # the bare network inside DDP
+    device, group = net.prototypes.weight.device, dist.group.WORLD if world > 1 else None
+    net.normalize_prototypes()  # each prototype L2-normalized before every step (SwAV)
     images = torch.cat([s["images"] for s in batch]).to(device, non_blocking=True)
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         features = model(images)  # (B, D, H/4, W/4) projector output
     # positives, Sinkhorn and the loss in fp32, outside autocast
     samples = [{k: s[k].to(device) for k in ("labels", "transforms", "canvas_of", "augment")} for s in batch]
-    generator = torch.Generator().manual_seed(item_seed(args.seed + 1, 0, step))
-    positives = batch_positives(samples, args.pixel_samples, args.region_samples, generator,
+    generators = [torch.Generator().manual_seed(item_seed(args.seed + 1, step, s["index"])) for s in batch]
+    positives = batch_positives(samples, args.pixel_samples, args.region_samples, generators,
                                 pixel=args.lam > 0, region=args.lam < 1)
-    loss, parts = dense_swav_loss(features.float(), positives, model.prototypes.weight.flatten(1), args.lam,
-                                  args.eps, args.tau, args.sinkhorn_iters)
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"non-finite loss {loss.item()}: stopping (lower --lr, or try --no-amp)")
+    loss, parts = dense_swav_loss(features.float(), positives, net.prototypes.weight.flatten(1), args.lam,
+                                  args.eps, args.tau, args.sinkhorn_iters, group)
+    logged = all_reduce(torch.stack([loss.detach(), *[v.detach() for v in parts.values()]]), group).tolist()
+    if not math.isfinite(logged[0]):  # the global loss: every process stops together
+        raise FloatingPointError(f"non-finite loss {logged[0]}: stopping (lower --lr, or try --no-amp)")
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
+    scaler.scale(loss * world).backward()  # DDP averages the processes' gradients; their sum is one GPU's
     scaler.step(optimizer)
     scaler.update()
-    return loss.item(), {k: v.item() for k, v in parts.items()}
+    return logged[0], dict(zip(parts, logged[1:]))
 
 
 def build_dataset(args):
@@ -516,35 +541,43 @@ def build_dataset(args):
                            not args.no_photometric, args.input_size)
 
 
-def epoch_batches(num_items, batch_samples, seed, epoch):
-    """The epoch's batches of item indices, shuffled reproducibly (a resumed run skips the ones it has done)."""
+def epoch_batches(num_items, batch_samples, seed, epoch, rank=0, world=1):
+    """The epoch's batches of item indices, shuffled reproducibly (a resumed run skips the ones it has done).
+    torchrun: global batches of batch_samples x world items, of which process `rank` takes its contiguous share;
+    a last global batch of fewer than `world` items is dropped (a process with nothing could not step)."""
     order = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
-    return [b.tolist() for b in order.split(batch_samples)]
+    batches = [b.tolist() for b in order.split(batch_samples * world) if len(b) >= world]
+    return [b[len(b) * rank // world:len(b) * (rank + 1) // world] for b in batches]
 
 
 def run(args):
     """Dense SwAV pre-training (Sec 3.4): WORK/samples (or samples built on the fly) -> WORK/swav/model.pt."""
     out_dir = args.out or os.path.join(args.work, "swav")
     final, ckpt_path = os.path.join(out_dir, "model.pt"), os.path.join(out_dir, "checkpoint.pt")
+    rank, world, device = setup_distributed(args.device)  # torchrun: rank 0 of `world` prints and writes
+    say = print if rank == 0 else lambda *a: None
     if os.path.exists(final) and not (args.overwrite or args.resume):
-        print(f"[swav_dense] {final} exists: skipping (--overwrite to retrain)")
+        say(f"[swav_dense] {final} exists: skipping (--overwrite to retrain)")
         return final
     os.makedirs(out_dir, exist_ok=True)
-    device = pick_device(args.device)
-    amp_dtype = amp_dtype_for(device, args.no_amp)
-    print(f"[swav_dense] device {device}, amp {amp_dtype}, threads {torch.get_num_threads()}, args {vars(args)}")
+    amp_dtype = amp_dtype_for(device, args.no_amp, args.amp_dtype)
+    say(f"[swav_dense] device {device} x {world} processes, amp {amp_dtype}, threads {torch.get_num_threads()}, "
+        f"args {vars(args)}")
     # ===== data =====
     dataset = build_dataset(args)
-    steps_per_epoch = math.ceil(len(dataset) / args.batch_samples)
+    steps_per_epoch = len(epoch_batches(len(dataset), args.batch_samples, args.seed, 0, 0, world))
     total = args.steps or args.epochs * steps_per_epoch
     stop_at = min(total, args.stop_after or total)
     # ===== model =====
     seed_everything(args.seed)
     model = build_model(args.arch, args.num_prototypes, PROJ_DIM, HEAD_DIM,
                         args.backbone_weights if args.init == "imagenet" else None)
-    model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
+    fp16_path = device.type == "cuda" or amp_dtype == torch.float16  # CUDA's path: channels-last
+    model.to(device, memory_format=torch.channels_last if fp16_path else torch.contiguous_format)
+    ddp_model = wrap_ddp(model, args, device, world)  # --sync-bn, --freeze-bn, DDP under torchrun
+    model = getattr(ddp_model, "module", ddp_model)  # SyncBatchNorm layers are new modules: after wrapping
     info = dict(arch=args.arch, num_prototypes=args.num_prototypes, proj_dim=PROJ_DIM, head_dim=HEAD_DIM,
-                args=vars(args))  # what a consumer needs to rebuild the network
+                args=vars(args), world_size=world)  # what a consumer needs to rebuild the network
     # ===== optimizer: SGD, per-step linear warm-up then cosine, GradScaler for fp16 =====
     optimizer = torch.optim.SGD(parameter_groups(model), args.lr, args.momentum, weight_decay=args.weight_decay)
     warmup = min(total, round(args.warmup_epochs * steps_per_epoch))
@@ -554,34 +587,38 @@ def run(args):
     ckpt = torch.load(ckpt_path, weights_only=True) if args.resume and os.path.exists(ckpt_path) else None
     for name, obj in [("model", model), ("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)]:
         obj.load_state_dict(ckpt[name]) if ckpt else None
+    if ckpt and ckpt.get("world_size", 1) != world:  # the global batch fixes which samples each step takes
+        raise ValueError(f"{ckpt_path}: written by {ckpt.get('world_size', 1)} processes, resumed by {world}; "
+                         f"resume with the same torchrun --nnodes x --nproc_per_node")
     step = ckpt["step"] if ckpt else 0
     # ===== loop =====
     start_time, start_step = time.time(), step
-    with open(os.path.join(out_dir, "log.jsonl"), "a" if step else "w") as log, \
-            tqdm(total=total, initial=step, desc="swav_dense", dynamic_ncols=True, disable=args.no_progress) as bar:
+    with open(os.path.join(out_dir, "log.jsonl") if rank == 0 else os.devnull, "a" if step else "w") as log, \
+            tqdm(total=total, initial=step, desc="swav_dense", dynamic_ncols=True,
+                 disable=args.no_progress or rank > 0) as bar:
         while step < stop_at:
             dataset.set_epoch(epoch := step // steps_per_epoch)
-            batches = epoch_batches(len(dataset), args.batch_samples, args.seed, epoch)
+            batches = epoch_batches(len(dataset), args.batch_samples, args.seed, epoch, rank, world)
             for batch in DataLoader(dataset, batch_sampler=batches[step % steps_per_epoch:][:stop_at - step],
                                     collate_fn=list, num_workers=args.workers, pin_memory=device.type == "cuda"):
-                loss, parts = train_step(model, batch, args, optimizer, scaler, amp_dtype, step)
+                loss, parts = train_step(ddp_model, batch, args, optimizer, scaler, amp_dtype, step, world)
                 record = {"step": step + 1, "epoch": epoch, "loss": loss, "lr": scheduler.get_last_lr()[0],
                           **{f"loss_{k}": v for k, v in parts.items()}}
                 scheduler.step()
                 step += 1
                 bar.update(1)
                 log.write(json.dumps(record) + "\n")
-                if step % args.log_every == 0 or step == stop_at:  # a loss stuck at ln K: uniform assignments
+                if rank == 0 and (step % args.log_every == 0 or step == stop_at):  # a loss stuck at ln K: uniform assignments
                     eta = (stop_at - step) * (time.time() - start_time) / (step - start_step) / 60
                     bar.write(f"[swav_dense] {' '.join(f'{k} {v:.5g}' for k, v in record.items())} eta {eta:.1f} min")
                 # ===== checkpoint =====
-                if step % args.save_every == 0 or step % steps_per_epoch == 0 or step == stop_at:
+                if rank == 0 and (step % args.save_every == 0 or step % steps_per_epoch == 0 or step == stop_at):
                     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                              "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), **info}
                     atomic_write(ckpt_path, lambda f: torch.save(state, f))
-    if step >= total:
+    if step >= total and rank == 0:
         atomic_write(final, lambda f: torch.save({"model": model.state_dict(), "step": step, **info}, f))
-    print(f"[swav_dense] {'wrote ' + final if step >= total else 'stopped (--stop-after): continue with --resume'}")
+    say(f"[swav_dense] {'wrote ' + final if step >= total else 'stopped (--stop-after): continue with --resume'}")
     return final if step >= total else ckpt_path
 
 
@@ -611,7 +648,8 @@ def get_args_parser():
                    "the network (labels and matrices stay exact); cheap CPU runs. Default: the samples' size")
     g.add_argument("--no-augment", action="store_true", help="no per-canvas augmentation (G = identity): ablation")
     g.add_argument("--no-photometric", action="store_true", help="per-canvas augmentation without color changes")
-    g.add_argument("--batch-samples", type=int, default=1, help="samples per step (paper: 1 sample = 2M canvases)")
+    g.add_argument("--batch-samples", type=int, default=1, help="samples per step and process (paper: 1 sample = "
+                   "2M canvases); torchrun: the global batch is this x the number of processes, --lr unchanged")
     g.add_argument("--workers", type=int, default=4, help="DataLoader worker processes; 0 = in the main process")
     g = p.add_argument_group("loss (Eqn 4-7)")
     g.add_argument("--pixel-samples", type=int, default=PIXEL_SAMPLES, help="pixel seeds per canvas (released: 4000)")
@@ -631,6 +669,7 @@ def get_args_parser():
     g.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay, all parameters (paper: 1e-4)")
     g.add_argument("--no-amp", action="store_true", help="fp32 throughout (default: autocast, fp16 + GradScaler "
                    "on CUDA, bf16 on CPU; the loss is fp32 either way)")
+    add_parallel_args(g)
     g.add_argument("--device", default="auto", help="auto|cpu|cuda: auto picks CUDA when torch sees one, else CPU")
     g.add_argument("--seed", type=int, default=0, help="seed of every random draw of the run")
     g = p.add_argument_group("run")
@@ -650,6 +689,8 @@ def main(argv=None):
     args = get_args_parser().parse_args(argv)
     try:
         run(args)
+        if dist.is_initialized():
+            dist.destroy_process_group()
     except (FileNotFoundError, FloatingPointError, ValueError) as e:
         print(f"swav_dense.py: error: {e}", file=sys.stderr)
         sys.exit(1)
