@@ -25,6 +25,8 @@ target of a point is its group's mean code; Eqn 6 the cross-entropy -sum_k qbar_
         # paper: ResNet-50, K 1000, 25 epochs of M = 8 samples, one GPU, AMP
     python swav_dense.py --work runs/toy --arch resnet18 --input-size 96 192 --num-prototypes 100 \
         --pixel-samples 1000 --region-samples 1000 --steps 150 --workers 0 --device cpu --no-amp   # CPU, minutes
+    torchrun --nnodes N --nproc_per_node G swav_dense.py ARGS   # DDP: global batch --batch-samples x N G, --lr as
+        # given; Sinkhorn over all processes, equal to one process on the whole batch; rank 0 writes; --freeze-bn
 
 Departures from the paper / released code:
 - Region groups are label // T (the released code divides by M, right only when T = M = 8).
@@ -378,7 +380,6 @@ def build_model(arch="resnet50", num_prototypes=NUM_PROTOTYPES, proj_dim=PROJ_DI
     return model
 
 
-
 def load_backbone_weights(model, path):
     """Load a local torchvision ResNet state_dict (e.g. torch.save(resnet50(weights=...).state_dict(), FILE))
     into model.backbone, strictly (fc.* ignored: the classifier is not part of the backbone)."""
@@ -407,8 +408,6 @@ def load_model(path, map_location="cpu"):
                         ckpt.get("head_dim", HEAD_DIM))
     model.load_state_dict(ckpt["model"], strict=True)
     return model, ckpt
-
-
 
 
 # ===== Data: samples (saved by copypaste.py or built on the fly), per-canvas augmentation =====
