@@ -1737,6 +1737,15 @@ def test_fp16_path_on_cpu_swav_loss_falls_and_resume_exact(tmp_path):
     assert all(map(math.isfinite, losses)) and np.mean(losses[2:]) < losses[0] - 0.1, losses
 
 
+def test_gpu_check_runs_on_cpu_at_tiny_size():
+    """`bench.py --gpu-check` (the fp16 CUDA path of swav_dense, depth and finetune steps) is not dead code: its
+    tiny setting runs on CPU, fp16 autocast and GradScaler included, and prints its table."""
+    out = run_cli("bench.py", "--device", "cpu", "--gpu-check", "--tiny", "--threads", "1").stdout
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "s/step" in line]
+    assert [r.split(" | ")[0] for r in rows] == ["| swav_dense", "| depth", "| finetune"], out
+    assert all("float16" in r and float(r.split(" | ")[2]) > 0 for r in rows), out
+
+
 # ==========================================================================================================
 # hygiene
 # ==========================================================================================================
