@@ -599,10 +599,12 @@ class TripletDataset(torch.utils.data.Dataset):
 
 class StepBatches(torch.utils.data.Sampler):
     """The batches of global steps start ... stop - 1: step s takes batch b of epoch e (s = e * n // batch_size + b)
-    of a seeded per-epoch permutation (drop last), as [(e, index), ...]. A resumed run starts mid-epoch exactly."""
+    of a seeded per-epoch permutation (drop last), as [(e, index), ...]. A resumed run starts mid-epoch exactly.
+    torchrun: batch_size is the global batch (per process x world); process `rank` takes its contiguous share."""
 
-    def __init__(self, n, batch_size, seed, start, stop):
+    def __init__(self, n, batch_size, seed, start, stop, rank=0, world=1):
         self.n, self.batch_size, self.seed, self.start, self.stop = n, batch_size, seed, start, stop
+        self.rank, self.world = rank, world
 
     def __len__(self):
         return self.stop - self.start
@@ -611,7 +613,8 @@ class StepBatches(torch.utils.data.Sampler):
         for step in range(self.start, self.stop):
             epoch, b = divmod(step, self.n // self.batch_size)
             perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
-            yield [(epoch, i) for i in perm[b * self.batch_size:(b + 1) * self.batch_size].tolist()]
+            share = perm[b * self.batch_size:(b + 1) * self.batch_size].tensor_split(self.world)[self.rank]
+            yield [(epoch, i) for i in share.tolist()]
 
 
 def train_step(depth_net, pose_net, optimizer, scaler, batch, args, amp_dtype, generator=None):
@@ -675,12 +678,12 @@ def train(args):
         return
     out, resume = outputs
     args.crop_bottom = resolve_crop_bottom(args)
-    device = pick_device(args.device)
-    amp_dtype = amp_dtype_for(device, args.no_amp)
+    rank, world, device = setup_distributed(args.device)  # torchrun: rank 0 of `world` writes
+    amp_dtype = amp_dtype_for(device, args.no_amp, args.amp_dtype)
     seed_everything(args.seed)
     # ===== data =====
     dataset = TripletDataset(training_items(args), args.size, args.crop_bottom, not args.no_augment, args.seed)
-    steps_per_epoch = len(dataset) // args.batch_size
+    steps_per_epoch = len(dataset) // (args.batch_size * world)  # --batch-size per process
     if steps_per_epoch == 0:
         raise SystemExit(f"{len(dataset)} triplets are fewer than one batch of {args.batch_size}")
     total = args.steps if args.steps is not None else args.epochs * steps_per_epoch
@@ -688,6 +691,8 @@ def train(args):
     drop_step = int(round(total * args.lr_drop_epoch / args.epochs))  # epoch 15 of 20, or that fraction of --steps
     # ===== model and optimizer =====
     depth_net, pose_net = DepthNet(args.arch, args.weights).to(device), PoseNet(args.arch, args.weights).to(device)
+    nets = [wrap_ddp(net, args, device, world) for net in (depth_net, pose_net)]  # --freeze-bn, --sync-bn, DDP
+    depth_net, pose_net = (getattr(net, "module", net) for net in nets)
     optimizer = torch.optim.Adam(list(depth_net.parameters()) + list(pose_net.parameters()), lr=args.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     noise = torch.Generator(device).manual_seed(args.seed)              # auto-masking's tie-break noise
@@ -697,34 +702,37 @@ def train(args):
         ckpt = torch.load(os.path.join(out, "checkpoint.pt"), map_location="cpu", weights_only=False)
         for part, key in [(depth_net, "model"), (pose_net, "pose_model"), (optimizer, "optimizer"), (scaler, "scaler")]:
             part.load_state_dict(ckpt[key])
-        noise.set_state(ckpt["noise"])
         step = ckpt["step"]
-    atomic_write(os.path.join(out, "args.json"), lambda f: f.write(json.dumps(vars(args), indent=2).encode()))
-    print(f"[depth] device {device}, amp {amp_dtype}, {len(dataset)} triplets, {steps_per_epoch} steps per epoch, "
-          f"{total} steps from step {step}, lr drop at step {drop_step}")
+    if rank == 0:
+        atomic_write(os.path.join(out, "args.json"), lambda f: f.write(json.dumps(vars(args), indent=2).encode()))
+    print(f"[depth] device {device} (rank {rank} of {world}), amp {amp_dtype}, {len(dataset)} triplets, "
+          f"{steps_per_epoch} steps per epoch, {total} steps from step {step}, lr drop at step {drop_step}")
     # ===== loop =====
-    batches = StepBatches(len(dataset), args.batch_size, args.seed, step, stop)
+    batches = StepBatches(len(dataset), args.batch_size * world, args.seed, step, stop, rank, world)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=args.workers,
                                          pin_memory=device.type == "cuda")
     start_time, start_step = time.time(), step
-    with open(os.path.join(out, "log.jsonl"), "a" if resume else "w") as log:
-        for batch in tqdm(loader, initial=step, total=total, desc="depth train", disable=args.no_progress):
+    with open(os.path.join(out, "log.jsonl") if rank == 0 else os.devnull, "a" if resume else "w") as log:
+        for batch in tqdm(loader, initial=step, total=total, desc="depth train", disable=args.no_progress or rank):
             for group in optimizer.param_groups:  # Monodepth2: x0.1 after epoch 15 of 20
                 group["lr"] = args.lr * (args.lr_gamma if step >= drop_step else 1.0)
-            loss, logs = train_step(depth_net, pose_net, optimizer, scaler, batch, args, amp_dtype, noise)
+            noise.manual_seed(args.seed * 1000003 + step * world + rank)  # tie-break noise: per step and process
+            loss, logs = train_step(*nets, optimizer, scaler, batch, args, amp_dtype, noise)
             step += 1
-            if step % args.log_every == 0 or step == stop:
+            if world > 1:  # the logged loss is the global batch's (the other columns: rank 0's share)
+                torch.distributed.all_reduce(loss := loss.detach() / world)
+            if rank == 0 and (step % args.log_every == 0 or step == stop):
                 record = {"step": step, "epoch": step // steps_per_epoch, "loss": loss.item(), "lr": group["lr"],
                           "s_per_step": (time.time() - start_time) / (step - start_step), **logs}
                 print(json.dumps(record), file=log, flush=True)
                 tqdm.write(" ".join(f"{k} {v:.4g}" for k, v in record.items()))
-            if step % args.save_every == 0 or step % steps_per_epoch == 0 or step == stop:
+            if rank == 0 and (step % args.save_every == 0 or step % steps_per_epoch == 0 or step == stop):
                 ckpt = {**model_file(depth_net, pose_net, args), "optimizer": optimizer.state_dict(),
-                        "scaler": scaler.state_dict(), "noise": noise.get_state(), "step": step}
+                        "scaler": scaler.state_dict(), "step": step}
                 atomic_write(os.path.join(out, "checkpoint.pt"), lambda f: torch.save(ckpt, f))
     # ===== save =====
-    if step < total:
-        return print(f"[depth] stopped at step {step} of {total} (--stop-after); continue with --resume")
+    if step < total or rank > 0:
+        return rank or print(f"[depth] stopped at step {step} of {total} (--stop-after); continue with --resume")
     atomic_write(os.path.join(out, "model.pt"), lambda f: torch.save(model_file(depth_net, pose_net, args), f))
     print(f"[depth] wrote {out}/model.pt after {step} steps")
 
@@ -858,6 +866,7 @@ def get_args_parser():
                    help="stop once global step N is done, after writing checkpoint.pt, as an interruption would")
     t.add_argument("--save-every", type=int, default=1000, help="write checkpoint.pt every N global steps (and each epoch)")
     t.add_argument("--log-every", type=int, default=50, help="steps between log lines")
+    add_parallel_args(t)
     r = sub.add_parser("predict", help="disparity of images -> WORK/disp/<stem>.npy", parents=[shared], **kw)
     r.add_argument("--work", required=True, help="work folder: reads WORK/depth/model.pt, writes WORK/disp/")
     r.add_argument("--data", help="dataset root: predicts the annotated frames of --split")
@@ -882,6 +891,8 @@ def main(argv=None):
     if args.command == "train" and (args.size[0] % 32 or args.size[1] % 32):
         raise SystemExit(f"--size {args.size[0]} {args.size[1]}: height and width must be multiples of 32")
     {"train": train, "predict": predict, "eval": evaluate}[args.command](args)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

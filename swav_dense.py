@@ -607,7 +607,7 @@ def run(args):
                 step += 1
                 bar.update(1)
                 log.write(json.dumps(record) + "\n")
-                if rank == 0 and (step % args.log_every == 0 or step == stop_at):  # a loss stuck at ln K: uniform assignments
+                if rank == 0 and (step % args.log_every == 0 or step == stop_at):  # loss stuck at ln K: uniform
                     eta = (stop_at - step) * (time.time() - start_time) / (step - start_step) / 60
                     bar.write(f"[swav_dense] {' '.join(f'{k} {v:.5g}' for k, v in record.items())} eta {eta:.1f} min")
                 # ===== checkpoint =====
