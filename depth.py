@@ -234,8 +234,7 @@ def pose_matrix(axis_angle, translation, invert=False):
     R = axis_angle_to_matrix(axis_angle)
     t = translation[:, :, None]                                        # (B, 3, 1)
     if invert:
-        R = R.transpose(1, 2)
-        t = -R @ t
+        R, t = R.transpose(1, 2), -R.transpose(1, 2) @ t
     bottom = torch.tensor([0, 0, 0, 1], dtype=R.dtype, device=R.device).expand(R.shape[0], 1, 4)
     return torch.cat([torch.cat([R, t], dim=2), bottom], dim=1)
 
@@ -268,8 +267,7 @@ def project(points, K, T, height, width, eps=1e-7):
 def pixels_to_grid(cam, height, width, eps=1e-7):
     """Homogeneous pixel coordinates (B, 3, H*W) -> grid_sample grid (B, H, W, 2): x = 2 u / W - 1 for continuous
     pixel coordinates u (pixel centres at i + 0.5: align_corners=False)."""
-    u = cam[:, 0] / (cam[:, 2] + eps)
-    v = cam[:, 1] / (cam[:, 2] + eps)
+    u, v = cam[:, 0] / (cam[:, 2] + eps), cam[:, 1] / (cam[:, 2] + eps)
     return torch.stack([2 * u / width - 1, 2 * v / height - 1], dim=-1).view(-1, height, width, 2)
 
 
@@ -285,8 +283,7 @@ def ssim(x, y, c1=SSIM_C1, c2=SSIM_C2):
     """
     x, y = F.pad(x, (1, 1, 1, 1), mode="reflect"), F.pad(y, (1, 1, 1, 1), mode="reflect")
     mu_x, mu_y = F.avg_pool2d(x, 3, 1), F.avg_pool2d(y, 3, 1)
-    sigma_x = F.avg_pool2d(x * x, 3, 1) - mu_x * mu_x
-    sigma_y = F.avg_pool2d(y * y, 3, 1) - mu_y * mu_y
+    sigma_x, sigma_y = F.avg_pool2d(x * x, 3, 1) - mu_x * mu_x, F.avg_pool2d(y * y, 3, 1) - mu_y * mu_y
     sigma_xy = F.avg_pool2d(x * y, 3, 1) - mu_x * mu_y
     return ((2 * mu_x * mu_y + c1) * (2 * sigma_xy + c2)
             / ((mu_x * mu_x + mu_y * mu_y + c1) * (sigma_x + sigma_y + c2)))
@@ -319,8 +316,7 @@ def smoothness_loss(disp, image):
     """Monodepth2 Eqn 3: L_s = |dx d*| exp(-|dx I|) + |dy d*| exp(-|dy I|), d* = d / mean(d) per image; disp
     (B, 1, h, w) and image (B, 3, h, w) at the same scale, image gradients averaged over channels."""
     d = disp / (disp.mean((2, 3), keepdim=True) + 1e-7)
-    dx_d = (d[:, :, :, :-1] - d[:, :, :, 1:]).abs()
-    dy_d = (d[:, :, :-1, :] - d[:, :, 1:, :]).abs()
+    dx_d, dy_d = (d[:, :, :, :-1] - d[:, :, :, 1:]).abs(), (d[:, :, :-1, :] - d[:, :, 1:, :]).abs()
     dx_i = (image[:, :, :, :-1] - image[:, :, :, 1:]).abs().mean(1, keepdim=True)
     dy_i = (image[:, :, :-1, :] - image[:, :, 1:, :]).abs().mean(1, keepdim=True)
     return (dx_d * torch.exp(-dx_i)).mean() + (dy_d * torch.exp(-dy_i)).mean()
@@ -401,12 +397,10 @@ class ResnetEncoder(nn.Module):
 
     def forward(self, x):
         x = ((x - ENCODER_MEAN) / ENCODER_STD).contiguous(memory_format=torch.channels_last)
-        f1 = self.relu(self.bn1(self.conv1(x)))                         # 1/2
-        f2 = self.layer1(self.maxpool(f1))                              # 1/4
-        f3 = self.layer2(f2)                                            # 1/8
-        f4 = self.layer3(f3)                                            # 1/16
-        f5 = self.layer4(f4)                                            # 1/32
-        return [f1, f2, f3, f4, f5]
+        features = [self.relu(self.bn1(self.conv1(x)))]                 # 1/2
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):  # 1/4, 1/8, 1/16, 1/32
+            features.append(layer(self.maxpool(features[-1]) if layer is self.layer1 else features[-1]))
+        return features
 
 
 def conv_block(cin, cout):
@@ -419,14 +413,14 @@ class DepthDecoder(nn.Module):
 
     def __init__(self, encoder_channels, channels=DECODER_CHANNELS):
         super().__init__()
-        self.up0, self.up1, self.heads = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        self.up0, self.up1 = nn.ModuleList(), nn.ModuleList()
         for i in range(4, -1, -1):                                      # level i works at 1/2^i after upsampling
             cin = encoder_channels[-1] if i == 4 else channels[i + 1]
             self.up0.append(conv_block(cin, channels[i]))
             skip = encoder_channels[i - 1] if i > 0 else 0
             self.up1.append(conv_block(channels[i] + skip, channels[i]))
-        for s in range(NUM_SCALES):
-            self.heads.append(nn.Conv2d(channels[s], 1, 3, padding=1, padding_mode="reflect"))
+        self.heads = nn.ModuleList(nn.Conv2d(channels[s], 1, 3, padding=1, padding_mode="reflect")
+                                   for s in range(NUM_SCALES))
 
     def forward(self, features):
         x, disps = features[-1], {}
@@ -499,29 +493,21 @@ def setup_distributed(device_name):
     """Under torchrun (WORLD_SIZE > 1) join the process group from the environment: nccl on CUDA (the GPU of
     LOCAL_RANK), gloo on CPU. Returns (rank, world_size, device); (0, 1, device) without torchrun."""
     world, device = int(os.environ.get("WORLD_SIZE", 1)), pick_device(device_name)
+    if world > 1 and device.type == "cuda":
+        torch.cuda.set_device(device := torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
     if world > 1 and not torch.distributed.is_initialized():
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(device)
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return (torch.distributed.get_rank() if world > 1 else 0), world, device
 
 
-def train_mode(model, freeze_bn=False):
-    """model.train(); with --freeze-bn every BatchNorm in eval mode (its running statistics, not updated)."""
-    for m in model.train().modules():  # parents come before children: a BatchNorm's eval() is the last word
-        m.train(not (freeze_bn and isinstance(m, nn.modules.batchnorm._BatchNorm)))
-    return model
-
-
 def wrap_ddp(model, args, device, world):
-    """--sync-bn (CUDA only: torch's SyncBatchNorm runs on GPUs), --freeze-bn, then DistributedDataParallel when
-    world > 1 (it averages the gradients over the processes). The bare model stays reachable as .module."""
-    if args.sync_bn and world > 1:
-        if device.type != "cuda":
-            raise ValueError("--sync-bn needs CUDA devices (torch's SyncBatchNorm runs only on GPUs)")
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    train_mode(model, args.freeze_bn)
+    """--sync-bn (CUDA only: torch's SyncBatchNorm runs on GPUs); model.train() with --freeze-bn's BatchNorms in
+    eval mode (running statistics, not updated); DistributedDataParallel when world > 1 (the model is .module)."""
+    if args.sync_bn and world > 1 and device.type != "cuda":
+        raise ValueError("--sync-bn needs CUDA devices (torch's SyncBatchNorm runs only on GPUs)")
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(model) if args.sync_bn and world > 1 else model
+    for m in model.train().modules():  # parents come before children: each BatchNorm's own mode is set last
+        m.train(not (args.freeze_bn and isinstance(m, nn.modules.batchnorm._BatchNorm)))
     ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids) if world > 1 else model
 

@@ -1764,6 +1764,21 @@ def test_fp16_path_on_cpu_swav_loss_falls_and_resume_exact(tmp_path):
     assert all(map(math.isfinite, losses)) and np.mean(losses[2:]) < losses[0] - 0.1, losses
 
 
+def test_fp16_path_on_cpu_depth_runs_and_resume_exact(tiny_city, tmp_path):
+    """depth.py train --amp-dtype float16 on CPU (fp16 autocast, GradScaler; the networks are channels-last):
+    finite losses, the GradScaler's state in checkpoint.pt, a resumed run equal to a straight one."""
+    import depth
+    common = ["--data", tiny_city, "--steps", "2", "--amp-dtype", "float16", "--device", "cpu", *_DEPTH_TRAIN]
+    depth.main(["train", "--work", str(tmp_path / "a"), *common])
+    depth.main(["train", "--work", str(tmp_path / "b"), "--stop-after", "1", *common])
+    assert torch.load(tmp_path / "b" / "depth" / "checkpoint.pt", weights_only=False)["scaler"]["scale"] > 1
+    depth.main(["train", "--work", str(tmp_path / "b"), "--resume", *common])
+    a, b = (torch.load(tmp_path / w / "depth" / "model.pt", weights_only=False) for w in "ab")
+    assert all(torch.equal(a[m][k], b[m][k]) for m in ("model", "pose_model") for k in a[m])
+    losses = [json.loads(line)["loss"] for line in open(tmp_path / "a" / "depth" / "log.jsonl")]
+    assert len(losses) == 2 and all(map(math.isfinite, losses))
+
+
 def test_gpu_check_runs_on_cpu_at_tiny_size():
     """`bench.py --gpu-check` (the fp16 CUDA path of swav_dense, depth and finetune steps) is not dead code: its
     tiny setting runs on CPU, fp16 autocast and GradScaler included, and prints its table."""
