@@ -1726,6 +1726,32 @@ def test_distributed_depth_two_processes_equal_one_and_resume(tiny_city, tmp_pat
     assert np.allclose(losses("two"), losses("one"), atol=1e-5) and losses("resumed") == losses("two")
 
 
+def test_distributed_finetune_two_processes_equal_one_and_resume(tiny_city, cluster_swav_model, tmp_path):
+    """finetune.py (semantic), --freeze-bn, 3 iterations: 2 processes x batch 1 = 1 process x batch 2 (the same
+    crops; the loss is the mean over the labelled pixels of both processes); kill and --resume under 2 processes =
+    the uninterrupted 2-process run."""
+    import finetune
+    work = cluster_work_with_model(tmp_path, cluster_swav_model)
+    common = ["--work", work, "--data", tiny_city, "--dataset", "toycity", "--init", "swav", "--iters", "3",
+              "--crop", "32", "64", "--device", "cpu", "--workers", "0", "--no-amp", "--freeze-bn", "--save-every", "0"]
+    out = {name: os.path.join(work, name) for name in ("one", "two", "resumed")}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        finetune.run(finetune.get_args_parser().parse_args([*common, "--batch-size", "2", "--out", out["one"]]))
+    finally:
+        torch.set_num_threads(threads)
+    _torchrun("finetune.py", *common, "--batch-size", "1", "--out", out["two"])
+    _torchrun("finetune.py", *common, "--batch-size", "1", "--out", out["resumed"], "--stop-after", "2")
+    _torchrun("finetune.py", *common, "--batch-size", "1", "--out", out["resumed"], "--resume")
+    one, two, resumed = (torch.load(os.path.join(out[k], "model.pt"), weights_only=True)["model"] for k in out)
+    for key in one:
+        torch.testing.assert_close(two[key].float(), one[key].float(), rtol=0, atol=1e-5, msg=key)
+        assert torch.equal(resumed[key], two[key]), key
+    losses = lambda k: [json.loads(line)["loss"] for line in open(os.path.join(out[k], "log.jsonl")) if "loss" in line]
+    assert np.allclose(losses("two"), losses("one"), atol=1e-5), (losses("two"), losses("one"))
+
+
 def test_distributed_sinkhorn_rows_split_over_processes(tmp_path):
     """SwAV's distributed Sinkhorn: 2 gloo processes holding 30 and 0 (or 17 and 13) rows of the scores compute
     the rows of the one-process codes."""
