@@ -1805,6 +1805,22 @@ def test_fp16_path_on_cpu_depth_runs_and_resume_exact(tiny_city, tmp_path):
     assert len(losses) == 2 and all(map(math.isfinite, losses))
 
 
+def test_fp16_path_on_cpu_finetune_runs_and_resume_exact(tiny_city, cluster_swav_model, tmp_path):
+    """finetune.py --amp-dtype float16 on CPU (fp16 autocast, GradScaler): finite losses, the GradScaler's state
+    in checkpoint.pt, a resumed run equal to a straight one."""
+    import finetune
+    work = cluster_work_with_model(tmp_path, cluster_swav_model)
+    common = ["--iters", "4", "--crop", "32", "64", "--save-every", "0", "--amp-dtype", "float16", "--log-every", "1"]
+    finetune.run(finetune_args(work, tiny_city, *common, "--out", os.path.join(work, "a")))
+    finetune.run(finetune_args(work, tiny_city, *common, "--out", os.path.join(work, "b"), "--stop-after", "2"))
+    assert torch.load(os.path.join(work, "b", "checkpoint.pt"), weights_only=False)["scaler"]["scale"] > 1
+    finetune.run(finetune_args(work, tiny_city, *common, "--out", os.path.join(work, "b"), "--resume"))
+    a, b = (torch.load(os.path.join(work, w, "model.pt"), weights_only=True)["model"] for w in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    losses = [json.loads(line)["loss"] for line in open(os.path.join(work, "a", "log.jsonl")) if '"loss"' in line]
+    assert len(losses) == 4 and all(map(math.isfinite, losses)), losses  # 4 random crops: too few to fall
+
+
 def test_gpu_check_runs_on_cpu_at_tiny_size():
     """`bench.py --gpu-check` (the fp16 CUDA path of swav_dense, depth and finetune steps) is not dead code: its
     tiny setting runs on CPU, fp16 autocast and GradScaler included, and prints its table."""
