@@ -647,8 +647,7 @@ def get_args_parser():
                    "the network (labels and matrices stay exact); cheap CPU runs. Default: the samples' size")
     g.add_argument("--no-augment", action="store_true", help="no per-canvas augmentation (G = identity): ablation")
     g.add_argument("--no-photometric", action="store_true", help="per-canvas augmentation without color changes")
-    g.add_argument("--batch-samples", type=int, default=1, help="samples per step and process (paper: 1 sample = "
-                   "2M canvases); torchrun: the global batch is this x the number of processes, --lr unchanged")
+    g.add_argument("--batch-samples", type=int, default=1, help="samples per step and process (paper: 1 = 2M canvases)")
     g.add_argument("--workers", type=int, default=4, help="DataLoader worker processes; 0 = in the main process")
     g = p.add_argument_group("loss (Eqn 4-7)")
     g.add_argument("--pixel-samples", type=int, default=PIXEL_SAMPLES, help="pixel seeds per canvas (released: 4000)")
