@@ -2,6 +2,7 @@
 
     python bench.py                 # every stage, CPU, the threads torch picks (set --threads)
     python bench.py --stages group copypaste --threads 1
+    python bench.py --device cuda --gpu-check   # fp16 CUDA path at the paper's settings, peak memory (goal 16 GB)
 
 Each stage's function returns rows (stage, what, value, unit). Numbers go into the README's bench table.
 Not a test: timings are measured here, never asserted.
@@ -280,7 +281,7 @@ def bench_swav_dense(args, size=(128, 256), mix=8, arch="resnet50", num_prototyp
         regions.append(np.unique(inst, return_inverse=True)[1].reshape(inst.shape))
     sample = copypaste.build_sample(images, disps, regions, [f"s{j}" for j in range(mix)], size=size,
                                     generator=torch.Generator().manual_seed(0))
-    batch = [swav_dense.augment_sample(sample, torch.Generator().manual_seed(1))]
+    batch = [{**swav_dense.augment_sample(sample, torch.Generator().manual_seed(1)), "index": 0}]
     device = torch.device(args.device)
     train_args = swav_dense.get_args_parser().parse_args(
         ["--work", ".", "--arch", arch, "--num-prototypes", str(num_prototypes), "--pixel-samples",
@@ -302,7 +303,8 @@ def bench_swav_dense(args, size=(128, 256), mix=8, arch="resnet50", num_prototyp
         model(x).float().mean().backward()
         optimizer.step()
         sync()
-    pos = swav_dense.batch_positives([{k: v.to(device) for k, v in batch[0].items()}], pixel_samples, region_samples,
+    pos = swav_dense.batch_positives([{k: v.to(device) for k, v in batch[0].items() if torch.is_tensor(v)}],
+                                     pixel_samples, region_samples,
                                      torch.Generator().manual_seed(swav_dense.item_seed(1, 0, 0)))  # step's draws
     counts = {k: v[2].numel() for k, v in pos.items()}
     step(), network_only()  # warm-up; then the two alternate, so that load from other jobs hits both alike
@@ -401,6 +403,69 @@ def bench_finetune(args, size=(384, 768), arch="resnet50", repeat=2):
             ("finetune", "  per image", instance_seconds / batch, "s/image")]
 
 
+# ===== GPU check: the CUDA path (fp16 autocast, GradScaler, channels-last) at the paper's settings =====
+def gpu_check(args, amp_dtype=torch.float16, repeat=3):
+    """s/step, images/s and peak memory of the training steps at the paper's settings, fp16: swav_dense (one
+    sample of 16 canvases 384 x 768, ResNet-50, K 1000, 4000 + 7200 points per canvas; goal <= 16 GB, the
+    paper's V100), depth (batch 12, 192 x 640, ResNet-18) and semantic fine-tuning (batch 8, 384 x 768,
+    ResNet-50). --tiny: small sizes (runs on CPU in seconds, the same code). Synthetic inputs (block regions,
+    a disparity ramp, random pixels): the cost does not depend on the content."""
+    import numpy as np
+    import copypaste
+    import depth
+    import finetune
+    import swav_dense
+    device, tiny = torch.device(args.device), args.tiny
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    mix, (H, W), arch, K, points = (1, (64, 128), "resnet18", 16, (64, 64)) if tiny else (8, (384, 768), "resnet50",
+                                                                                       1000, (4000, 7200))
+    gen, rows = torch.Generator().manual_seed(0), []
+
+    def measure(stage, what, step, images):
+        if device.type == "cuda":
+            torch.cuda.empty_cache(), torch.cuda.reset_peak_memory_stats()
+        seconds = timed(step, 1, 0) if tiny else timed(step, repeat)
+        peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
+        rows.extend([(stage, f"train step, {what}, {amp_dtype}", seconds, "s/step"),
+                     (stage, "  throughput", images / seconds, "images/s"), (stage, "  peak memory", peak, "GiB")])
+
+    # swav_dense
+    regions = (np.arange(H)[:, None] // (H // 4)) * 8 + np.arange(W)[None] // (W // 8)
+    sources = [torch.randint(0, 256, (3, H, W), dtype=torch.uint8, generator=gen) for _ in range(mix)]
+    disps = [np.linspace(0.1, 1, H, dtype=np.float32)[:, None].repeat(W, 1)] * mix
+    sample = copypaste.build_sample(sources, disps, [regions] * mix, list(map(str, range(mix))), generator=gen)
+    batch = [{**swav_dense.augment_sample(sample, torch.Generator().manual_seed(1)), "index": 0}]
+    train_args = swav_dense.get_args_parser().parse_args(["--work", ".", "--pixel-samples", str(points[0]),
+                                                          "--region-samples", str(points[1])])
+    model = swav_dense.build_model(arch, K).to(device, memory_format=torch.channels_last).train()
+    optimizer = torch.optim.SGD(swav_dense.parameter_groups(model), lr=1e-4, momentum=0.9)
+    scaler = torch.amp.GradScaler(device.type)
+    measure("swav_dense", f"{2 * mix}x{H}x{W} {arch} K{K} {points[0]}+{points[1]}",
+            lambda: (swav_dense.train_step(model, batch, train_args, optimizer, scaler, amp_dtype, 0), sync()), 2 * mix)
+    del model, optimizer
+    # depth
+    b, (h, w) = (2, (64, 128)) if tiny else (12, (192, 640))
+    depth_net, pose_net = depth.DepthNet("resnet18").to(device).train(), depth.PoseNet("resnet18").to(device).train()
+    optimizer = torch.optim.Adam(list(depth_net.parameters()) + list(pose_net.parameters()), lr=1e-4)
+    frames = torch.rand(b, 3, 3, h, w, generator=gen)
+    batch = {"frames": frames, "aug": frames, "intrinsics": torch.tensor([[0.58, 1.92, 0.5, 0.5]] * b)}
+    d_args = depth.get_args_parser().parse_args(["train", "--data", ".", "--work", "."])
+    scaler = torch.amp.GradScaler(device.type)
+    measure("depth", f"batch {b} {h}x{w} resnet18", lambda: (depth.train_step(
+        depth_net, pose_net, optimizer, scaler, batch, d_args, amp_dtype), sync()), b)
+    del depth_net, pose_net, optimizer
+    # finetune (semantic)
+    b = 2 if tiny else 8
+    model = finetune.SegmentationNet(arch).to(device, memory_format=torch.channels_last).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=finetune.LR, momentum=finetune.MOMENTUM)
+    images = torch.randint(0, 256, (b, H, W, 3), dtype=torch.uint8, generator=gen)
+    labels = torch.randint(0, 19, (b, H, W), dtype=torch.uint8, generator=gen)
+    scaler = torch.amp.GradScaler(device.type)
+    measure("finetune", f"batch {b} {H}x{W} {arch} semantic", lambda: (finetune.finetune_step(
+        model, optimizer, scaler, images, labels, finetune.LR, amp_dtype), sync()), b)
+    return rows
+
+
 STAGES = ["depth", "group", "copypaste", "swav_dense", "cluster", "finetune"]
 
 
@@ -410,6 +475,10 @@ def get_args_parser():
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--device", default="cpu", help="cpu or cuda (GPU rows)")
     p.add_argument("--data", default="runs/bench/toycity", help="toy city rendered at paper size if absent")
+    p.add_argument("--gpu-check", action="store_true", help="instead of --stages: the fp16 CUDA path at the paper's "
+                   "settings, s/step, images/s, peak memory (`python bench.py --device cuda --gpu-check`)")
+    p.add_argument("--tiny", action="store_true", help="--gpu-check at tiny sizes (runs on CPU: "
+                   "`python bench.py --device cpu --gpu-check --tiny`)")
     return p
 
 
@@ -419,8 +488,8 @@ def main():
     machine = f"{cpu_name()}, {os.cpu_count()} cores, {args.threads} torch threads"
     if args.device.startswith("cuda"):
         machine += f", GPU {torch.cuda.get_device_name()}"
-    rows = []
-    for stage in args.stages:
+    rows = gpu_check(args) if args.gpu_check else []
+    for stage in [] if args.gpu_check else args.stages:
         fn = globals().get(f"bench_{stage}")
         if fn is None:
             print(f"[bench] {stage}: no bench yet")

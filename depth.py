@@ -236,8 +236,7 @@ def pose_matrix(axis_angle, translation, invert=False):
     R = axis_angle_to_matrix(axis_angle)
     t = translation[:, :, None]                                        # (B, 3, 1)
     if invert:
-        R = R.transpose(1, 2)
-        t = -R @ t
+        R, t = R.transpose(1, 2), -R.transpose(1, 2) @ t
     bottom = torch.tensor([0, 0, 0, 1], dtype=R.dtype, device=R.device).expand(R.shape[0], 1, 4)
     return torch.cat([torch.cat([R, t], dim=2), bottom], dim=1)
 
@@ -270,8 +269,7 @@ def project(points, K, T, height, width, eps=1e-7):
 def pixels_to_grid(cam, height, width, eps=1e-7):
     """Homogeneous pixel coordinates (B, 3, H*W) -> grid_sample grid (B, H, W, 2): x = 2 u / W - 1 for continuous
     pixel coordinates u (pixel centres at i + 0.5: align_corners=False)."""
-    u = cam[:, 0] / (cam[:, 2] + eps)
-    v = cam[:, 1] / (cam[:, 2] + eps)
+    u, v = cam[:, 0] / (cam[:, 2] + eps), cam[:, 1] / (cam[:, 2] + eps)
     return torch.stack([2 * u / width - 1, 2 * v / height - 1], dim=-1).view(-1, height, width, 2)
 
 
@@ -287,8 +285,7 @@ def ssim(x, y, c1=SSIM_C1, c2=SSIM_C2):
     """
     x, y = F.pad(x, (1, 1, 1, 1), mode="reflect"), F.pad(y, (1, 1, 1, 1), mode="reflect")
     mu_x, mu_y = F.avg_pool2d(x, 3, 1), F.avg_pool2d(y, 3, 1)
-    sigma_x = F.avg_pool2d(x * x, 3, 1) - mu_x * mu_x
-    sigma_y = F.avg_pool2d(y * y, 3, 1) - mu_y * mu_y
+    sigma_x, sigma_y = F.avg_pool2d(x * x, 3, 1) - mu_x * mu_x, F.avg_pool2d(y * y, 3, 1) - mu_y * mu_y
     sigma_xy = F.avg_pool2d(x * y, 3, 1) - mu_x * mu_y
     return ((2 * mu_x * mu_y + c1) * (2 * sigma_xy + c2)
             / ((mu_x * mu_x + mu_y * mu_y + c1) * (sigma_x + sigma_y + c2)))
@@ -321,8 +318,7 @@ def smoothness_loss(disp, image):
     """Monodepth2 Eqn 3: L_s = |dx d*| exp(-|dx I|) + |dy d*| exp(-|dy I|), d* = d / mean(d) per image; disp
     (B, 1, h, w) and image (B, 3, h, w) at the same scale, image gradients averaged over channels."""
     d = disp / (disp.mean((2, 3), keepdim=True) + 1e-7)
-    dx_d = (d[:, :, :, :-1] - d[:, :, :, 1:]).abs()
-    dy_d = (d[:, :, :-1, :] - d[:, :, 1:, :]).abs()
+    dx_d, dy_d = (d[:, :, :, :-1] - d[:, :, :, 1:]).abs(), (d[:, :, :-1, :] - d[:, :, 1:, :]).abs()
     dx_i = (image[:, :, :, :-1] - image[:, :, :, 1:]).abs().mean(1, keepdim=True)
     dy_i = (image[:, :, :-1, :] - image[:, :, 1:, :]).abs().mean(1, keepdim=True)
     return (dx_d * torch.exp(-dx_i)).mean() + (dy_d * torch.exp(-dy_i)).mean()
@@ -403,12 +399,10 @@ class ResnetEncoder(nn.Module):
 
     def forward(self, x):
         x = ((x - ENCODER_MEAN) / ENCODER_STD).contiguous(memory_format=torch.channels_last)
-        f1 = self.relu(self.bn1(self.conv1(x)))                         # 1/2
-        f2 = self.layer1(self.maxpool(f1))                              # 1/4
-        f3 = self.layer2(f2)                                            # 1/8
-        f4 = self.layer3(f3)                                            # 1/16
-        f5 = self.layer4(f4)                                            # 1/32
-        return [f1, f2, f3, f4, f5]
+        features = [self.relu(self.bn1(self.conv1(x)))]                 # 1/2
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):  # 1/4, 1/8, 1/16, 1/32
+            features.append(layer(self.maxpool(features[-1]) if layer is self.layer1 else features[-1]))
+        return features
 
 
 def conv_block(cin, cout):
@@ -421,14 +415,14 @@ class DepthDecoder(nn.Module):
 
     def __init__(self, encoder_channels, channels=DECODER_CHANNELS):
         super().__init__()
-        self.up0, self.up1, self.heads = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        self.up0, self.up1 = nn.ModuleList(), nn.ModuleList()
         for i in range(4, -1, -1):                                      # level i works at 1/2^i after upsampling
             cin = encoder_channels[-1] if i == 4 else channels[i + 1]
             self.up0.append(conv_block(cin, channels[i]))
             skip = encoder_channels[i - 1] if i > 0 else 0
             self.up1.append(conv_block(channels[i] + skip, channels[i]))
-        for s in range(NUM_SCALES):
-            self.heads.append(nn.Conv2d(channels[s], 1, 3, padding=1, padding_mode="reflect"))
+        self.heads = nn.ModuleList(nn.Conv2d(channels[s], 1, 3, padding=1, padding_mode="reflect")
+                                   for s in range(NUM_SCALES))
 
     def forward(self, features):
         x, disps = features[-1], {}
@@ -491,11 +485,43 @@ def pick_device(name):
     return torch.device(name)
 
 
-def amp_dtype_for(device, no_amp):
-    """Autocast dtype: fp16 (with a GradScaler) on CUDA, bf16 on CPU, None (fp32) with --no-amp."""
-    if no_amp:
-        return None
-    return torch.float16 if device.type == "cuda" else torch.bfloat16
+def amp_dtype_for(device, no_amp, name="auto"):
+    """Autocast dtype: fp16 (with a GradScaler) on CUDA, bf16 on CPU, None (fp32) with --no-amp; --amp-dtype
+    float16|bfloat16 forces one (float16 on CPU runs CUDA's path: fp16 autocast, GradScaler, channels-last)."""
+    return None if no_amp else getattr(torch, name, torch.float16 if device.type == "cuda" else torch.bfloat16)
+
+
+def setup_distributed(device_name):
+    """Under torchrun (WORLD_SIZE > 1) join the process group from the environment: nccl on CUDA (the GPU of
+    LOCAL_RANK), gloo on CPU. Returns (rank, world_size, device); (0, 1, device) without torchrun."""
+    world, device = int(os.environ.get("WORLD_SIZE", 1)), pick_device(device_name)
+    if world > 1 and device.type == "cuda":
+        torch.cuda.set_device(device := torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return (torch.distributed.get_rank() if world > 1 else 0), world, device
+
+
+def wrap_ddp(model, args, device, world):
+    """--sync-bn (CUDA only: torch's SyncBatchNorm runs on GPUs); model.train() with --freeze-bn's BatchNorms in
+    eval mode (running statistics, not updated); DistributedDataParallel when world > 1 (the model is .module)."""
+    if args.sync_bn and world > 1 and device.type != "cuda":
+        raise ValueError("--sync-bn needs CUDA devices (torch's SyncBatchNorm runs only on GPUs)")
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(model) if args.sync_bn and world > 1 else model
+    for m in model.train().modules():  # parents come before children: each BatchNorm's own mode is set last
+        m.train(not (args.freeze_bn and isinstance(m, nn.modules.batchnorm._BatchNorm)))
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids) if world > 1 else model
+
+
+def add_parallel_args(p):
+    """The flags of mixed precision and torchrun data parallelism, shared by the training stages."""
+    p.add_argument("--amp-dtype", default="auto", choices=["auto", "float16", "bfloat16"], help="autocast dtype "
+                   "(auto: fp16 on CUDA, bf16 on CPU); float16 on CPU runs CUDA's path (GradScaler, channels-last)")
+    p.add_argument("--freeze-bn", action="store_true", help="BatchNorm on its running statistics, not updated "
+                   "(batch-independent: fine-tuning, and runs that equal each other over any process split)")
+    p.add_argument("--sync-bn", action="store_true", help="torchrun on CUDA: BatchNorm statistics of the global "
+                   "batch (SyncBatchNorm). Default off: each GPU normalizes its own batch, as the paper's one GPU")
 
 
 class BadInput(ValueError):
@@ -691,10 +717,12 @@ class TripletDataset(torch.utils.data.Dataset):
 
 class StepBatches(torch.utils.data.Sampler):
     """The batches of global steps start ... stop - 1: step s takes batch b of epoch e (s = e * n // batch_size + b)
-    of a seeded per-epoch permutation (drop last), as [(e, index), ...]. A resumed run starts mid-epoch exactly."""
+    of a seeded per-epoch permutation (drop last), as [(e, index), ...]. A resumed run starts mid-epoch exactly.
+    torchrun: batch_size is the global batch (per process x world); process `rank` takes its contiguous share."""
 
-    def __init__(self, n, batch_size, seed, start, stop):
+    def __init__(self, n, batch_size, seed, start, stop, rank=0, world=1):
         self.n, self.batch_size, self.seed, self.start, self.stop = n, batch_size, seed, start, stop
+        self.rank, self.world = rank, world
 
     def __len__(self):
         return self.stop - self.start
@@ -703,7 +731,8 @@ class StepBatches(torch.utils.data.Sampler):
         for step in range(self.start, self.stop):
             epoch, b = divmod(step, self.n // self.batch_size)
             perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
-            yield [(epoch, i) for i in perm[b * self.batch_size:(b + 1) * self.batch_size].tolist()]
+            share = perm[b * self.batch_size:(b + 1) * self.batch_size].tensor_split(self.world)[self.rank]
+            yield [(epoch, i) for i in share.tolist()]
 
 
 def train_step(depth_net, pose_net, optimizer, scaler, batch, args, amp_dtype, generator=None):
@@ -768,12 +797,12 @@ def train(args):
         return
     out, resume = outputs
     args.crop_bottom = resolve_crop_bottom(args)
-    device = pick_device(args.device)
-    amp_dtype = amp_dtype_for(device, args.no_amp)
+    rank, world, device = setup_distributed(args.device)  # torchrun: rank 0 of `world` writes
+    amp_dtype = amp_dtype_for(device, args.no_amp, args.amp_dtype)
     seed_everything(args.seed)
     # ===== data =====
     dataset = TripletDataset(training_items(args), args.size, args.crop_bottom, not args.no_augment, args.seed)
-    steps_per_epoch = len(dataset) // args.batch_size
+    steps_per_epoch = len(dataset) // (args.batch_size * world)  # --batch-size per process
     if steps_per_epoch == 0:
         raise SystemExit(f"{len(dataset)} triplets are fewer than one batch of {args.batch_size}")
     total = args.steps if args.steps is not None else args.epochs * steps_per_epoch
@@ -781,6 +810,8 @@ def train(args):
     drop_step = int(round(total * args.lr_drop_epoch / args.epochs))  # epoch 15 of 20, or that fraction of --steps
     # ===== model and optimizer =====
     depth_net, pose_net = DepthNet(args.arch, args.weights).to(device), PoseNet(args.arch, args.weights).to(device)
+    nets = [wrap_ddp(net, args, device, world) for net in (depth_net, pose_net)]  # --freeze-bn, --sync-bn, DDP
+    depth_net, pose_net = (getattr(net, "module", net) for net in nets)
     optimizer = torch.optim.Adam(list(depth_net.parameters()) + list(pose_net.parameters()), lr=args.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     noise = torch.Generator(device).manual_seed(args.seed)              # auto-masking's tie-break noise
@@ -792,34 +823,38 @@ def train(args):
         check_resume(ckpt["args"], args, path)
         for part, key in [(depth_net, "model"), (pose_net, "pose_model"), (optimizer, "optimizer"), (scaler, "scaler")]:
             part.load_state_dict(ckpt[key])
-        noise.set_state(ckpt["noise"])
         step = ckpt["step"]
-    atomic_write(os.path.join(out, "args.json"), lambda f: f.write(json.dumps(vars(args), indent=2).encode()))
-    print(f"[depth] device {device}, amp {amp_dtype}, {len(dataset)} triplets, {steps_per_epoch} steps per epoch, "
-          f"{total} steps from step {step}, lr drop at step {drop_step}")
+    if rank == 0:
+        atomic_write(os.path.join(out, "args.json"), lambda f: f.write(json.dumps(vars(args), indent=2).encode()))
+    print(f"[depth] device {device} (rank {rank} of {world}), amp {amp_dtype}, {len(dataset)} triplets, "
+          f"{steps_per_epoch} steps per epoch, {total} steps from step {step}, lr drop at step {drop_step}")
     # ===== loop =====
-    batches = StepBatches(len(dataset), args.batch_size, args.seed, step, stop)
+    batches = StepBatches(len(dataset), args.batch_size * world, args.seed, step, stop, rank, world)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=args.workers,
                                          pin_memory=device.type == "cuda")
     start_time, start_step = time.time(), step
-    with resume_log(os.path.join(out, "log.jsonl"), step) as log:
-        for batch in tqdm(loader, initial=step, total=total, desc="depth train", disable=args.no_progress):
+    log_path = os.path.join(out, "log.jsonl")
+    with resume_log(log_path, step) if rank == 0 else open(os.devnull, "w") as log:  # rank 0 writes
+        for batch in tqdm(loader, initial=step, total=total, desc="depth train", disable=args.no_progress or rank):
             for group in optimizer.param_groups:  # Monodepth2: x0.1 after epoch 15 of 20
                 group["lr"] = args.lr * (args.lr_gamma if step >= drop_step else 1.0)
-            loss, logs = train_step(depth_net, pose_net, optimizer, scaler, batch, args, amp_dtype, noise)
+            noise.manual_seed(args.seed * 1000003 + step * world + rank)  # tie-break noise: per step and process
+            loss, logs = train_step(*nets, optimizer, scaler, batch, args, amp_dtype, noise)
             step += 1
-            if step % args.log_every == 0 or step == stop:
+            if world > 1:  # the logged loss is the global batch's (the other columns: rank 0's share)
+                torch.distributed.all_reduce(loss := loss.detach() / world)
+            if rank == 0 and (step % args.log_every == 0 or step == stop):
                 record = {"step": step, "epoch": step // steps_per_epoch, "loss": loss.item(), "lr": group["lr"],
                           "s_per_step": (time.time() - start_time) / (step - start_step), **logs}
                 print(json.dumps(record), file=log, flush=True)
                 tqdm.write(" ".join(f"{k} {v:.4g}" for k, v in record.items()))
-            if step % args.save_every == 0 or step % steps_per_epoch == 0 or step == stop:
+            if rank == 0 and (step % args.save_every == 0 or step % steps_per_epoch == 0 or step == stop):
                 ckpt = {**model_file(depth_net, pose_net, args), "optimizer": optimizer.state_dict(),
-                        "scaler": scaler.state_dict(), "noise": noise.get_state(), "step": step}
+                        "scaler": scaler.state_dict(), "step": step}
                 atomic_write(os.path.join(out, "checkpoint.pt"), lambda f: torch.save(ckpt, f))
     # ===== save =====
-    if step < total:
-        return print(f"[depth] stopped at step {step} of {total} (--stop-after); continue with --resume")
+    if step < total or rank > 0:
+        return rank or print(f"[depth] stopped at step {step} of {total} (--stop-after); continue with --resume")
     atomic_write(os.path.join(out, "model.pt"), lambda f: torch.save(model_file(depth_net, pose_net, args), f))
     print(f"[depth] wrote {out}/model.pt after {step} steps")
 
@@ -957,8 +992,10 @@ def get_args_parser():
     t.add_argument("--force-resume", action="store_true", help="--resume even if the checkpoint's settings differ")
     t.add_argument("--stop-after", type=positive_int, default=None,
                    help="stop once global step N is done, after writing checkpoint.pt, as an interruption would")
-    t.add_argument("--save-every", type=positive_int, default=1000, help="write checkpoint.pt every N global steps (and each epoch)")
+    t.add_argument("--save-every", type=positive_int, default=1000,
+                   help="write checkpoint.pt every N global steps (and each epoch)")
     t.add_argument("--log-every", type=positive_int, default=50, help="steps between log lines")
+    add_parallel_args(t)
     r = sub.add_parser("predict", help="disparity of images -> WORK/disp/<stem>.npy", parents=[shared], **kw)
     r.add_argument("--work", required=True, help="work folder: reads WORK/depth/model.pt, writes WORK/disp/")
     r.add_argument("--data", help="dataset root: predicts the annotated frames of --split")
@@ -983,7 +1020,12 @@ def main(argv=None):
         parser.error("depth.py predict: give --data DATA --split S or --images GLOB")
     if args.command == "train" and (args.size[0] % 32 or args.size[1] % 32):
         parser.error(f"--size {args.size[0]} {args.size[1]}: height and width must be multiples of 32")
-    return run_main({"train": train, "predict": predict, "eval": evaluate}[args.command], args, f"depth.py {args.command}")
+    try:
+        return run_main({"train": train, "predict": predict, "eval": evaluate}[args.command], args,
+                        f"depth.py {args.command}")
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -56,8 +56,9 @@ from tqdm import tqdm
 
 from cluster import (IGNORE, IMAGENET_MEAN, TRAIN_CLASSES, confusion_matrix, labelids_to_trainids, list_eval_pairs,
                      normalize_images, print_scores, read_pair, scores_json, segmentation_scores)
-from depth import (amp_dtype_for, atomic_write, fraction, image_size, nonnegative_int, pick_device, positive_float,
-                   positive_int, ranged, record_settings, resume_log, run_main, run_settings, seed_everything)
+from depth import (BadInput, add_parallel_args, amp_dtype_for, atomic_write, fraction, image_size, nonnegative_int,
+                   positive_float, positive_int, ranged, record_settings, resume_log, run_main, run_settings,
+                   seed_everything, setup_distributed, wrap_ddp)
 from swav_dense import HEAD_DIM, RESNET_CHANNELS, build_model, load_backbone_weights, load_model, restore_checkpoint
 
 # ----------------------------------------------------------------------------------------------------------
@@ -245,18 +246,20 @@ def labelled_sets(args):
 class TrainBatches(torch.utils.data.Dataset):
     """Item k = slot k % B of iteration start + k // B (B = args.batch_size): an augmented crop (args.scale_range,
     args.crop, args.flip) whose image and randomness depend only on (args.seed, iteration, slot), so resuming
-    reproduces an uninterrupted run exactly (any worker count)."""
+    reproduces an uninterrupted run exactly (any worker count). torchrun: B per process, the global batch of
+    B x world slots is drawn as one process's, and process `rank` takes slots rank B ... (rank + 1) B - 1."""
 
-    def __init__(self, pairs, start, stop, base_size, args):
+    def __init__(self, pairs, start, stop, base_size, args, rank=0, world=1):
         self.pairs, self.start, self.stop, self.base_size, self.args = pairs, start, stop, base_size, args
+        self.rank, self.world = rank, world
 
     def __len__(self):
         return max(self.stop - self.start, 0) * self.args.batch_size
 
     def __getitem__(self, k):
         args = self.args
-        iteration, slot = self.start + k // args.batch_size, k % args.batch_size
-        index = batch_indices(iteration, args.batch_size, len(self.pairs), args.seed)[slot]
+        iteration, slot = self.start + k // args.batch_size, self.rank * args.batch_size + k % args.batch_size
+        index = batch_indices(iteration, args.batch_size * self.world, len(self.pairs), args.seed)[slot]
         image, label_ids = read_pair(*self.pairs[index][1:])
         label = labelids_to_trainids(label_ids)
         rng = np.random.default_rng([args.seed, iteration, slot, 1])
@@ -265,11 +268,12 @@ class TrainBatches(torch.utils.data.Dataset):
         return torch.from_numpy(image), torch.from_numpy(label)
 
 
-def finetune_step(model, optimizer, scaler, images, labels, lr, amp_dtype=None):
+def finetune_step(model, optimizer, scaler, images, labels, lr, amp_dtype=None, world=1):
     """One SGD step at learning rate lr on uint8 images (B, H, W, 3) and trainIds (B, H, W), moved to the model's
     device; autocast with amp_dtype (None: fp32), the loss in fp32, scaled by the GradScaler (enabled for fp16).
     Mask R-CNN (labels a list of targets): images a list of uint8 (h, w, 3), the sum of its losses.
-    Returns the loss; raises FloatingPointError, before any update, on a non-finite loss."""
+    Returns the loss; raises FloatingPointError, before any update, on a non-finite loss. torchrun (world > 1,
+    model in DDP, semantic): the mean over the labelled pixels of all processes, its gradient equal to one process's."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     device = next(model.parameters()).device
@@ -281,20 +285,26 @@ def finetune_step(model, optimizer, scaler, images, labels, lr, amp_dtype=None):
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         out = model(x, labels) if isinstance(labels, list) else model(x)  # losses, or logits (B, C, H, W)
     loss = sum(v.float() for v in out.values()) if isinstance(out, dict) else segmentation_loss(out, labels)
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"non-finite loss {loss.item()}: stopping")
+    if world > 1:  # this process's share of the global mean, x world as DDP averages the gradients
+        torch.distributed.all_reduce(total := (count := (labels != IGNORE).sum()).clone())
+        loss = loss * count / total.clamp(min=1) * world
+    logged = loss.detach() / world
+    if world > 1:
+        torch.distributed.all_reduce(logged)  # the global batch's loss, on every process
+    if not torch.isfinite(logged):
+        raise FloatingPointError(f"non-finite loss {logged.item()}: stopping")
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()
-    return loss.item()
+    return logged.item()
 
 
 @torch.no_grad()
 def evaluate_segmentation(model, pairs, size, device, amp_dtype=None, num_classes=len(TRAIN_CLASSES)):
     """Scores (cluster.segmentation_scores) over a labelled set: each whole frame resized to size (None =
     native), logits bilinearly upsampled to the label's resolution, argmax, one confusion over the set."""
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}  # restored after (--freeze-bn's BatchNorms stay in eval)
     model.eval()
     conf = np.zeros((num_classes, num_classes), dtype=np.int64)
     for _, image_path, label_path in pairs:
@@ -306,7 +316,8 @@ def evaluate_segmentation(model, pairs, size, device, amp_dtype=None, num_classe
         logits = F.interpolate(logits.float(), size=label_ids.shape, mode="bilinear", align_corners=False)
         conf += confusion_matrix(logits.argmax(1)[0].cpu().numpy(), labelids_to_trainids(label_ids), num_classes,
                                  num_classes)
-    model.train(was_training)
+    for m, mode in modes.items():  # parents before children: each module ends in its own mode
+        m.train(mode)
     return segmentation_scores(conf)
 
 
@@ -590,25 +601,31 @@ def run_folds(args):
 def run(args):
     if args.folds > 1 and args.fold is None:
         return run_folds(args)
-    print("args: " + ", ".join(f"{k}={v}" for k, v in sorted(vars(args).items())))
+    rank, world, device = setup_distributed(args.device)  # torchrun: rank 0 of `world` prints and writes
+    say = print if rank == 0 else lambda *a, **k: None
+    say("args: " + ", ".join(f"{k}={v}" for k, v in sorted(vars(args).items())))
     seed_everything(args.seed)
-    device = pick_device(args.device)
-    amp_dtype = amp_dtype_for(device, args.no_amp)
+    amp_dtype = amp_dtype_for(device, args.no_amp, args.amp_dtype)
     instance, out = args.task == "instance", output_folder(args)
-    args.iters = args.iters or (INSTANCE_ITERS if instance else ABLATION_ITERS)
+    if instance and world > 1:
+        raise BadInput("--task instance runs in one process (its batches are not split over torchrun processes yet)")
+    args.iters, args.world_size = args.iters or (INSTANCE_ITERS if instance else ABLATION_ITERS), world
     ckpt_path, log_path, metrics_path = (os.path.join(out, f) for f in ("checkpoint.pt", "log.jsonl", "metrics.json"))
     record_settings(out, run_settings(args), args.overwrite or args.force_resume, "metrics.json")  # others': stop
     if os.path.exists(metrics_path) and not args.overwrite and not args.resume:
-        print(f"{metrics_path} exists; skipping (use --overwrite to redo)")
+        say(f"{metrics_path} exists; skipping (use --overwrite to redo)")
         return json.load(open(metrics_path))
     os.makedirs(out, exist_ok=True)
 
     # ===== data =====
     train, val, base_size = training_data(args)
-    print(f"device {device}, autocast {amp_dtype}; {len(train)} labelled training images, {len(val)} evaluation images")
+    say(f"device {device} x {world}, autocast {amp_dtype}; {len(train)} labelled training images, "
+        f"{len(val)} evaluation images")
 
     # ===== model (a Table 2 row's initialization), optimizer (SGD), GradScaler (fp16) =====
-    model = (instance_network if instance else segmentation_network)(args).to(device).train()
+    network = (instance_network if instance else segmentation_network)(args).to(device)
+    ddp_model = wrap_ddp(network, args, device, world)  # .train(), --freeze-bn, DDP under torchrun
+    model = getattr(ddp_model, "module", ddp_model)
     optimizer = torch.optim.SGD(weight_decay_groups(model, instance), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -617,30 +634,30 @@ def run(args):
     parts = {"model": model, "optimizer": optimizer, "scaler": scaler}  # what checkpoint.pt holds, with iteration, args
     start = restore_checkpoint(ckpt_path, args, "iteration", **parts)
     stop, tick, scores = min(args.iters, args.stop_after or args.iters), time.time(), None
-    batches = (InstanceBatches if instance else TrainBatches)(train, start, stop, base_size, args)
+    batches = (InstanceBatches if instance else TrainBatches)(train, start, stop, base_size, args, rank, world)
     loader = torch.utils.data.DataLoader(batches, batch_size=args.batch_size, num_workers=args.workers, pin_memory=
                                          device.type == "cuda", collate_fn=collate_lists if instance else None)
-    with resume_log(log_path, start, "iteration") as log:  # a fresh run starts a fresh log, a resumed one is cut
-        bar = tqdm(loader, desc="finetune", initial=start, total=args.iters, disable=args.no_progress or None)
+    with resume_log(log_path, start, "iteration") if rank == 0 else open(os.devnull, "w") as log:  # rank 0 writes
+        bar = tqdm(loader, desc="finetune", initial=start, total=args.iters, disable=args.no_progress or rank or None)
         for iteration, (images, labels) in enumerate(bar, start=start):
             torch.manual_seed(args.seed * 1000003 + iteration)  # Mask R-CNN's box sampling: resumable draws
             lr = (warmup_step_lr(args.lr, iteration, args.iters, args.warmup_iters) if instance
                   else poly_lr(args.lr, iteration, args.iters, args.poly_power))
-            loss = finetune_step(model, optimizer, scaler, images, labels, lr, amp_dtype)
+            loss = finetune_step(ddp_model, optimizer, scaler, images, labels, lr, amp_dtype, world)
             done, speed = iteration + 1, (iteration + 1 - start) / (time.time() - tick)
-            if done % args.log_every == 0 or done == stop:
+            if rank == 0 and (done % args.log_every == 0 or done == stop):
                 log.write(json.dumps({"iteration": done, "loss": loss, "lr": lr, "it_per_s": speed}) + "\n")
                 bar.write(f"iter {done}/{args.iters} loss {loss:.4f} lr {lr:.5f} {speed:.2f} it/s ETA "
                           f"{(args.iters - done) / speed / 60:.1f} min")
-            if done == stop or (args.save_every and done % args.save_every == 0):
+            if rank == 0 and (done == stop or (args.save_every and done % args.save_every == 0)):
                 state = {**{k: v.state_dict() for k, v in parts.items()}, "iteration": done, "args": vars(args)}
                 atomic_write(ckpt_path, lambda f: torch.save(state, f))
-            if done == args.iters or (args.eval_every and done % args.eval_every == 0):
+            if rank == 0 and (done == args.iters or (args.eval_every and done % args.eval_every == 0)):
                 scores, line = evaluate_task(model, val, base_size, device, amp_dtype, args, final=done == args.iters)
                 log.write(json.dumps({"eval": True, "iteration": done, **scores}) + "\n")
                 bar.write(f"eval {done}: {line}")
-    if stop < args.iters:  # --stop-after: checkpoint.pt is written, as an interruption would leave it
-        print(f"stopped after iteration {stop} of {args.iters}; continue with --resume")
+    if stop < args.iters or rank > 0:  # --stop-after: checkpoint.pt is written, as an interruption would leave it
+        say(f"stopped after iteration {stop} of {args.iters}; continue with --resume")
         return None
 
     # ===== save: model.pt, then metrics.json =====
@@ -723,6 +740,7 @@ def get_args_parser():
     p.add_argument("--force-resume", action="store_true", help="--resume even if the checkpoint's settings differ")
     p.add_argument("--workers", type=nonnegative_int, default=4, help="data loader worker processes; 0 = in the main process")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda: auto picks CUDA when torch sees one, else CPU")
+    add_parallel_args(p)
     p.add_argument("--no-amp", action="store_true", help="fp32 throughout (default: autocast, fp16 + GradScaler on "
                    "CUDA, bf16 on CPU; bf16 is much slower than fp32 on CPUs without bf16 units)")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of every random draw of the run (the subset, the "
@@ -736,7 +754,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if (args.fold is not None and args.fold >= args.folds) or args.scale_range[0] > args.scale_range[1]:
         parser.error(f"need --fold < --folds ({args.fold}, {args.folds}) and --scale-range MIN <= MAX")
-    return run_main(run, args, "finetune.py")
+    try:
+        return run_main(run, args, "finetune.py")
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ target of a point is its group's mean code; Eqn 6 the cross-entropy -sum_k qbar_
         # paper: ResNet-50, K 1000, 25 epochs of M = 8 samples, one GPU, AMP
     python swav_dense.py --work runs/toy --arch resnet18 --input-size 96 192 --num-prototypes 100 \
         --pixel-samples 1000 --region-samples 1000 --steps 150 --workers 0 --device cpu --no-amp   # CPU, minutes
+    torchrun --nnodes N --nproc_per_node G swav_dense.py ARGS   # DDP: global batch --batch-samples x N G, --lr as
+        # given; Sinkhorn over all processes, equal to one process on the whole batch; rank 0 writes; --freeze-bn
 
 Departures from the paper / released code:
 - Region groups are label // T (the released code divides by M, right only when T = M = 8).
@@ -46,6 +48,7 @@ import os
 import time
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
@@ -55,9 +58,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.ops import FeaturePyramidNetwork
 from tqdm import tqdm
 
-from depth import (BadInput, amp_dtype_for, atomic_write, check_resume, checked_read, load_torch,
-                   nonnegative_int, pick_device, positive_float, positive_int, ranged, record_settings, resume_log,
-                   run_main, run_settings, seed_everything, unit_float)
+from depth import (BadInput, add_parallel_args, amp_dtype_for, atomic_write, check_resume, checked_read, load_torch,
+                   nonnegative_int, positive_float, positive_int, ranged, record_settings, resume_log, run_main,
+                   run_settings, seed_everything, setup_distributed, unit_float, wrap_ddp)
 
 # ===== Paper constants (Sec 3.4 and Sec 4; SwAV for the Sinkhorn settings) =====
 NUM_PROTOTYPES = 1000  # K, Sec 3.4
@@ -168,13 +171,14 @@ def region_positives(labels, augment, num_slots, num_points, generator=None):
 def batch_positives(samples, pixel_samples, region_samples, generator=None, pixel=True, region=True):
     """Positives of a batch of samples, with canvas, seed and region ids offset per sample.
 
-    samples: list of dicts with labels, transforms, canvas_of, augment (see pixel_positives). Returns
+    samples: list of dicts with labels, transforms, canvas_of, augment (see pixel_positives). generator: one for
+    all samples, or a list of one per sample (each sample's draws then do not depend on the others). Returns
     {"pixel": (points, canvas, group, num_groups), "region": (...)} for the levels asked for, sorted by canvas.
     """
-    out = {}
+    out, generators = {}, generator if isinstance(generator, list) else [generator] * len(samples)
     for level in [name for name, wanted in (("pixel", pixel), ("region", region)) if wanted]:
         parts, canvas_offset, group_offset = [], 0, 0
-        for sample in samples:
+        for sample, generator in zip(samples, generators):
             labels, transforms, augment = sample["labels"], sample["transforms"], sample["augment"]
             if level == "pixel":
                 points, canvas, group, num = pixel_positives(labels, transforms, sample["canvas_of"], augment,
@@ -206,19 +210,30 @@ def sample_features(features, canvas, points):
     return torch.cat([s[:, 0, :n].t() for s, n in zip(sampled, counts)])  # (B, D, 1, P) -> (N, D)
 
 
+def all_reduce(x, process_group, op=dist.ReduceOp.SUM):
+    """x summed (or op) in place over the processes of process_group; None: one process, x unchanged."""
+    if process_group is not None:
+        dist.all_reduce(x, op, group=process_group)
+    return x
+
+
 @torch.no_grad()
-def sinkhorn(scores, eps=SINKHORN_EPS, iters=SINKHORN_ITERS):
+def sinkhorn(scores, eps=SINKHORN_EPS, iters=SINKHORN_ITERS, process_group=None):
     """SwAV's Sinkhorn-Knopp codes of scores (B samples, K prototypes) -> (B, K), fp32, no gradient.
 
     In SwAV's K x B layout: Q = exp(S / eps)^T divided by its sum; each iteration scales every prototype (row
     of Q) to total 1/K, then every sample (column) to total 1/B; finally x B, so each sample's code sums to 1.
     Here on Q^T (B, K). The maximum of S / eps is subtracted before exp (it cancels in the first division).
+    process_group (torchrun): the rows are spread over its processes, as in SwAV's distributed Sinkhorn: the
+    maximum, the total and the prototype sums are all-reduced and B is the global number of rows, so each
+    process gets its rows of the codes of all rows together (a process may hold none).
     """
-    q = (scores.float() - scores.max()).div_(eps).exp_()  # Q^T (B, K), one copy, scaled in place
-    q /= q.sum()
-    b, k = q.shape
+    top = scores.max() if len(scores) else scores.new_tensor(-math.inf)
+    q = (scores.float() - all_reduce(top, process_group, dist.ReduceOp.MAX)).div_(eps).exp_()  # Q^T (B, K)
+    q /= all_reduce(q.sum(), process_group)
+    k, b = q.shape[1], int(all_reduce(torch.tensor(q.shape[0], device=q.device), process_group))
     for _ in range(iters):
-        q /= q.sum(dim=0, keepdim=True) * k  # prototypes to 1/K
+        q /= all_reduce(q.sum(dim=0, keepdim=True), process_group) * k  # prototypes to 1/K
         q /= q.sum(dim=1, keepdim=True) * b  # samples to 1/B
     return q.mul_(b)
 
@@ -230,33 +245,41 @@ def group_mean_codes(codes, group, num_groups):
     return sums.div_(counts[:, None])
 
 
-def swav_cross_entropy(logits, group_codes, group):
+def swav_cross_entropy(logits, group_codes, group, count=None):
     """Eqn 6: mean over points n of -sum_k qbar_{g(n),k} log p_{n,k}, p_n = softmax(S_n / tau) (Eqn 4).
 
     logits (N, K) = S / tau, group_codes (G, K), group (N,) ids < G. Computed as -(1/N) sum_g <qbar_g, sum_{n in
     g} log p_n>: the log-probabilities are summed per group first, so no N x K target matrix is formed.
+    count: the N of the mean when these points are one process's share of more (default: N = len(logits)).
     """
     log_p = F.log_softmax(logits, dim=1)  # (N, K)
     summed = log_p.new_zeros(group_codes.shape).index_add_(0, group, log_p)  # (G, K)
-    return -torch.dot(group_codes.flatten(), summed.flatten()) / max(logits.shape[0], 1)
+    return -torch.dot(group_codes.flatten(), summed.flatten()) / max(len(logits) if count is None else count, 1)
 
 
 def dense_swav_loss(features, positives, prototypes, lam=LAMBDA, eps=SINKHORN_EPS, tau=TAU,
-                    iters=SINKHORN_ITERS):
+                    iters=SINKHORN_ITERS, process_group=None):
     """Eqn 7: L = lam L_pixel + (1 - lam) L_region, from projector features (B, D, h, w), batch_positives() and
     the prototypes (K, D); all in fp32. Returns (loss, {"pixel": L_pixel, "region": L_region}) for the levels
-    in `positives`."""
+    in `positives`. process_group (torchrun): Sinkhorn over the points of all processes, and each process's
+    loss is its points' share of the mean over all points (the sum over processes is one process's loss on the
+    whole batch). Pixel and region groups lie within one sample, so the group means need no communication."""
     features = features.float()
     prototypes = F.normalize(prototypes.float(), dim=1)
     parts = {}
     for level, (points, canvas, group, num_groups) in positives.items():
-        if len(group) == 0:  # no positives at this level (nothing visible twice): no loss, graph kept
+        count = len(group) if process_group is None else int(
+            all_reduce(torch.tensor(len(group), device=features.device), process_group))
+        if count == 0:  # no positives at this level (nothing visible twice): no loss, graph kept
             parts[level] = features.sum() * 0
             continue
-        z = F.normalize(sample_features(features, canvas, points), dim=1)  # (N, D)
+        if len(group):
+            z = F.normalize(sample_features(features, canvas, points), dim=1)  # (N, D)
+        else:  # none here, some on other processes: an empty share that still joins the all-reduces and DDP
+            z = features.new_zeros(0, features.shape[1]) + features.sum() * 0
         logits = z @ (prototypes / tau).t()  # S / tau (N, K): 1/tau applied to the small (K, D) matrix
-        codes = sinkhorn(logits, eps / tau, iters)  # q (N, K); exp(S / eps) = exp((S / tau) / (eps / tau))
-        parts[level] = swav_cross_entropy(logits, group_mean_codes(codes, group, num_groups), group)
+        codes = sinkhorn(logits, eps / tau, iters, process_group)  # exp(S / eps) = exp((S / tau) / (eps / tau))
+        parts[level] = swav_cross_entropy(logits, group_mean_codes(codes, group, num_groups), group, count)
     loss = lam * parts.get("pixel", 0.0) + (1 - lam) * parts.get("region", 0.0)
     return loss, parts
 
@@ -358,7 +381,6 @@ def build_model(arch="resnet50", num_prototypes=NUM_PROTOTYPES, proj_dim=PROJ_DI
     return model
 
 
-
 def load_backbone_weights(model, path):
     """Load a local torchvision ResNet state_dict (e.g. torch.save(resnet50(weights=...).state_dict(), FILE))
     into model.backbone, strictly (fc.* ignored: the classifier is not part of the backbone)."""
@@ -382,8 +404,6 @@ def load_model(path, map_location="cpu"):
                                                            ckpt.get("proj_dim", PROJ_DIM), ckpt.get("head_dim", HEAD_DIM)))
     checked_read(path, make, lambda _: model.load_state_dict(ckpt["model"], strict=True))
     return model.to(map_location), ckpt
-
-
 
 
 # ===== Data: samples (saved by copypaste.py or built on the fly), per-canvas augmentation =====
@@ -462,7 +482,7 @@ class TrainingSamples(Dataset):
             sample = load_torch(where, "python copypaste.py --work WORK ...")
         check_sample(sample, where)
         generator = torch.Generator().manual_seed(item_seed(self.seed, self.epoch, index))
-        return augment_sample(sample, generator, self.augment, self.photometric, self.input_size)
+        return {**augment_sample(sample, generator, self.augment, self.photometric, self.input_size), "index": index}
 
 
 # ===== Training =====
@@ -474,28 +494,32 @@ def parameter_groups(model):
             {"name": "prototypes", "params": list(model.prototypes.parameters())}]
 
 
-def train_step(model, batch, args, optimizer, scaler, amp_dtype, step):
+def train_step(model, batch, args, optimizer, scaler, amp_dtype, step, world=1):
     """One SGD step of Eqn 7 on a batch (a list of augmented samples, all canvases through the network as one
-    batch); the positives are drawn with a generator seeded by (--seed, step). Returns (loss, {level: loss})."""
-    device = model.prototypes.weight.device
-    model.normalize_prototypes()  # each prototype L2-normalized before every step (SwAV)
+    batch); the positives of a sample are drawn with a generator seeded by (--seed, step, its index), whichever
+    process holds it. model: the network, or its DDP wrapper under torchrun (world processes, this one holding
+    its share of the global batch). Returns (loss, {level: loss}) of the global batch."""
+    net = getattr(model, "module", model)  # the bare network inside DDP
+    device, group = net.prototypes.weight.device, dist.group.WORLD if world > 1 else None
+    net.normalize_prototypes()  # each prototype L2-normalized before every step (SwAV)
     images = torch.cat([s["images"] for s in batch]).to(device, non_blocking=True)
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         features = model(images)  # (B, D, H/4, W/4) projector output
     # positives, Sinkhorn and the loss in fp32, outside autocast
     samples = [{k: s[k].to(device) for k in ("labels", "transforms", "canvas_of", "augment")} for s in batch]
-    generator = torch.Generator().manual_seed(item_seed(args.seed + 1, 0, step))
-    positives = batch_positives(samples, args.pixel_samples, args.region_samples, generator,
+    generators = [torch.Generator().manual_seed(item_seed(args.seed + 1, step, s["index"])) for s in batch]
+    positives = batch_positives(samples, args.pixel_samples, args.region_samples, generators,
                                 pixel=args.lam > 0, region=args.lam < 1)
-    loss, parts = dense_swav_loss(features.float(), positives, model.prototypes.weight.flatten(1), args.lam,
-                                  args.eps, args.tau, args.sinkhorn_iters)
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"non-finite loss {loss.item()}: stopping (lower --lr, or try --no-amp)")
+    loss, parts = dense_swav_loss(features.float(), positives, net.prototypes.weight.flatten(1), args.lam,
+                                  args.eps, args.tau, args.sinkhorn_iters, group)
+    logged = all_reduce(torch.stack([loss.detach(), *[v.detach() for v in parts.values()]]), group).tolist()
+    if not math.isfinite(logged[0]):  # the global loss: every process stops together
+        raise FloatingPointError(f"non-finite loss {logged[0]}: stopping (lower --lr, or try --no-amp)")
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
+    scaler.scale(loss * world).backward()  # DDP averages the processes' gradients; their sum is one GPU's
     scaler.step(optimizer)
     scaler.update()
-    return loss.item(), {k: v.item() for k, v in parts.items()}
+    return logged[0], dict(zip(parts, logged[1:]))
 
 
 def build_dataset(args):
@@ -531,35 +555,45 @@ def restore_checkpoint(path, args, key="step", **parts):
     return ckpt[key]
 
 
-def epoch_batches(num_items, batch_samples, seed, epoch):
-    """The epoch's batches of item indices, shuffled reproducibly (a resumed run skips the ones it has done)."""
+def epoch_batches(num_items, batch_samples, seed, epoch, rank=0, world=1):
+    """The epoch's batches of item indices, shuffled reproducibly (a resumed run skips the ones it has done).
+    torchrun: global batches of batch_samples x world items, of which process `rank` takes its contiguous share;
+    a last global batch of fewer than `world` items is dropped (a process with nothing could not step)."""
     order = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
-    return [b.tolist() for b in order.split(batch_samples)]
+    batches = [b.tolist() for b in order.split(batch_samples * world) if len(b) >= world]
+    return [b[len(b) * rank // world:len(b) * (rank + 1) // world] for b in batches]
 
 
 def run(args):
     """Dense SwAV pre-training (Sec 3.4): WORK/samples (or samples built on the fly) -> WORK/swav/model.pt."""
     out_dir = args.out or os.path.join(args.work, "swav")
     final, ckpt_path = os.path.join(out_dir, "model.pt"), os.path.join(out_dir, "checkpoint.pt")
-    record_settings(out_dir, run_settings(args), args.overwrite or args.force_resume, "model.pt")  # others': stop
+    rank, world, device = setup_distributed(args.device)  # torchrun: rank 0 of `world` prints and writes
+    say = print if rank == 0 else lambda *a: None
+    args.world_size = world  # the global batch is batch_samples x world: a setting of the run, checked on resume
+    if rank == 0:
+        record_settings(out_dir, run_settings(args), args.overwrite or args.force_resume, "model.pt")  # others': stop
     if os.path.exists(final) and not args.overwrite and not (args.resume and os.path.exists(ckpt_path)):
-        print(f"[swav_dense] {final} exists: skipping (--overwrite to retrain)")
+        say(f"[swav_dense] {final} exists: skipping (--overwrite to retrain)")
         return final
-    device = pick_device(args.device)
-    amp_dtype = amp_dtype_for(device, args.no_amp)
-    print(f"[swav_dense] device {device}, amp {amp_dtype}, threads {torch.get_num_threads()}, args {vars(args)}")
+    amp_dtype = amp_dtype_for(device, args.no_amp, args.amp_dtype)
+    say(f"[swav_dense] device {device} x {world} processes, amp {amp_dtype}, threads {torch.get_num_threads()}, "
+        f"args {vars(args)}")
     # ===== data =====
     dataset = build_dataset(args)
-    steps_per_epoch = math.ceil(len(dataset) / args.batch_samples)
+    steps_per_epoch = len(epoch_batches(len(dataset), args.batch_samples, args.seed, 0, 0, world))
     total = args.steps or args.epochs * steps_per_epoch
     stop_at = min(total, args.stop_after or total)
     # ===== model =====
     seed_everything(args.seed)
     model = build_model(args.arch, args.num_prototypes, PROJ_DIM, HEAD_DIM,
                         args.backbone_weights if args.init == "imagenet" else None)
-    model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
+    fp16_path = device.type == "cuda" or amp_dtype == torch.float16  # CUDA's path: channels-last
+    model.to(device, memory_format=torch.channels_last if fp16_path else torch.contiguous_format)
+    ddp_model = wrap_ddp(model, args, device, world)  # --sync-bn, --freeze-bn, DDP under torchrun
+    model = getattr(ddp_model, "module", ddp_model)  # SyncBatchNorm layers are new modules: after wrapping
     info = dict(arch=args.arch, num_prototypes=args.num_prototypes, proj_dim=PROJ_DIM, head_dim=HEAD_DIM,
-                args=vars(args))  # what a consumer needs to rebuild the network
+                args=vars(args), world_size=world)  # what a consumer needs to rebuild the network
     # ===== optimizer: SGD, per-step linear warm-up then cosine, GradScaler for fp16 =====
     optimizer = torch.optim.SGD(parameter_groups(model), args.lr, args.momentum, weight_decay=args.weight_decay)
     warmup = min(total, round(args.warmup_epochs * steps_per_epoch))
@@ -569,31 +603,33 @@ def run(args):
     step = restore_checkpoint(ckpt_path, args, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
     # ===== loop =====
     start_time, start_step = time.time(), step
-    with resume_log(os.path.join(out_dir, "log.jsonl"), step) as log, \
-            tqdm(total=total, initial=step, desc="swav_dense", dynamic_ncols=True, disable=args.no_progress) as bar:
+    log_path = os.path.join(out_dir, "log.jsonl")
+    with resume_log(log_path, step) if rank == 0 else open(os.devnull, "w") as log, \
+            tqdm(total=total, initial=step, desc="swav_dense", dynamic_ncols=True,
+                 disable=args.no_progress or rank > 0) as bar:
         while step < stop_at:
             dataset.set_epoch(epoch := step // steps_per_epoch)
-            batches = epoch_batches(len(dataset), args.batch_samples, args.seed, epoch)
+            batches = epoch_batches(len(dataset), args.batch_samples, args.seed, epoch, rank, world)
             for batch in DataLoader(dataset, batch_sampler=batches[step % steps_per_epoch:][:stop_at - step],
                                     collate_fn=list, num_workers=args.workers, pin_memory=device.type == "cuda"):
-                loss, parts = train_step(model, batch, args, optimizer, scaler, amp_dtype, step)
+                loss, parts = train_step(ddp_model, batch, args, optimizer, scaler, amp_dtype, step, world)
                 record = {"step": step + 1, "epoch": epoch, "loss": loss, "lr": scheduler.get_last_lr()[0],
                           **{f"loss_{k}": v for k, v in parts.items()}}
                 scheduler.step()
                 step += 1
                 bar.update(1)
                 log.write(json.dumps(record) + "\n")
-                if step % args.log_every == 0 or step == stop_at:  # a loss stuck at ln K: uniform assignments
+                if rank == 0 and (step % args.log_every == 0 or step == stop_at):  # loss stuck at ln K: uniform
                     eta = (stop_at - step) * (time.time() - start_time) / (step - start_step) / 60
                     bar.write(f"[swav_dense] {' '.join(f'{k} {v:.5g}' for k, v in record.items())} eta {eta:.1f} min")
                 # ===== checkpoint =====
-                if step % args.save_every == 0 or step % steps_per_epoch == 0 or step == stop_at:
+                if rank == 0 and (step % args.save_every == 0 or step % steps_per_epoch == 0 or step == stop_at):
                     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                              "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), **info}
                     atomic_write(ckpt_path, lambda f: torch.save(state, f))
-    if step >= total:
+    if step >= total and rank == 0:
         atomic_write(final, lambda f: torch.save({"model": model.state_dict(), "step": step, **info}, f))
-    print(f"[swav_dense] {'wrote ' + final if step >= total else 'stopped (--stop-after): continue with --resume'}")
+    say(f"[swav_dense] {'wrote ' + final if step >= total else 'stopped (--stop-after): continue with --resume'}")
     return final if step >= total else ckpt_path
 
 
@@ -623,8 +659,10 @@ def get_args_parser():
                    "the network (labels and matrices stay exact); cheap CPU runs. Default: the samples' size")
     g.add_argument("--no-augment", action="store_true", help="no per-canvas augmentation (G = identity): ablation")
     g.add_argument("--no-photometric", action="store_true", help="per-canvas augmentation without color changes")
-    g.add_argument("--batch-samples", type=positive_int, default=1, help="samples per step (paper: 1 sample = 2M canvases)")
-    g.add_argument("--workers", type=nonnegative_int, default=4, help="DataLoader worker processes; 0 = in the main process")
+    g.add_argument("--batch-samples", type=positive_int, default=1,
+                   help="samples per step and process (paper: 1 = 2M canvases)")
+    g.add_argument("--workers", type=nonnegative_int, default=4,
+                   help="DataLoader worker processes; 0 = in the main process")
     g = p.add_argument_group("loss (Eqn 4-7)")
     g.add_argument("--pixel-samples", type=positive_int, default=PIXEL_SAMPLES, help="pixel seeds per canvas (released: 4000)")
     g.add_argument("--region-samples", type=positive_int, default=REGION_SAMPLES, help="region points/canvas (released: 7200)")
@@ -643,6 +681,7 @@ def get_args_parser():
     g.add_argument("--weight-decay", type=ranged(float, 0), default=1e-4, help="SGD weight decay, all parameters (paper: 1e-4)")
     g.add_argument("--no-amp", action="store_true", help="fp32 throughout (default: autocast, fp16 + GradScaler "
                    "on CUDA, bf16 on CPU; the loss is fp32 either way)")
+    add_parallel_args(g)
     g.add_argument("--device", default="auto", help="auto|cpu|cuda: auto picks CUDA when torch sees one, else CPU")
     g.add_argument("--seed", type=nonnegative_int, default=0, help="seed of every random draw of the run")
     g = p.add_argument_group("run")
@@ -660,7 +699,11 @@ def get_args_parser():
 
 
 def main(argv=None):
-    return run_main(run, get_args_parser().parse_args(argv), "swav_dense.py")
+    try:
+        return run_main(run, get_args_parser().parse_args(argv), "swav_dense.py")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
