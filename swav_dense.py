@@ -56,7 +56,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.ops import FeaturePyramidNetwork
 from tqdm import tqdm
 
-from depth import amp_dtype_for, atomic_write, pick_device, seed_everything
+from depth import add_frame_args, amp_dtype_for, atomic_write, frames_of, pick_device, seed_everything
 
 # ===== Paper constants (Sec 3.4 and Sec 4; SwAV for the Sinkhorn settings) =====
 NUM_PROTOTYPES = 1000  # K, Sec 3.4
@@ -508,7 +508,7 @@ def build_dataset(args):
         if not (args.data or args.images):
             raise ValueError("--on-the-fly needs --data DATA --split S (or --images GLOB)")
         on_the_fly = copypaste.CopyPasteDataset(
-            copypaste.list_images(args.data, args.split, args.images)[0],
+            [f.path for f in frames_of(args)],
             args.disp_dir or os.path.join(args.work, "disp"), args.regions_dir or os.path.join(args.work, "regions"),
             mix=args.mix, paste_times=args.paste_times, size=args.size, photometric=not args.no_photometric,
             seed=args.seed)
@@ -600,6 +600,7 @@ def get_args_parser():
     g.add_argument("--data", help="dataset root, with --split (only with --on-the-fly)")
     g.add_argument("--images", help="glob of images instead of --data (only with --on-the-fly)")
     g.add_argument("--split", default="train", help="split (only with --on-the-fly)")
+    add_frame_args(g)
     g.add_argument("--disp-dir", help="<stem>.npy disparity (--on-the-fly; default WORK/disp)")
     g.add_argument("--regions-dir", help="<stem>.npy regions (--on-the-fly; default WORK/regions)")
     g.add_argument("--size", type=int, nargs=2, default=[384, 768], metavar=("H", "W"),

@@ -62,17 +62,20 @@ def test_toycity_cityscapes_layout(tiny_city):
 
 def test_toycity_readers_list_and_parse(tiny_city):
     import depth
-    images = depth.list_split_images(tiny_city, "train")
-    assert [depth.image_stem(p) for p in images] == ["toycity_000000_000002", "toycity_000001_000002"]
+    frames = depth.list_frames(tiny_city, split="train")
+    assert [f.stem for f in frames] == ["toycity_000000_000002", "toycity_000001_000002"]
+    assert [depth.image_stem(f.path) for f in frames] == [f.stem for f in frames]
     assert depth.parse_stem("aachen_000000_000019") == ("aachen", 0, 19)
-    sequences = depth.list_split_sequences(tiny_city, "val")
-    assert sorted(sequences) == [("toycity", 500), ("toycity", 501)]
-    assert [depth.parse_stem(depth.image_stem(p))[2] for p in sequences[("toycity", 500)]] == [0, 1, 2, 3]
-    camera = depth.find_camera_json(tiny_city, "val", "toycity_000500_000003")  # a non-annotated frame
-    fx, fy, cx, cy = depth.read_camera_json(camera, image_size=TINY["size"])
+    video = depth.list_frames(tiny_city, split="val", sequence=True)
+    assert sorted({f.video for f in video}) == [("toycity", 500), ("toycity", 501)]
+    assert [f.number for f in video if f.video == ("toycity", 500)] == [0, 1, 2, 3]
+    assert [f.stem for f in depth.list_frames(tiny_city, split="val", sequence=True, limit=3)] == \
+        [f.stem for f in video[:3]]
+    camera = video[3].calib  # a non-annotated frame: its sequence's camera JSON
+    assert camera.endswith("toycity_000500_000002_camera.json")
+    fx, fy, cx, cy = depth.read_intrinsics(camera, TINY["size"])
     assert fx == pytest.approx(0.55) and fy == pytest.approx(0.55 * 128 / 64) and (cx, cy) == (0.5, 0.5)
-    with pytest.raises(FileNotFoundError, match="camera"):
-        depth.find_camera_json(tiny_city, "val", "toycity_000777_000003")
+    assert depth.read_intrinsics(camera, TINY["size"], crop_bottom=0.25)[1] == pytest.approx(0.55 * 128 / 48)
 
 
 def test_toycity_labels_and_instances(tiny_city):
@@ -384,7 +387,7 @@ def test_depth_cli_train_and_predict_write_normalized_disparity(tiny_city, tmp_p
     assert [r["step"] for r in logs] == [1, 2] and all(np.isfinite(r["loss"]) for r in logs)
     run_cli("depth.py", "predict", "--work", work, "--data", tiny_city, "--split", "val", "--size", "32", "64",
             "--preview", "--no-progress")
-    for path in depth.list_split_images(tiny_city, "val"):
+    for path in [f.path for f in depth.list_frames(tiny_city, split="val")]:
         stem = depth.image_stem(path)
         d = np.load(os.path.join(work, "disp", stem + ".npy"))
         assert d.shape == (32, 64) and d.dtype == np.float32 and d.min() > 0 and d.max() == 1.0
@@ -407,7 +410,7 @@ def test_depth_cli_train_and_predict_write_normalized_disparity(tiny_city, tmp_p
 def test_depth_eval_of_ground_truth_disparity_is_near_perfect(tiny_city, tmp_path):
     import json
     import depth
-    for path in depth.list_split_images(tiny_city, "val"):
+    for path in [f.path for f in depth.list_frames(tiny_city, split="val")]:
         stem = depth.image_stem(path)
         d = depth.read_disparity_png(depth.split_file(tiny_city, "disparity", "val", stem, "disparity.png"))
         d = np.where(d > 0, d, 1e-3).astype(np.float32)  # sky: any positive value (masked in the metric)
@@ -422,26 +425,50 @@ def test_depth_eval_of_ground_truth_disparity_is_near_perfect(tiny_city, tmp_pat
     assert abs(ratio - 0.5) < 1e-12 and metrics["abs_rel"] < 1e-12 and metrics["a1"] == 1.0
 
 
-def test_depth_kitti_calibration_and_triplets(tmp_path):
+KITTI_CALIB = ("calib_time: 09-Jan-2012 13:57:47\nS_rect_02: 1.242000e+03 3.750000e+02\n"
+               "P_rect_02: 7.215377e+02 0.000000e+00 6.095593e+02 4.485728e+01 0.000000e+00 7.215377e+02 "
+               "1.728540e+02 2.163791e-01 0.000000e+00 0.000000e+00 1.000000e+00 2.745884e-03\n")
+
+
+def kitti_raw(city, root, drives=((1, 4), (2, 4)), date="2011_09_26"):
+    """A KITTI raw layout from the tiny toy city's train frames: drives (number, frames), frame numbers from 0 in
+    each drive (so they coincide), and calib_cam_to_cam.txt for the toy camera (fx 0.55 W, centred) at 64 x 128."""
+    import glob
+    import shutil
+    sources = sorted(glob.glob(os.path.join(city, "leftImg8bit_sequence", "train", "*", "*.png")))
+    for drive, count in drives:
+        folder = os.path.join(root, date, f"{date}_drive_{drive:04d}_sync", "image_02", "data")
+        os.makedirs(folder)
+        for i in range(count):
+            shutil.copy(sources[(drive + i) % len(sources)], os.path.join(folder, f"{i:010d}.png"))
+    with open(os.path.join(root, date, "calib_cam_to_cam.txt"), "w") as f:
+        f.write("S_rect_02: 128 64\nP_rect_02: 70.4 0 64 0 0 70.4 32 0 0 0 1 0\n")
+    return str(root)
+
+
+def test_depth_kitti_calibration_and_triplets(tiny_city, tmp_path):
     import depth
-    calib = tmp_path / "2011_09_26" / "calib_cam_to_cam.txt"
-    os.makedirs(calib.parent)
-    calib.write_text("calib_time: 09-Jan-2012 13:57:47\nS_rect_02: 1.242000e+03 3.750000e+02\n"
-                     "P_rect_02: 7.215377e+02 0.000000e+00 6.095593e+02 4.485728e+01 0.000000e+00 7.215377e+02 "
-                     "1.728540e+02 2.163791e-01 0.000000e+00 0.000000e+00 1.000000e+00 2.745884e-03\n")
+    calib = tmp_path / "calib_cam_to_cam.txt"
+    calib.write_text(KITTI_CALIB)
     K = depth.read_kitti_calibration(str(calib))
     assert np.allclose(K, [721.5377 / 1242, 721.5377 / 375, 609.5593 / 1242, 172.854 / 375])
-    # raw frames of one drive: triplets (t, t - k, t + k) in time order, with the calibration of the date folder
-    frames = tmp_path / "2011_09_26" / "2011_09_26_drive_0001_sync" / "image_02" / "data"
-    os.makedirs(frames)
-    for i in range(5):
-        (frames / f"{i:010d}.png").write_bytes(b"")
-    args = depth.get_args_parser().parse_args(["train", "--data", str(tmp_path), "--work", "unused", "--dataset",
-                                               "kitti", "--frame-offset", "2"])
+    assert np.allclose(depth.read_intrinsics(str(calib), (1, 1)), K)  # .txt: KITTI, normalized by S_rect_02
+    # two drives whose frame numbers coincide: unique stems, triplets (t, t - k, t + k) inside one drive
+    raw = kitti_raw(tiny_city, tmp_path / "raw", drives=((1, 5), (2, 3)))
+    frames = depth.list_frames(raw, "kitti")
+    assert [f.stem for f in frames][:6] == [f"2011_09_26_drive_0001_{i:010d}" for i in range(5)] + \
+        ["2011_09_26_drive_0002_0000000000"] and len({f.stem for f in frames}) == 8
+    assert [depth.image_stem(f.path) for f in frames] == [f.stem for f in frames]
+    args = depth.get_args_parser().parse_args(["train", "--data", raw, "--work", "unused", "--dataset", "kitti",
+                                               "--frame-offset", "2"])
     args.crop_bottom = 0.0
     items = depth.training_items(args)
-    assert [tuple(os.path.basename(p)[:10] for p in paths) for paths, _ in items] == [("0000000002", "0000000000", "0000000004")]
-    assert np.allclose(items[0][1], K)
+    drive = os.path.join(raw, "2011_09_26", "2011_09_26_drive_0001_sync", "image_02", "data")
+    assert [paths for paths, _ in items] == [tuple(os.path.join(drive, f"{i:010d}.png") for i in (2, 0, 4))]
+    assert np.allclose(items[0][1], [0.55, 70.4 / 64, 0.5, 0.5])
+    # paired by frame number: a gap never makes a triplet of the wrong frames
+    gapped = [f for f in frames if f.number != 3]
+    assert [tuple(g.number for g in t) for t in depth.video_triplets(gapped, 1)] == [(1, 0, 2), (1, 0, 2)]
 
 
 def test_depth_clear_errors_name_the_file(tiny_city, tmp_path):
@@ -659,7 +686,7 @@ def test_group_cli_end_to_end(tiny_city, tmp_path, capsys):
     common = ["--data", tiny_city, "--size", *TINY["size"]]
     run_cli("group.py", "--work", work, "--split", "train", "--stereo", "--segments", "300", "--preview",
             "--workers", "2", *common)
-    stems = [depth.image_stem(p) for p in depth.list_split_images(tiny_city, "train")]
+    stems = [f.stem for f in depth.list_frames(tiny_city, split="train")]
     for stem in stems:
         regions = np.load(work / "regions" / f"{stem}.npy")
         assert regions.dtype == np.int32 and regions.shape == TINY["size"]
@@ -679,7 +706,7 @@ def test_group_cli_end_to_end(tiny_city, tmp_path, capsys):
     import json
     with open(gt_work / "regions" / "eval.json") as f:
         scores = json.load(f)
-    assert scores["images"] == len(depth.list_split_images(tiny_city, "val"))
+    assert scores["images"] == len(depth.list_frames(tiny_city, split="val"))
     assert scores["purity"] == 1.0 and scores["covering"] == 1.0 and scores["regions_per_image"] > 3
 
 # ==========================================================================================================
@@ -954,7 +981,7 @@ def _copypaste_inputs(data, work, split="train"):
     from PIL import Image
     os.makedirs(os.path.join(work, "disp"), exist_ok=True)
     os.makedirs(os.path.join(work, "regions"), exist_ok=True)
-    for path in depth.list_split_images(data, split):
+    for path in [f.path for f in depth.list_frames(data, split=split)]:
         stem = depth.image_stem(path)
         inst = np.asarray(Image.open(depth.split_file(data, "gtFine", split, stem, "gtFine_instanceIds.png")))
         np.save(os.path.join(work, "regions", f"{stem}.npy"), np.unique(inst, return_inverse=True)[1]
@@ -969,6 +996,7 @@ def test_copypaste_cli_end_to_end(tiny_city, tmp_path, capsys):
     (The reruns go through run() in this process: one subprocess start is enough.)"""
     import glob
     import copypaste
+    import depth
     work = str(tmp_path / "work")
     _copypaste_inputs(tiny_city, work)
     args = ["copypaste.py", "--work", work, "--data", tiny_city, "--split", "train", "--size", "64", "128",
@@ -979,7 +1007,7 @@ def test_copypaste_cli_end_to_end(tiny_city, tmp_path, capsys):
     assert os.path.exists(os.path.join(work, "samples", "preview", "000000.png"))
     sample = torch.load(files[0], weights_only=True)
     assert sample["images"].shape == (4, 3, 64, 128) and sample["slots"] == 5
-    dataset = copypaste.CopyPasteDataset(copypaste.list_images(tiny_city, "train")[0], os.path.join(work, "disp"),
+    dataset = copypaste.CopyPasteDataset([f.path for f in depth.list_frames(tiny_city)], os.path.join(work, "disp"),
                                          os.path.join(work, "regions"), mix=2, paste_times=(1, 2), size=(64, 128),
                                          seed=3)
     dataset.set_epoch(1)
@@ -1300,7 +1328,7 @@ def _swav_tiny_city_samples(city, work, count=4, mix=2):
     import copypaste
     import depth
     from PIL import Image
-    paths = depth.list_split_images(city, "train") + depth.list_split_images(city, "val")
+    paths = [f.path for split in ("train", "val") for f in depth.list_frames(city, split=split)]
     sources = []
     for path in paths:
         stem = depth.image_stem(path)
