@@ -391,8 +391,9 @@ def load_source(image_path, disp_path, regions_path, size):
 class CopyPasteDataset(torch.utils.data.Dataset):
     """Cross-context samples built on the fly (the same code and seeds as the saved samples).
 
-    paths: sorted image paths (`depth.frames_of`); disp_dir / regions_dir hold <stem>.npy (`depth.image_stem`); len = N // mix samples per
-    epoch, sample k uses images k + i * (N // mix); call set_epoch(e) for new composites each epoch.
+    paths: sorted image paths (`depth.frames_of`); disp_dir / regions_dir hold <stem>.npy (`depth.image_stem`);
+    len = N // mix samples per epoch, sample k uses images k + i * (N // mix); call set_epoch(e) for new
+    composites each epoch.
     Items are `build_sample` dicts.
     """
 

@@ -66,13 +66,10 @@ POSE_CHANNELS = 256            # pose decoder width (Appendix)
 NUM_SCALES = 4                 # disparity outputs at 1, 1/2, 1/4, 1/8 of the input
 JITTER = dict(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.1)  # color jitter ranges, p 0.5 (Sec 4.1)
 EVAL_MIN_DEPTH, EVAL_MAX_DEPTH = 1e-3, 80.0  # evaluation caps (Eigen protocol, Monodepth2 Sec 4.1)
-# ----- Readers of the datasets (Cityscapes layout, which the toy city writes, and KITTI raw), used by later stages -----
+# ----- Readers of the datasets (Cityscapes layout, also the toy city, and KITTI raw), used by later stages -----
 CITYSCAPES_STEM = re.compile(r"^(?P<city>.+)_(?P<seq>\d{6})_(?P<frame>\d{6})$")
-CITYSCAPES_SIZE = (1024, 2048)  # (H, W) of the distributed images; camera JSON intrinsics are in these pixels
 KITTI_RAW_FRAME = re.compile(r"(?P<drive>[^/\\]+_drive_\d{4})_sync[/\\]image_02[/\\]data[/\\](?P<frame>\d{10})\.png$")
-# one frame of a dataset: unique stem, image path, calibration file (camera JSON / calib_cam_to_cam.txt, None for
-# --images), video (Cityscapes (city, seq), KITTI drive) and frame number in it (None for --images)
-Frame = collections.namedtuple("Frame", "stem path calib video number")
+Frame = collections.namedtuple("Frame", "stem path calib video number")  # calib file; video: (city, seq) or drive
 
 
 def image_stem(path):
@@ -86,19 +83,18 @@ def image_stem(path):
 
 def parse_stem(stem):
     """'aachen_000000_000019' -> ('aachen', 0, 19). Raises ValueError for a non-Cityscapes stem."""
-    m = CITYSCAPES_STEM.match(stem)
-    if m is None:
+    if (m := CITYSCAPES_STEM.match(stem)) is None:
         raise ValueError(f"'{stem}' is not a Cityscapes stem (city_SSSSSS_FFFFFF)")
     return m["city"], int(m["seq"]), int(m["frame"])
 
 
 def list_frames(data, dataset="cityscapes", split="train", sequence=False, limit=None, need_calib=False):
-    """Frames sorted by stem: cityscapes DATA/leftImg8bit/SPLIT (annotated) or, with sequence, every video frame of
-    DATA/leftImg8bit_sequence/SPLIT, calib = the sequence's camera JSON; kitti (raw): every DATA/DATE/DRIVE_sync/
-    image_02/data/*.png, calib = DATA/DATE/calib_cam_to_cam.txt. Video frames must have no gaps; the first limit."""
+    """The first `limit` Frames by stem: cityscapes DATA/leftImg8bit/SPLIT (annotated) or, with sequence, every
+    video frame of DATA/leftImg8bit_sequence/SPLIT, calib = the sequence's camera JSON; kitti (raw): every
+    DATA/DATE/DRIVE_sync/image_02/data/*.png, calib = DATA/DATE/calib_cam_to_cam.txt. Videos must have no gaps."""
     kitti, folder = dataset == "kitti", "leftImg8bit_sequence" if sequence else "leftImg8bit"
-    pattern = (os.path.join(data, "*", "*_drive_*_sync", "image_02", "data", "*.png") if kitti
-               else os.path.join(data, folder, split, "*", "*_leftImg8bit.png"))
+    pattern = os.path.join(data, "*", "*_drive_*_sync", "image_02", "data", "*.png") if kitti else \
+        os.path.join(data, folder, split, "*", "*_leftImg8bit.png")
     made_by = ("KITTI raw <date>_drive_<NNNN>_sync.zip" if kitti else f"Cityscapes {folder}_trainvaltest.zip") + \
         f" (toy city: `python toycity.py --out DATA{' --layout kitti' if kitti else ''}`)"
     if not (paths := sorted(glob.glob(pattern))):
@@ -106,53 +102,43 @@ def list_frames(data, dataset="cityscapes", split="train", sequence=False, limit
     cameras = {} if kitti else {parse_stem(image_stem(p))[:2]: p for p in sorted(glob.glob(os.path.join(
         data, "camera", split, "*", "*_camera.json")), reverse=True)}  # one per sequence: its annotated frame's
     frames = []
-    for path in paths:
-        stem = image_stem(path)
+    for path, stem in ((p, image_stem(p)) for p in paths):
         if kitti:  # DATA/DATE/DRIVE_sync/image_02/data/F.png
-            drive = os.path.dirname(os.path.dirname(os.path.dirname(path)))
-            calib, video, number = os.path.join(os.path.dirname(drive), "calib_cam_to_cam.txt"), drive, int(stem[-10:])
-            package = f"KITTI raw {os.path.basename(os.path.dirname(drive))}_calib.zip"
+            video, number = path.rsplit(os.sep, 3)[0], int(stem[-10:])
+            calib = os.path.join(os.path.dirname(video), "calib_cam_to_cam.txt")
         else:
-            city, seq, number = parse_stem(stem)
-            video = (city, seq)
-            calib = cameras.get(video, os.path.join(data, "camera", split, city, f"{city}_{seq:06d}_*_camera.json"))
-            package = "Cityscapes camera_trainvaltest.zip"
+            video, number = parse_stem(stem)[:2], parse_stem(stem)[2]  # (city, seq), frame
+            calib = cameras.get(video, os.path.join(data, "camera", split, video[0], f"{stem[:-7]}_*_camera.json"))
         if need_calib and not os.path.exists(calib):
-            raise FileNotFoundError(f"{calib} is missing (intrinsics of {stem}): it comes from {package}")
+            raise FileNotFoundError(f"{calib} is missing (intrinsics of {stem}): it comes from " + (
+                f"KITTI raw {stem[:10]}_calib.zip" if kitti else "Cityscapes camera_trainvaltest.zip"))
         frames.append(Frame(stem, path, calib, video, number))
-    if sequence or kitti:  # a gap in a video would make wrong neighbours and hints at a broken download
-        for video, numbers in itertools.groupby(frames, key=lambda f: f.video):
-            numbers = [f.number for f in numbers]
-            if (gap := sorted(set(range(numbers[0], numbers[-1] + 1)) - set(numbers))):
-                name = f"{gap[0]:010d}.png" if kitti else f"{video[0]}_{video[1]:06d}_{gap[0]:06d}_leftImg8bit.png"
-                where = os.path.join(video, "image_02", "data") if kitti else os.path.join(data, folder, split, video[0])
-                raise FileNotFoundError(f"{os.path.join(where, name)} is missing ({len(gap)} frames missing between "
-                                        f"{numbers[0]} and {numbers[-1]}): it comes from {made_by}")
+    for video, numbers in itertools.groupby(frames if sequence or kitti else [], key=lambda f: f.video):
+        numbers = [f.number for f in numbers]  # a gap would hide wrong neighbours: a broken download
+        if gap := sorted(set(range(numbers[0], numbers[-1] + 1)) - set(numbers)):
+            name = os.path.join(video, "image_02", "data", f"{gap[0]:010d}.png") if kitti else os.path.join(
+                data, folder, split, video[0], f"{video[0]}_{video[1]:06d}_{gap[0]:06d}_leftImg8bit.png")
+            raise FileNotFoundError(f"{name} is missing ({len(gap)} frames missing between {numbers[0]} and "
+                                    f"{numbers[-1]}): it comes from {made_by}")
     return frames[:limit]
 
 
 def frames_of(args, need_calib=False):
-    """The frames of a per-frame stage: --images GLOB (stem from the path, no calibration) or --data with
-    --dataset, --split, --sequence; the first --limit. Stems must be unique (they name the outputs)."""
-    if args.images:
-        frames = [Frame(image_stem(p), p, None, None, None) for p in sorted(glob.glob(args.images))][:args.limit]
-        if not frames:
-            raise FileNotFoundError(f"--images {args.images}: no file matches")
-    else:
-        frames = list_frames(args.data, args.dataset, args.split, args.sequence, args.limit, need_calib)
-    stems = {}
-    for f in frames:
-        if (other := stems.setdefault(f.stem, f.path)) != f.path:
-            raise ValueError(f"{f.path} and {other} share the stem {f.stem}: their outputs would overwrite each "
-                             "other (KITTI raw: pass --data RAW --dataset kitti)")
+    """A per-frame stage's frames: --images GLOB or --data (--dataset, --split, --sequence), the first --limit."""
+    frames = [Frame(image_stem(p), p, None, None, None) for p in sorted(glob.glob(args.images))][:args.limit] \
+        if args.images else list_frames(args.data, args.dataset, args.split, args.sequence, args.limit, need_calib)
+    if not frames:  # (list_frames says why)
+        raise FileNotFoundError(f"--images {args.images}: no file matches")
+    if dup := [s for s, n in collections.Counter(f.stem for f in frames).items() if n > 1]:  # they name outputs
+        raise ValueError(f"{' and '.join(f.path for f in frames if f.stem == dup[0])} share the stem {dup[0]}: their "
+                         "outputs would overwrite each other (KITTI raw: pass --data RAW --dataset kitti)")
     return frames
 
 
 def add_frame_args(parser):
     """The flags that choose a per-frame stage's frames, beside its --data, --split and --images."""
-    parser.add_argument("--dataset", default="cityscapes", choices=["cityscapes", "kitti"],
-                        help="layout of --data: cityscapes (also the toy city) or kitti (KITTI raw: every drive "
-                             "under --data, stems DATE_drive_NNNN_FRAME; --split is not used)")
+    parser.add_argument("--dataset", default="cityscapes", choices=["cityscapes", "kitti"], help="layout of --data: "
+                        "cityscapes (also the toy city) or kitti (KITTI raw: every drive, no --split)")
     parser.add_argument("--sequence", action="store_true", help="cityscapes: every video frame of "
                         "leftImg8bit_sequence/SPLIT (paper: the 89,250 train frames), not the annotated leftImg8bit")
     parser.add_argument("--limit", type=int, default=None, help="only the first N frames in stem order (smoke runs)")
@@ -167,29 +153,27 @@ def video_triplets(frames, offset):
 
 def split_file(data, folder, split, stem, suffix):
     """Path of a per-image Cityscapes file, e.g. split_file(D, 'gtFine', 'val', stem, 'gtFine_labelIds.png')."""
-    city = parse_stem(stem)[0]
-    return os.path.join(data, folder, split, city, f"{stem}_{suffix}")
+    return os.path.join(data, folder, split, parse_stem(stem)[0], f"{stem}_{suffix}")
 
 
 def read_intrinsics(calib, image_size, crop_bottom=0.0):
-    """Normalized (fx/W, fy/H, cx/W, cy/H) of a frame of image_size (H, W) from its calibration file (Cityscapes
-    camera JSON, or KITTI calib_cam_to_cam.txt); H is the height left after cutting the bottom fraction crop_bottom
-    (the top-left origin does not move)."""
-    K = read_kitti_calibration(calib) if calib.endswith(".txt") else read_camera_json(calib, image_size)
-    return K / np.array([1.0, 1.0 - crop_bottom, 1.0, 1.0 - crop_bottom])
-
-
-def read_camera_json(path, image_size=CITYSCAPES_SIZE):
-    """Normalized intrinsics (fx/W, fy/H, cx/W, cy/H) from a Cityscapes camera JSON whose intrinsics are in
-    pixels of images of image_size (H, W)."""
+    """Normalized (fx/W, fy/H, cx/W, cy/H) of a frame of image_size (H, W), H cut by the bottom fraction crop_bottom
+    (the origin stays), from a Cityscapes camera JSON (pixels of image_size) or a KITTI calib_cam_to_cam.txt
+    (P_rect_02 in pixels of S_rect_02, which is the image size)."""
     try:
-        with open(path) as f:
-            intrinsic = json.load(f)["intrinsic"]
-        fx, fy, u0, v0 = (float(intrinsic[k]) for k in ("fx", "fy", "u0", "v0"))
+        with open(calib) as f:
+            if calib.endswith(".json"):
+                intrinsic, (height, width) = json.load(f)["intrinsic"], image_size
+                fx, fy, cx, cy = (float(intrinsic[k]) for k in ("fx", "fy", "u0", "v0"))
+            else:
+                rows = dict(line.split(":", 1) for line in f if ":" in line)
+                P = np.array(rows["P_rect_02"].split(), dtype=np.float64).reshape(3, 4)
+                width, height = map(float, rows["S_rect_02"].split())
+                fx, fy, cx, cy = P[0, 0], P[1, 1], P[0, 2], P[1, 2]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: not a readable Cityscapes camera JSON with intrinsic fx, fy, u0, v0 ({e})")
-    height, width = image_size
-    return np.array([fx / width, fy / height, u0 / width, v0 / height], dtype=np.float64)
+        raise ValueError(f"{calib}: not a readable Cityscapes camera JSON with intrinsic fx, fy, u0, v0, nor a KITTI "
+                         f"calib_cam_to_cam.txt with P_rect_02, S_rect_02 ({e})") from None
+    return np.array([fx / width, fy / height / (1 - crop_bottom), cx / width, cy / height / (1 - crop_bottom)])
 
 
 def read_disparity_png(path):
@@ -208,19 +192,6 @@ def read_camera_baseline(path):
             return float(json.load(f)["extrinsic"]["baseline"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: no extrinsic.baseline in this camera JSON ({e})")
-
-
-def read_kitti_calibration(path, camera="02"):
-    """Normalized intrinsics (fx/W, fy/H, cx/W, cy/H) of a KITTI raw camera from calib_cam_to_cam.txt: P_rect_<camera>
-    (3 x 4, pixels of the rectified image) and S_rect_<camera> (W H of that image)."""
-    try:
-        with open(path) as f:
-            rows = dict(line.split(":", 1) for line in f if ":" in line)
-        P = np.array(rows[f"P_rect_{camera}"].split(), dtype=np.float64).reshape(3, 4)
-        width, height = np.array(rows[f"S_rect_{camera}"].split(), dtype=np.float64)
-    except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"{path}: not a KITTI calib_cam_to_cam.txt with P_rect_{camera}, S_rect_{camera} ({e})")
-    return np.array([P[0, 0] / width, P[1, 1] / height, P[0, 2] / width, P[1, 2] / height])
 
 
 def load_rgb(path, size=None, crop_bottom=0.0):
@@ -445,12 +416,11 @@ class ResnetEncoder(nn.Module):
 
     def forward(self, x):
         x = ((x - ENCODER_MEAN) / ENCODER_STD).contiguous(memory_format=torch.channels_last)
-        f1 = self.relu(self.bn1(self.conv1(x)))                         # 1/2
-        f2 = self.layer1(self.maxpool(f1))                              # 1/4
-        f3 = self.layer2(f2)                                            # 1/8
-        f4 = self.layer3(f3)                                            # 1/16
-        f5 = self.layer4(f4)                                            # 1/32
-        return [f1, f2, f3, f4, f5]
+        features = [self.relu(self.bn1(self.conv1(x)))]                 # 1/2
+        features.append(self.layer1(self.maxpool(features[0])))         # 1/4
+        for layer in (self.layer2, self.layer3, self.layer4):           # 1/8, 1/16, 1/32
+            features.append(layer(features[-1]))
+        return features
 
 
 def conv_block(cin, cout):
@@ -469,8 +439,7 @@ class DepthDecoder(nn.Module):
             self.up0.append(conv_block(cin, channels[i]))
             skip = encoder_channels[i - 1] if i > 0 else 0
             self.up1.append(conv_block(channels[i] + skip, channels[i]))
-        for s in range(NUM_SCALES):
-            self.heads.append(nn.Conv2d(channels[s], 1, 3, padding=1, padding_mode="reflect"))
+        self.heads.extend(nn.Conv2d(channels[s], 1, 3, padding=1, padding_mode="reflect") for s in range(NUM_SCALES))
 
     def forward(self, features):
         x, disps = features[-1], {}
@@ -554,14 +523,12 @@ def atomic_write(path, write):
 
 def training_items(args):
     """[(target, previous, next) paths, normalized intrinsics (4,)] of every training triplet."""
-    items, K = [], {}
+    items, K = [], {}  # K: intrinsics of each calibration file (one per Cityscapes sequence, one per KITTI date)
     for split in args.split if args.dataset == "cityscapes" else [None]:  # KITTI raw: every drive
-        frames = list_frames(args.data, args.dataset, split, sequence=True, need_calib=True)
-        for triplet in video_triplets(frames, args.frame_offset):
-            calib = triplet[0].calib  # one file per sequence (Cityscapes) or per date (KITTI)
-            if calib not in K:
-                K[calib] = read_intrinsics(calib, image_size(triplet[0].path), args.crop_bottom)
-            items.append((tuple(f.path for f in triplet), K[calib]))
+        for t in video_triplets(list_frames(args.data, args.dataset, split, True, need_calib=True), args.frame_offset):
+            if t[0].calib not in K:
+                K[t[0].calib] = read_intrinsics(t[0].calib, image_size(t[0].path), args.crop_bottom)
+            items.append(((t[0].path, t[1].path, t[2].path), K[t[0].calib]))
     if not items:
         raise SystemExit(f"no training triplets with frame offset {args.frame_offset} under {args.data}")
     return items
@@ -784,7 +751,7 @@ def evaluate(args):
         pred, gt_disp = np.load(disp_path), read_disparity_png(gt_path)
         if pred.ndim != 2 or pred.dtype != np.float32:
             raise SystemExit(f"{disp_path}: expected a float32 (H, W) disparity, got {pred.dtype} {pred.shape}")
-        fx = read_camera_json(camera, image_size(frame))[0] * gt_disp.shape[1]  # fx in pixels of the PNG
+        fx = read_intrinsics(camera, image_size(frame))[0] * gt_disp.shape[1]  # fx in pixels of the PNG
         keep = int(round(gt_disp.shape[0] * (1 - args.crop_bottom)))
         gt = disparity_to_depth(gt_disp, read_camera_baseline(camera), fx)[:keep]
         pred = F.interpolate(torch.from_numpy(pred)[None, None], gt_disp.shape, mode="bilinear", align_corners=False)

@@ -160,7 +160,7 @@ def test_toycity_files_warp_consistently(tiny_city):
     image_s = np.asarray(Image.open(load("leftImg8bit_sequence", stem_s, "leftImg8bit.png")), np.float32)
     labels_t = np.asarray(Image.open(load("gtFine", stem_t, "gtFine_labelIds.png")))
     camera = load("camera", stem_t, "camera.json")
-    fx, fy, cx, cy = depth.read_camera_json(camera, image_size=TINY["size"])
+    fx, fy, cx, cy = depth.read_intrinsics(camera, TINY["size"])
     h, w = TINY["size"]
     K = np.array([[fx * w, 0, cx * w], [0, fy * h, cy * h], [0, 0, 1]])
     disp = depth.read_disparity_png(load("disparity", stem_t, "disparity.png"))
@@ -294,7 +294,7 @@ def test_depth_warp_with_ground_truth_depth_and_pose_reproduces_frame(tiny_city)
     source = depth.load_rgb(path("leftImg8bit_sequence", stem_s, "leftImg8bit.png"))[None].double()
     camera = path("camera", stem_t, "camera.json")
     H, W = TINY["size"]
-    intrinsics = torch.tensor(depth.read_camera_json(camera, (H, W)))[None]
+    intrinsics = torch.tensor(depth.read_intrinsics(camera, (H, W)))[None]
     K = depth.intrinsics_matrix(intrinsics, H, W)
     disp = depth.read_disparity_png(path("disparity", stem_t, "disparity.png"))
     gt = depth.disparity_to_depth(disp, depth.read_camera_baseline(camera), K[0, 0, 0].item())
@@ -450,9 +450,8 @@ def test_depth_kitti_calibration_and_triplets(tiny_city, tmp_path):
     import depth
     calib = tmp_path / "calib_cam_to_cam.txt"
     calib.write_text(KITTI_CALIB)
-    K = depth.read_kitti_calibration(str(calib))
+    K = depth.read_intrinsics(str(calib), (1, 1))  # .txt: KITTI, normalized by S_rect_02 (not the image size)
     assert np.allclose(K, [721.5377 / 1242, 721.5377 / 375, 609.5593 / 1242, 172.854 / 375])
-    assert np.allclose(depth.read_intrinsics(str(calib), (1, 1)), K)  # .txt: KITTI, normalized by S_rect_02
     # two drives whose frame numbers coincide: unique stems, triplets (t, t - k, t + k) inside one drive
     raw = kitti_raw(tiny_city, tmp_path / "raw", drives=((1, 5), (2, 3)))
     frames = depth.list_frames(raw, "kitti")
