@@ -507,8 +507,10 @@ def build_dataset(args):
         import copypaste  # stage 3 builds the samples
         if not (args.data or args.images):
             raise ValueError("--on-the-fly needs --data DATA --split S (or --images GLOB)")
+        paths = [f.path for f in frames_of(args)]
+        print(f"[swav_dense] on the fly from {len(paths)} frames, {len(paths) // args.mix} samples of M {args.mix}")
         on_the_fly = copypaste.CopyPasteDataset(
-            [f.path for f in frames_of(args)],
+            paths,
             args.disp_dir or os.path.join(args.work, "disp"), args.regions_dir or os.path.join(args.work, "regions"),
             mix=args.mix, paste_times=args.paste_times, size=args.size, photometric=not args.no_photometric,
             seed=args.seed)
