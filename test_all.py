@@ -184,6 +184,53 @@ def test_toycity_same_seed_same_files(tiny_city, tmp_path):
         with open(os.path.join(tiny_city, f), "rb") as a, open(os.path.join(again, f), "rb") as b:
             assert a.read() == b.read(), f
 
+
+def test_toycity_annotated_frame_has_neighbours():
+    import toycity
+    assert toycity.annotated_frame(30) == 19  # Cityscapes: frame 19 of 30
+    assert [toycity.annotated_frame(n) for n in (1, 2, 3, 4, 5, 20)] == [0, 1, 1, 2, 2, 10]  # the middle one
+    assert all(0 < toycity.annotated_frame(n) < n - 1 for n in range(3, 40))
+
+
+def test_toycity_kitti_layout(tmp_path):
+    """A tiny KITTI render: the folders of KITTI raw and data_semantics, frame names that coincide across drives,
+    a calibration that depth.py reads back to the rendered intrinsics, instance maps that agree with the labels."""
+    import depth
+    import toycity
+    from PIL import Image
+    h, w = 32, 96
+    root = toycity.render_kitti(str(tmp_path), size=(h, w), drives=3, dates=2, frames=2, semantic_images=3)
+    drives = ["2011_09_26/2011_09_26_drive_0001_sync", "2011_09_26/2011_09_26_drive_0002_sync",
+              "2011_09_27/2011_09_27_drive_0001_sync"]
+    expected = {".complete", "raw/2011_09_26/calib_cam_to_cam.txt", "raw/2011_09_27/calib_cam_to_cam.txt"}
+    expected |= {f"raw/{d}/image_02/data/{f:010d}.png" for d in drives for f in range(2)}
+    expected |= {f"data_semantics/training/{k}/{i:06d}_10.png" for k in ("image_2", "semantic", "instance")
+                 for i in range(3)}
+    assert set(toy_files(root)) == expected
+    sequences = depth.list_kitti_sequences(os.path.join(root, "raw"))
+    assert len(sequences) == 3 and len({tuple(map(os.path.basename, p)) for p in sequences.values()}) == 1
+    K = toycity.intrinsics(h, w)
+    for date in ("2011_09_26", "2011_09_27"):
+        calib = depth.read_kitti_calibration(os.path.join(root, "raw", date, "calib_cam_to_cam.txt"))
+        np.testing.assert_allclose(calib, [K[0, 0] / w, K[1, 1] / h, K[0, 2] / w, K[1, 2] / h], rtol=1e-6)
+    frame = np.array(Image.open(sequences[os.path.join(root, "raw", drives[0], "image_02", "data")][0]))
+    assert frame.shape == (h, w, 3) and frame.dtype == np.uint8
+    objects = 0
+    for i in range(3):
+        image, semantic, instance = (np.array(Image.open(os.path.join(root, "data_semantics", "training", kind,
+                                                                      f"{i:06d}_10.png")))
+                                     for kind in ("image_2", "semantic", "instance"))
+        assert image.shape == (h, w, 3) and semantic.dtype == np.uint8 and instance.dtype == np.uint16
+        assert set(np.unique(semantic).tolist()) <= set(toycity.LABEL_IDS.values())
+        assert (instance // 256 == semantic).all()  # labelId * 256 + k, stuff included
+        thing = np.isin(semantic, [toycity.LABEL_IDS[c] for c in toycity.THING_CLASSES])
+        assert ((instance % 256 > 0) == thing).all()
+        for label in np.unique(semantic[thing]):  # k = 1, 2, ... per class
+            ks = np.unique(instance[semantic == label] % 256)
+            assert ks.tolist() == list(range(1, len(ks) + 1))
+            objects += len(ks)
+    assert objects > 0
+
 # ==========================================================================================================
 # depth.py
 # ==========================================================================================================

@@ -1,31 +1,39 @@
-"""Render a small synthetic urban-driving dataset ("toy city") in the exact Cityscapes layout, with ground truth.
+"""Render a small synthetic urban-driving dataset ("toy city") in the Cityscapes or KITTI layout, with ground truth.
 
 Not part of the method: the embedded default that lets every stage run on a laptop CPU in minutes, and the
 data of the tests. A camera 1.5 m above a straight street drives 0.5-1.5 m per frame with small yaw changes;
 the street is boxes in 3-D (road with lane markings, raised sidewalks with curbs, facades with windows, poles
 with traffic signs, trees, parked and moving cars, pedestrians), ray-cast exactly (nearest hit per pixel),
 textured in world coordinates (surfaces look the same from frame to frame, as self-supervised depth needs) and
-shaded by surface orientation.
+shaded by surface orientation. Intrinsics: fx = fy = 0.55 W, principal point at the image center.
 
 toycity.py -> depth.py (sequences), group.py (images, disparity), cluster.py / finetune.py (labels)
 
-Writes (for split in train, val; stem = toycity_SSSSSS_FFFFFF; the val sequences are numbered from 500):
+Writes, --layout cityscapes (split in train, val; stem = toycity_SSSSSS_FFFFFF; val sequences numbered from 500):
 | file                                                          | content                                          |
 |---------------------------------------------------------------|--------------------------------------------------|
 | leftImg8bit_sequence/{split}/toycity/<stem>_leftImg8bit.png   | every frame, RGB uint8 (H, W, 3)                  |
-| leftImg8bit/{split}/toycity/<stem>_leftImg8bit.png            | the annotated frame (19, or the middle frame)     |
+| leftImg8bit/{split}/toycity/<stem>_leftImg8bit.png            | the annotated frame (19 of >= 30, else the middle) |
 | gtFine/{split}/toycity/<stem>_gtFine_labelIds.png             | uint8 Cityscapes labelIds, annotated frames      |
 | gtFine/{split}/toycity/<stem>_gtFine_instanceIds.png          | 16-bit: labelId*1000+k (car, person), else labelId |
 | camera/{split}/toycity/<stem>_camera.json                     | Cityscapes schema, pixels of the rendered size   |
 | disparity/{split}/toycity/<stem>_disparity.png                | every frame, uint16 p = 256 d + 1, 0 = sky       |
 | pose/{split}/toycity/<stem>_pose.json                         | every frame, 4x4 camera-to-world (tests only)    |
-| .complete                                                     | written last: the render finished                |
+| .complete                                                     | written last: the render finished (both layouts) |
+Writes, --layout kitti (drive i in date 2011_09_{26 + i % dates}, number i // dates + 1; no velodyne):
+| raw/<date>/calib_cam_to_cam.txt                                | KITTI's format; P_rect_02, S_rect_02 in pixels   |
+| raw/<date>/<date>_drive_<NNNN>_sync/image_02/data/<10 digits>.png | every frame (from 0000000000), RGB uint8      |
+| data_semantics/training/image_2/<NNNNNN>_10.png                | RGB uint8, frame 10 of streets of their own       |
+| data_semantics/training/semantic/<NNNNNN>_10.png               | uint8 Cityscapes labelIds                         |
+| data_semantics/training/instance/<NNNNNN>_10.png               | uint16 labelId*256+k (car, person: k = 1..; else 0) |
 
 World frame: x right, y down (the road is y = 0), z along the street; the camera's axes are x right, y down,
 z forward, so depth is the camera z of the hit point.
 
     python toycity.py --out data/toycity                     # default: 20 + 10 sequences of 30 frames, 192 x 384
     python toycity.py --out /tmp/tiny --size 64 128 --train-sequences 2 --val-sequences 2 --frames 4
+    python toycity.py --out data/toykitti --layout kitti     # 4 drives (2 dates) of 30 frames + 200 images, 96 x 320
+    python toycity.py --out data/toycity_full --size 1024 2048 --train-sequences 2 --val-sequences 2 --frames 3
 """
 import argparse
 import json
@@ -334,8 +342,15 @@ def save_json(obj, path):
 
 
 def annotated_frame(frames):
-    """Cityscapes annotates frame 19 of 30; shorter sequences use their middle frame."""
-    return 19 if frames > 19 else frames // 2
+    """Cityscapes annotates frame 19 of its 30; shorter sequences use their middle frame (both have neighbours)."""
+    return 19 if frames >= 30 else frames // 2
+
+
+def street(seed, seq, frames):
+    """Camera poses (F, 4, 4) and scene of one sequence, seeded by (seed, seq)."""
+    rng = np.random.default_rng([seed, seq])
+    poses = camera_path(rng, frames)
+    return poses, make_scene(rng, -15.0, poses[-1, 2, 3] + VIEW_AHEAD)
 
 
 def camera_json(K):
@@ -348,9 +363,7 @@ def render_sequence(job):
     """Render and write one sequence (a picklable job tuple, for the worker pool)."""
     out, split, seq, size, frames, seed = job
     height, width = size
-    rng = np.random.default_rng([seed, seq])
-    poses = camera_path(rng, frames)
-    scene = make_scene(rng, -15.0, poses[-1, 2, 3] + VIEW_AHEAD)
+    poses, scene = street(seed, seq, frames)
     K = intrinsics(height, width)
     keyframe = annotated_frame(frames)
     folders = {k: os.path.join(out, k, split, "toycity") for k in
@@ -385,26 +398,108 @@ def render_dataset(out, size=(192, 384), train_sequences=20, val_sequences=10, f
         raise ValueError(f"at most {VAL_FIRST_SEQUENCE} train sequences (val stems start there)")
     jobs = [(out, "train", s, tuple(size), frames, seed) for s in range(train_sequences)]
     jobs += [(out, "val", VAL_FIRST_SEQUENCE + s, tuple(size), frames, seed) for s in range(val_sequences)]
+    run_jobs(render_sequence, jobs, workers)
+    save_json({"size": list(size), "train_sequences": train_sequences, "val_sequences": val_sequences,
+               "frames": frames, "seed": seed}, os.path.join(out, ".complete"))
+    return out
+
+
+def run_jobs(function, jobs, workers):
     if workers > 1:
         with Pool(workers) as pool:
-            list(pool.imap_unordered(render_sequence, jobs))
-    else:
-        for job in jobs:
-            render_sequence(job)
-    with open(os.path.join(out, ".complete"), "w") as f:
-        json.dump({"size": list(size), "train_sequences": train_sequences, "val_sequences": val_sequences,
-                   "frames": frames, "seed": seed}, f)
+            return list(pool.imap_unordered(function, jobs))
+    return [function(job) for job in jobs]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Writing the KITTI layouts: raw drives (pre-training) and data_semantics (fine-tuning and evaluation)
+# ----------------------------------------------------------------------------------------------------------
+KITTI_CAMERA_X = {"00": 0.0, "01": 0.54, "02": -0.06, "03": 0.48}  # KITTI's rig: x of each camera from cam 0 (m)
+KITTI_FIRST_DRIVE, KITTI_FIRST_SEMANTIC = 1000, 100000  # street seeds, apart from the Cityscapes layout's
+KITTI_SEMANTIC_FRAME = 10  # data_semantics images are frame 10 of a scene-flow pair: <NNNNNN>_10.png
+
+
+def kitti_calibration(K, height, width):
+    """calib_cam_to_cam.txt in KITTI raw's format; every camera is already rectified (D = 0, R = I) and has
+    the toy intrinsics K, so P_rect_xx = K [I | t] with t = -(camera x) as in KITTI (P_rect_02[0, 3] > 0)."""
+    row = lambda values: " ".join(f"{v:.6e}" for v in np.ravel(values))  # noqa: E731
+    lines = ["calib_time: 09-Jan-2012 13:57:47", f"corner_dist: {row(0.0995)}"]
+    for cam, x in KITTI_CAMERA_X.items():
+        t = np.array([-x, 0.0, 0.0]) + 0.0  # + 0.0: no "-0.000000e+00"
+        lines += [f"S_{cam}: {row([width, height])}", f"K_{cam}: {row(K)}", f"D_{cam}: {row(np.zeros(5))}",
+                  f"R_{cam}: {row(np.eye(3))}", f"T_{cam}: {row(t)}", f"S_rect_{cam}: {row([width, height])}",
+                  f"R_rect_{cam}: {row(np.eye(3))}", f"P_rect_{cam}: {row(np.c_[K, K @ t])}"]
+    return "\n".join(lines) + "\n"
+
+
+def kitti_instance_ids(labels, instances):
+    """KITTI semantics' instance map: uint16 labelId * 256 + k, k = 1.. per object of a class in the image, k = 0
+    on stuff (its devkit decodes labelId = p // 256, instance = p % 256)."""
+    out = labels.astype(np.uint16) * 256
+    for label in np.unique(labels[instances >= 1000]):  # thing pixels are labelId * 1000 + scene instance
+        mask = (instances >= 1000) & (labels == label)
+        _, k = np.unique(instances[mask], return_inverse=True)
+        if k.max() >= 255:
+            raise ValueError(f"{k.max() + 1} objects of labelId {label} in one image: KITTI's encoding holds 255")
+        out[mask] += (k + 1).astype(np.uint16)
+    return out
+
+
+def render_kitti_drive(job):
+    """Render one raw drive: <date>/<date>_drive_<NNNN>_sync/image_02/data/<frame 10 digits>.png."""
+    out, date, number, seq, size, frames, seed = job
+    poses, scene = street(seed, seq, frames)
+    folder = os.path.join(out, "raw", date, f"{date}_drive_{number:04d}_sync", "image_02", "data")
+    os.makedirs(folder, exist_ok=True)
+    for f in range(frames):
+        save_png(render_frame(scene, poses[f], f, *size)[0], os.path.join(folder, f"{f:010d}.png"))
+
+
+def render_kitti_semantic(job):
+    """Render one data_semantics training image (frame 10 of its own street) with its semantic and instance maps."""
+    out, index, seq, size, seed = job
+    poses, scene = street(seed, seq, KITTI_SEMANTIC_FRAME + 1)
+    rgb, _, labels, instances = render_frame(scene, poses[-1], KITTI_SEMANTIC_FRAME, *size)
+    for folder, array in (("image_2", rgb), ("semantic", labels), ("instance", kitti_instance_ids(labels, instances))):
+        path = os.path.join(out, "data_semantics", "training", folder, f"{index:06d}_{KITTI_SEMANTIC_FRAME}.png")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save_png(array, path)
+
+
+def render_kitti(out, size=(96, 320), drives=4, dates=2, frames=30, semantic_images=200, seed=0, workers=1):
+    """Render KITTI raw drives (under out/raw) and data_semantics/training (under out) with the same city."""
+    K = intrinsics(*size)
+    date_names = [f"2011_09_{26 + d:02d}" for d in range(min(dates, drives))]
+    for date in date_names:
+        os.makedirs(os.path.join(out, "raw", date), exist_ok=True)
+        with open(os.path.join(out, "raw", date, "calib_cam_to_cam.txt.tmp"), "w") as f:
+            f.write(kitti_calibration(K, *size))
+        os.replace(f.name, f.name[:-4])
+    # drive i: date i % dates, number i // dates + 1, so every date has drive_0001 and all start at frame 0
+    jobs = [(out, date_names[i % len(date_names)], i // len(date_names) + 1, KITTI_FIRST_DRIVE + i, tuple(size),
+             frames, seed) for i in range(drives)]
+    run_jobs(render_kitti_drive, jobs, workers)
+    jobs = [(out, i, KITTI_FIRST_SEMANTIC + i, tuple(size), seed) for i in range(semantic_images)]
+    run_jobs(render_kitti_semantic, jobs, workers)
+    save_json({"layout": "kitti", "size": list(size), "drives": drives, "dates": len(date_names), "frames": frames,
+               "semantic_images": semantic_images, "seed": seed}, os.path.join(out, ".complete"))
     return out
 
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="dataset root (Cityscapes layout)")
-    p.add_argument("--size", nargs=2, type=int, default=[192, 384], metavar=("H", "W"),
-                   help="rendered image size; 192 x 384 is 0.1875 of Cityscapes' 1024 x 2048 per side, fast on a CPU")
-    p.add_argument("--train-sequences", type=int, default=20, help="train sequences (Cityscapes: 2975)")
-    p.add_argument("--val-sequences", type=int, default=10, help="val sequences (Cityscapes: 500)")
-    p.add_argument("--frames", type=int, default=30, help="frames per sequence (Cityscapes: 30)")
+    p.add_argument("--out", required=True, help="dataset root")
+    p.add_argument("--layout", default="cityscapes", choices=["cityscapes", "kitti"],
+                   help="cityscapes: the Cityscapes folders; kitti: OUT/raw (KITTI raw) and OUT/data_semantics")
+    p.add_argument("--size", nargs=2, type=int, default=None, metavar=("H", "W"),
+                   help="rendered image size; default 192 x 384 for cityscapes (0.1875 of Cityscapes' 1024 x 2048 "
+                        "per side), 96 x 320 for kitti (0.25 of the paper's 384 x 1280), fast on a CPU")
+    p.add_argument("--train-sequences", type=int, default=20, help="cityscapes: train sequences (Cityscapes: 2975)")
+    p.add_argument("--val-sequences", type=int, default=10, help="cityscapes: val sequences (Cityscapes: 500)")
+    p.add_argument("--frames", type=int, default=30, help="frames per sequence or drive (Cityscapes: 30)")
+    p.add_argument("--drives", type=int, default=4, help="kitti: raw drives, spread over --dates")
+    p.add_argument("--dates", type=int, default=2, help="kitti: raw date folders, each with calib_cam_to_cam.txt")
+    p.add_argument("--semantic-images", type=int, default=200, help="kitti: data_semantics images (KITTI: 200)")
     p.add_argument("--seed", type=int, default=0, help="seed of the city layouts, colors and camera paths")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes")
     return p
@@ -412,10 +507,16 @@ def get_args_parser():
 
 def main():
     args = get_args_parser().parse_args()
-    render_dataset(args.out, tuple(args.size), args.train_sequences, args.val_sequences, args.frames,
-                   args.seed, args.workers)
-    print(f"toycity: wrote {args.train_sequences} + {args.val_sequences} sequences of {args.frames} frames "
-          f"at {args.size[0]} x {args.size[1]} to {args.out}")
+    kitti = args.layout == "kitti"
+    size = tuple(args.size or ((96, 320) if kitti else (192, 384)))
+    if kitti:
+        render_kitti(args.out, size, args.drives, args.dates, args.frames, args.semantic_images, args.seed,
+                     args.workers)
+        what = f"{args.drives} KITTI raw drives of {args.frames} frames, {args.semantic_images} data_semantics images"
+    else:
+        render_dataset(args.out, size, args.train_sequences, args.val_sequences, args.frames, args.seed, args.workers)
+        what = f"{args.train_sequences} + {args.val_sequences} sequences of {args.frames} frames"
+    print(f"toycity: wrote {what} at {size[0]} x {size[1]} to {args.out}")
 
 
 if __name__ == "__main__":
