@@ -207,13 +207,13 @@ def test_toycity_kitti_layout(tmp_path):
     expected |= {f"data_semantics/training/{k}/{i:06d}_10.png" for k in ("image_2", "semantic", "instance")
                  for i in range(3)}
     assert set(toy_files(root)) == expected
-    sequences = depth.list_kitti_sequences(os.path.join(root, "raw"))
-    assert len(sequences) == 3 and len({tuple(map(os.path.basename, p)) for p in sequences.values()}) == 1
+    frames = depth.list_frames(os.path.join(root, "raw"), "kitti", need_calib=True)
+    assert len({f.video for f in frames}) == 3 and {f.number for f in frames} == {0, 1} and len(frames) == 6
     K = toycity.intrinsics(h, w)
     for date in ("2011_09_26", "2011_09_27"):
-        calib = depth.read_kitti_calibration(os.path.join(root, "raw", date, "calib_cam_to_cam.txt"))
+        calib = depth.read_intrinsics(os.path.join(root, "raw", date, "calib_cam_to_cam.txt"), (h, w))
         np.testing.assert_allclose(calib, [K[0, 0] / w, K[1, 1] / h, K[0, 2] / w, K[1, 2] / h], rtol=1e-6)
-    frame = np.array(Image.open(sequences[os.path.join(root, "raw", drives[0], "image_02", "data")][0]))
+    frame = np.array(Image.open(frames[0].path))
     assert frame.shape == (h, w, 3) and frame.dtype == np.uint8
     objects = 0
     for i in range(3):
