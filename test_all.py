@@ -1684,6 +1684,136 @@ def test_finetune_resume_is_exact(tiny_city, cluster_swav_model, tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 # ==========================================================================================================
+# layouts: the readers on real layouts (bad input), and each paper preset at smoke scale
+# ==========================================================================================================
+def test_layouts_images_glob_stems_unique_or_refused(tiny_city, tmp_path):
+    import argparse
+    import shutil
+    import depth
+    raw = kitti_raw(tiny_city, tmp_path / "raw", drives=((1, 2), (2, 2)))
+    frames = os.path.join(raw, "*", "*_sync", "image_02", "data", "*.png")  # the same file names in both drives
+    args = argparse.Namespace(images=frames, data=None, limit=None)
+    assert [f.stem for f in depth.frames_of(args)] == [f"2011_09_26_drive_000{d}_000000000{i}" for d in (1, 2)
+                                                         for i in (0, 1)]
+    for d in ("a", "b"):  # plain folders: the file name is the stem, so two frames would write one output
+        os.makedirs(tmp_path / d)
+        shutil.copy(os.path.join(tiny_city, "leftImg8bit", "train", "toycity", "toycity_000000_000002_leftImg8bit.png"),
+                    tmp_path / d / "0000000000.png")
+    with pytest.raises(ValueError, match="share the stem 0000000000"):
+        depth.frames_of(argparse.Namespace(images=str(tmp_path / "*" / "*.png"), data=None, limit=None))
+
+
+def test_layouts_bad_input_one_line_naming_file_and_package(tiny_city, tmp_path):
+    """KITTI without calibration, a drive with a missing frame, Cityscapes without camera JSON or sequences: one
+    line naming the file and the download that holds it, raised before any output is written."""
+    import shutil
+    import depth
+    import group
+
+    def error(call, *args):
+        with pytest.raises(FileNotFoundError) as e:
+            call(*args)
+        assert "\n" not in str(e.value)
+        return str(e.value)
+    work = str(tmp_path / "work")
+    group_args = lambda *a: group.get_args_parser().parse_args(["--work", work, "--size", "32", "64", *a])  # noqa: E731
+    raw = kitti_raw(tiny_city, tmp_path / "raw", drives=((1, 4),))
+    calib = os.path.join(raw, "2011_09_26", "calib_cam_to_cam.txt")
+    os.remove(calib)
+    message = error(depth.main, ["train", "--data", raw, "--dataset", "kitti", "--work", work, *_DEPTH_TRAIN])
+    assert message.startswith(calib + " is missing") and "KITTI raw 2011_09_26_calib.zip" in message
+    message = error(group.run, group_args("--data", raw, "--dataset", "kitti"))
+    assert calib in message and not os.listdir(os.path.join(work, "regions"))
+    frame = os.path.join(raw, "2011_09_26", "2011_09_26_drive_0001_sync", "image_02", "data", "0000000002.png")
+    os.remove(frame)
+    message = error(depth.list_frames, raw, "kitti")
+    assert message.startswith(frame + " is missing") and "KITTI raw <date>_drive_<NNNN>_sync.zip" in message
+    city = str(tmp_path / "city")
+    shutil.copytree(tiny_city, city)
+    shutil.rmtree(os.path.join(city, "camera"))
+    message = error(group.run, group_args("--data", city, "--split", "val"))
+    assert "camera/val/toycity/toycity_000500_*_camera.json is missing" in message
+    assert "Cityscapes camera_trainvaltest.zip" in message and not os.listdir(os.path.join(work, "regions"))
+    shutil.rmtree(os.path.join(city, "leftImg8bit_sequence"))
+    message = error(depth.main, ["train", "--data", city, "--work", work, *_DEPTH_TRAIN])
+    assert "leftImg8bit_sequence/train" in message and "Cityscapes leftImg8bit_sequence_trainvaltest.zip" in message
+    assert not os.listdir(os.path.join(work, "depth"))  # no file written
+
+
+def run_smoke(preset, work, *roots):
+    """`SCALE=smoke bash pipeline.sh PRESET ROOTS` with WORK; the output, or the test fails with its tail."""
+    env = dict(os.environ, SCALE="smoke", WORK=str(work), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(["bash", "pipeline.sh", preset, *map(str, roots)], cwd=HERE, env=env, capture_output=True,
+                          text=True, timeout=900)
+    if proc.returncode != 0:
+        pytest.fail(f"pipeline.sh {preset} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc.stdout + proc.stderr
+
+
+def check_pretraining_frames(out, work, stems, folders=("disp", "regions")):
+    """Every frame has its disparity and regions, stems unique; swav_dense pre-trained on all of them."""
+    assert len(set(stems)) == len(stems) and len(stems) % 8 == 0  # M 8 samples use every frame
+    for folder in folders:
+        assert set(stems) <= {f[:-4] for f in os.listdir(os.path.join(work, folder))}, folder
+    assert f"[swav_dense] on the fly from {len(stems)} frames, {len(stems) // 8} samples of M 8" in out
+    assert os.path.exists(os.path.join(work, "swav", "model.pt"))
+
+
+@pytest.fixture(scope="session")
+def smoke_city(tmp_path_factory):
+    """A toy city for the Cityscapes presets: 8 train sequences of 5 frames (40 video frames, 8 annotated: M 8
+    needs 8 sources; frames -2 0 +2 need 5), one val sequence, at 64 x 128."""
+    import toycity
+    root = tmp_path_factory.mktemp("smoke_city")
+    return toycity.render_dataset(str(root), size=(64, 128), train_sequences=8, val_sequences=1, frames=5, seed=0)
+
+
+def test_layouts_smoke_preset_cityscapes(smoke_city, tmp_path):
+    import depth
+    out = run_smoke("cityscapes", tmp_path, smoke_city)
+    video = depth.list_frames(smoke_city, split="train", sequence=True)
+    check_pretraining_frames(out, str(tmp_path), [f.stem for f in video])  # the 40 sequence frames, not 8
+    for folder in ("cluster", "cluster_picie", "finetune", "finetune_scratch"):
+        assert os.path.exists(os.path.join(tmp_path, folder, "metrics.json")), folder
+
+
+def test_layouts_smoke_preset_cityscapes_ablation(smoke_city, tmp_path):
+    import depth
+    out = run_smoke("cityscapes-ablation", tmp_path, smoke_city)
+    annotated = [f.stem for f in depth.list_frames(smoke_city, split="train")]
+    check_pretraining_frames(out, str(tmp_path), annotated)
+    for method in ("felzenszwalb", "gt"):
+        assert sorted(os.listdir(tmp_path / f"proposals_{method}" / "regions")) == sorted(s + ".npy" for s in annotated)
+    for variant in (".", "M4", "M2", "M0", "felzenszwalb", "gt"):
+        for folder in ("swav/model.pt", "cluster/metrics.json", "finetune/metrics.json"):
+            assert os.path.exists(os.path.join(tmp_path, variant, folder)), (variant, folder)
+    for mix in (4, 2):
+        assert f"on the fly from {len(annotated)} frames, {len(annotated) // mix} samples of M {mix}" in out
+
+
+def test_layouts_smoke_preset_kitti(tmp_path_factory, tmp_path):
+    import json
+    import depth
+    import finetune
+    import toycity
+    root = toycity.render_kitti(str(tmp_path_factory.mktemp("smoke_kitti")), drives=4, dates=2, frames=4,
+                                semantic_images=5)
+    out = run_smoke("kitti", tmp_path, os.path.join(root, "raw"), os.path.join(root, "data_semantics"))
+    frames = depth.list_frames(os.path.join(root, "raw"), "kitti")
+    assert len(frames) == 16 and len({f.number for f in frames}) == 4  # frame numbers coincide across drives
+    check_pretraining_frames(out, str(tmp_path), [f.stem for f in frames])
+    assert os.path.exists(tmp_path / "cluster" / "metrics.json")
+    metrics = json.load(open(tmp_path / "finetune" / "metrics.json"))
+    if finetune.get_args_parser().get_default("fold") is None:  # all folds in one call (helper "instance")
+        folds = [json.load(open(tmp_path / "finetune" / f"fold_{k}" / "metrics.json"))["miou"] for k in range(5)]
+        assert metrics["mean"]["miou"] == pytest.approx(np.mean(folds))
+        assert metrics["std"]["miou"] == pytest.approx(np.std(folds), abs=1e-6) or \
+            metrics["std"]["miou"] == pytest.approx(np.std(folds, ddof=1), abs=1e-6)
+    else:
+        assert 0 <= metrics["miou"] <= 1
+
+
+# ==========================================================================================================
 # hygiene
 # ==========================================================================================================
 STAGE_FILES = ["toycity.py", "depth.py", "group.py", "copypaste.py", "swav_dense.py", "cluster.py", "finetune.py"]
