@@ -187,7 +187,7 @@ def bench_copypaste(args, size=(384, 768), mix=8, paste_times=(2, 4), repeat=3, 
     data = args.data
     if not os.path.exists(os.path.join(data, ".complete")):
         toycity.render_dataset(data, size=(384, 768), train_sequences=2, val_sequences=1, frames=3, seed=0)
-    paths = depth.list_split_images(data, "train") + depth.list_split_images(data, "val")
+    paths = [f.path for split in ("train", "val") for f in depth.list_frames(data, "cityscapes", split)]
     work = tempfile.mkdtemp(prefix="bench_copypaste_")
     for folder in ("images", "disp", "regions"):
         os.makedirs(os.path.join(work, folder))
@@ -269,7 +269,7 @@ def bench_swav_dense(args, size=(128, 256), mix=8, arch="resnet50", num_prototyp
     data = args.data
     if not os.path.exists(os.path.join(data, ".complete")):
         toycity.render_dataset(data, size=(384, 768), train_sequences=2, val_sequences=1, frames=3, seed=0)
-    paths = depth.list_split_images(data, "train") + depth.list_split_images(data, "val")
+    paths = [f.path for split in ("train", "val") for f in depth.list_frames(data, "cityscapes", split)]
     images, disps, regions = [], [], []
     for j in range(mix):
         path = paths[j % len(paths)]

@@ -50,7 +50,7 @@ from scipy.cluster.hierarchy import cut_tree, linkage
 from scipy.optimize import linear_sum_assignment
 from tqdm import tqdm
 
-from depth import (BadInput, amp_dtype_for, atomic_write, image_stem, list_split_images, nonnegative_int, pick_device,
+from depth import (BadInput, amp_dtype_for, atomic_write, list_frames, nonnegative_int, pick_device,
                    positive_int, record_settings, run_main, run_settings, seed_everything, split_file)
 from swav_dense import HEAD_DIM, build_model, load_model
 
@@ -331,8 +331,8 @@ def list_eval_pairs(data, dataset, split):
         pairs = [(os.path.splitext(f)[0], os.path.join(folder, f), os.path.join(data, split, "semantic", f))
                  for f in names]
     else:
-        pairs = [(image_stem(p), p, split_file(data, "gtFine", split, image_stem(p), "gtFine_labelIds.png"))
-                 for p in list_split_images(data, split)]
+        pairs = [(f.stem, f.path, split_file(data, "gtFine", split, f.stem, "gtFine_labelIds.png"))
+                 for f in list_frames(data, "cityscapes", split)]
     missing = [lab for _, _, lab in pairs if not os.path.exists(lab)]
     if missing:
         raise FileNotFoundError(f"{len(missing)} label files missing, e.g. {missing[0]}")

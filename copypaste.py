@@ -362,17 +362,6 @@ def augment_canvas(image, generator, photometric=True):
 # ----------------------------------------------------------------------------------------------------------
 # Input / output
 # ----------------------------------------------------------------------------------------------------------
-def list_images(data=None, split=None, images=None):
-    """Sorted image paths from a Cityscapes-layout split or a glob, with their stems."""
-    if images is not None:
-        paths = sorted(glob.glob(images))
-        if not paths:
-            raise FileNotFoundError(f"--images {images} matches no file")
-    else:
-        paths = depth.list_split_images(data, split)
-    return paths, [depth.image_stem(p) for p in paths]
-
-
 def load_source(image_path, disp_path, regions_path, size):
     """Read one source and bring it to `size` (RGB antialiased, disparity bilinear, regions nearest)."""
     for path, what in ((disp_path, "disparity: run `python depth.py predict --work WORK ...` first"),
@@ -404,8 +393,9 @@ def load_source(image_path, disp_path, regions_path, size):
 class CopyPasteDataset(torch.utils.data.Dataset):
     """Cross-context samples built on the fly (the same code and seeds as the saved samples).
 
-    paths: sorted image paths (`list_images`); disp_dir / regions_dir hold <stem>.npy; len = N // mix samples per
-    epoch, sample k uses images k + i * (N // mix); call set_epoch(e) for new composites each epoch.
+    paths: sorted image paths (`depth.frames_of`); disp_dir / regions_dir hold <stem>.npy (`depth.image_stem`);
+    len = N // mix samples per epoch, sample k uses images k + i * (N // mix); call set_epoch(e) for new
+    composites each epoch.
     Items are `build_sample` dicts.
     """
 
@@ -467,7 +457,8 @@ def preview_grid(sample):
 # Command line
 # ----------------------------------------------------------------------------------------------------------
 def run(args):
-    paths, stems = list_images(args.data, args.split, args.images)
+    frames = depth.frames_of(args)  # unique stems across cities and KITTI drives name WORK/disp and WORK/regions
+    paths, stems = [f.path for f in frames], [f.stem for f in frames]
     disp_dir = args.disp_dir or os.path.join(args.work, "disp")
     regions_dir = args.regions_dir or os.path.join(args.work, "regions")
     for d, cmd in ((disp_dir, "python depth.py predict --work WORK ..."),
@@ -533,9 +524,10 @@ def get_args_parser():
     p.add_argument("--work", required=True, help="work folder shared by all stages: reads WORK/disp and "
                    "WORK/regions, writes WORK/samples")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--data", help="Cityscapes-layout root (with --split)")
-    src.add_argument("--images", help="glob of images instead of --data/--split (stem = file name)")
+    src.add_argument("--data", help="dataset root (with --dataset, --split, --sequence)")
+    src.add_argument("--images", help="glob of images instead of --data/--split (stem = file name, or KITTI raw's)")
     p.add_argument("--split", default="train", help="split of --data (default train)")
+    depth.add_frame_args(p)
     p.add_argument("--disp-dir", help="folder of <stem>.npy disparity (default WORK/disp, from depth.py predict)")
     p.add_argument("--regions-dir", help="folder of <stem>.npy region maps (default WORK/regions, from group.py)")
     p.add_argument("--mix", type=positive_int, default=MIX, help="M: source images per sample (paper 8; Table 4 M 2, 4, 8)")

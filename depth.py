@@ -34,7 +34,9 @@ Departures from Monodepth2:
   crop sees height / (1 - crop), rounded to a multiple of 32) and resizes the disparity bilinearly to --size.
 """
 import argparse
+import collections
 import glob
+import itertools
 import json
 import os
 import pickle
@@ -66,77 +68,114 @@ POSE_CHANNELS = 256            # pose decoder width (Appendix)
 NUM_SCALES = 4                 # disparity outputs at 1, 1/2, 1/4, 1/8 of the input
 JITTER = dict(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.1)  # color jitter ranges, p 0.5 (Sec 4.1)
 EVAL_MIN_DEPTH, EVAL_MAX_DEPTH = 1e-3, 80.0  # evaluation caps (Eigen protocol, Monodepth2 Sec 4.1)
-KITTI_INTRINSICS = (0.58, 1.92, 0.5, 0.5)  # normalized fx, fy, cx, cy of KITTI raw (released code's default)
-# ----- Readers of the Cityscapes layout (the toy city writes the same), used by the later stages -----
+# ----- Readers of the datasets (Cityscapes layout, also the toy city, and KITTI raw), used by later stages -----
 CITYSCAPES_STEM = re.compile(r"^(?P<city>.+)_(?P<seq>\d{6})_(?P<frame>\d{6})$")
-CITYSCAPES_SIZE = (1024, 2048)  # (H, W) of the distributed images; camera JSON intrinsics are in these pixels
+KITTI_RAW_FRAME = re.compile(r"(?P<drive>[^/\\]+_drive_\d{4})_sync[/\\]image_02[/\\]data[/\\](?P<frame>\d{10})\.png$")
+Frame = collections.namedtuple("Frame", "stem path calib video number")  # calib file; video: (city, seq) or drive
 
 
 def image_stem(path):
-    """File name without extension and without the Cityscapes suffix (`_leftImg8bit`, `_disparity`, ...)."""
+    """Unique stem of a frame: KITTI raw DATE_drive_NNNN_FFFFFFFFFF (from the drive folder), else the file name
+    without extension and without the Cityscapes suffix (`_leftImg8bit`, `_disparity`, ...)."""
+    if (m := KITTI_RAW_FRAME.search(path)) is not None:
+        return f"{m['drive']}_{m['frame']}"
     name = os.path.splitext(os.path.basename(path))[0]
     return re.sub(r"_(leftImg8bit|disparity|camera|gtFine_labelIds|gtFine_instanceIds|pose)$", "", name)
 
 
 def parse_stem(stem):
     """'aachen_000000_000019' -> ('aachen', 0, 19). Raises ValueError for a non-Cityscapes stem."""
-    m = CITYSCAPES_STEM.match(stem)
-    if m is None:
+    if (m := CITYSCAPES_STEM.match(stem)) is None:
         raise ValueError(f"'{stem}' is not a Cityscapes stem (city_SSSSSS_FFFFFF)")
     return m["city"], int(m["seq"]), int(m["frame"])
 
 
-def list_split_images(data, split):
-    """Sorted paths of a split's annotated frames: DATA/leftImg8bit/SPLIT/*/*_leftImg8bit.png."""
-    paths = sorted(glob.glob(os.path.join(data, "leftImg8bit", split, "*", "*_leftImg8bit.png")))
-    if not paths:
-        raise FileNotFoundError(f"no images in {os.path.join(data, 'leftImg8bit', split)}/*/*_leftImg8bit.png "
-                                "(make the toy city with `python toycity.py --out DATA`)")
-    return paths
+def list_frames(data, dataset="cityscapes", split="train", sequence=False, limit=None, need_calib=False):
+    """The first `limit` Frames by stem: cityscapes DATA/leftImg8bit/SPLIT (annotated) or, with sequence, every
+    video frame of DATA/leftImg8bit_sequence/SPLIT, calib = the sequence's camera JSON; kitti (raw): every
+    DATA/DATE/DRIVE_sync/image_02/data/*.png, calib = DATA/DATE/calib_cam_to_cam.txt. Videos must have no gaps."""
+    kitti, folder = dataset == "kitti", "leftImg8bit_sequence" if sequence else "leftImg8bit"
+    pattern = os.path.join(data, "*", "*_drive_*_sync", "image_02", "data", "*.png") if kitti else \
+        os.path.join(data, folder, split, "*", "*_leftImg8bit.png")
+    made_by = ("KITTI raw <date>_drive_<NNNN>_sync.zip" if kitti else f"Cityscapes {folder}_trainvaltest.zip") + \
+        f" (toy city: `python toycity.py --out DATA{' --layout kitti' if kitti else ''}`)"
+    if not (paths := sorted(glob.glob(pattern))):
+        raise FileNotFoundError(f"no frames match {pattern}: they come from {made_by}")
+    cameras = {} if kitti else {parse_stem(image_stem(p))[:2]: p for p in sorted(glob.glob(os.path.join(
+        data, "camera", split, "*", "*_camera.json")), reverse=True)}  # one per sequence: its annotated frame's
+    frames = []
+    for path, stem in ((p, image_stem(p)) for p in paths):
+        if kitti:  # DATA/DATE/DRIVE_sync/image_02/data/F.png
+            video, number = path.rsplit(os.sep, 3)[0], int(stem[-10:])
+            calib = os.path.join(os.path.dirname(video), "calib_cam_to_cam.txt")
+        else:
+            video, number = parse_stem(stem)[:2], parse_stem(stem)[2]  # (city, seq), frame
+            calib = cameras.get(video, os.path.join(data, "camera", split, video[0], f"{stem[:-7]}_*_camera.json"))
+        if need_calib and not os.path.exists(calib):
+            raise FileNotFoundError(f"{calib} is missing (intrinsics of {stem}): it comes from " + (
+                f"KITTI raw {stem[:10]}_calib.zip" if kitti else "Cityscapes camera_trainvaltest.zip"))
+        frames.append(Frame(stem, path, calib, video, number))
+    for video, numbers in itertools.groupby(frames if sequence or kitti else [], key=lambda f: f.video):
+        numbers = [f.number for f in numbers]  # a gap would hide wrong neighbours: a broken download
+        if gap := sorted(set(range(numbers[0], numbers[-1] + 1)) - set(numbers)):
+            name = os.path.join(video, "image_02", "data", f"{gap[0]:010d}.png") if kitti else os.path.join(
+                data, folder, split, video[0], f"{video[0]}_{video[1]:06d}_{gap[0]:06d}_leftImg8bit.png")
+            raise FileNotFoundError(f"{name} is missing ({len(gap)} frames missing between {numbers[0]} and "
+                                    f"{numbers[-1]}): it comes from {made_by}")
+    return frames[:limit]
 
 
-def list_split_sequences(data, split):
-    """{(city, seq): [frame paths in time order]} from DATA/leftImg8bit_sequence/SPLIT/*/*.png."""
-    pattern = os.path.join(data, "leftImg8bit_sequence", split, "*", "*_leftImg8bit.png")
-    sequences = {}
-    for path in sorted(glob.glob(pattern)):
-        city, seq, frame = parse_stem(image_stem(path))
-        sequences.setdefault((city, seq), []).append((frame, path))
-    if not sequences:
-        raise FileNotFoundError(f"no sequence frames match {pattern}")
-    return {key: [p for _, p in sorted(frames)] for key, frames in sequences.items()}
+def frames_of(args, need_calib=False):
+    """A per-frame stage's frames: --images GLOB or --data (--dataset, --split, --sequence), the first --limit."""
+    frames = [Frame(image_stem(p), p, None, None, None) for p in sorted(glob.glob(args.images))][:args.limit] \
+        if args.images else list_frames(args.data, args.dataset, args.split, args.sequence, args.limit, need_calib)
+    if not frames:  # (list_frames says why)
+        raise FileNotFoundError(f"--images {args.images}: no file matches")
+    if dup := [s for s, n in collections.Counter(f.stem for f in frames).items() if n > 1]:  # they name outputs
+        raise ValueError(f"{' and '.join(f.path for f in frames if f.stem == dup[0])} share the stem {dup[0]}: their "
+                         "outputs would overwrite each other (KITTI raw: pass --data RAW --dataset kitti)")
+    return frames
+
+
+def add_frame_args(parser):
+    """The flags that choose a per-frame stage's frames, beside its --data, --split and --images."""
+    parser.add_argument("--dataset", default="cityscapes", choices=["cityscapes", "kitti"], help="layout of --data: "
+                        "cityscapes (also the toy city) or kitti (KITTI raw: every drive, no --split)")
+    parser.add_argument("--sequence", action="store_true", help="cityscapes: every video frame of "
+                        "leftImg8bit_sequence/SPLIT (paper: the 89,250 train frames), not the annotated leftImg8bit")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N frames in stem order (smoke runs)")
+
+
+def video_triplets(frames, offset):
+    """[(target, previous, next)]: the frames numbered n, n - offset, n + offset of one video (by frame number)."""
+    at = {(f.video, f.number): f for f in frames}
+    return [(f, at[f.video, f.number - offset], at[f.video, f.number + offset]) for f in frames
+            if (f.video, f.number - offset) in at and (f.video, f.number + offset) in at]
 
 
 def split_file(data, folder, split, stem, suffix):
     """Path of a per-image Cityscapes file, e.g. split_file(D, 'gtFine', 'val', stem, 'gtFine_labelIds.png')."""
-    city = parse_stem(stem)[0]
-    return os.path.join(data, folder, split, city, f"{stem}_{suffix}")
+    return os.path.join(data, folder, split, parse_stem(stem)[0], f"{stem}_{suffix}")
 
 
-def find_camera_json(data, split, stem):
-    """The camera JSON of a frame's sequence (Cityscapes has one per sequence, named after its annotated frame)."""
-    city, seq, _ = parse_stem(stem)
-    exact = split_file(data, "camera", split, stem, "camera.json")
-    if os.path.exists(exact):
-        return exact
-    found = sorted(glob.glob(os.path.join(data, "camera", split, city, f"{city}_{seq:06d}_*_camera.json")))
-    if not found:
-        raise FileNotFoundError(f"no camera JSON for {stem}: expected {exact} (Cityscapes 'camera' package; "
-                                "the toy city writes it)")
-    return found[0]
-
-
-def read_camera_json(path, image_size=CITYSCAPES_SIZE, crop_bottom=0.0):
-    """Normalized intrinsics (fx/W, fy/H', cx/W, cy/H') from a Cityscapes camera JSON whose intrinsics are in
-    pixels of images of image_size (H, W); H' = H (1 - crop_bottom): the top-left origin does not move."""
+def read_intrinsics(calib, image_size, crop_bottom=0.0):
+    """Normalized (fx/W, fy/H, cx/W, cy/H) of a frame of image_size (H, W), H cut by the bottom fraction crop_bottom
+    (the origin stays), from a Cityscapes camera JSON (pixels of image_size) or a KITTI calib_cam_to_cam.txt
+    (P_rect_02 in pixels of S_rect_02, which is the image size)."""
     try:
-        with open(path) as f:
-            intrinsic = json.load(f)["intrinsic"]
-        fx, fy, u0, v0 = (float(intrinsic[k]) for k in ("fx", "fy", "u0", "v0"))
+        with open(calib) as f:
+            if calib.endswith(".json"):
+                intrinsic, (height, width) = json.load(f)["intrinsic"], image_size
+                fx, fy, cx, cy = (float(intrinsic[k]) for k in ("fx", "fy", "u0", "v0"))
+            else:
+                rows = dict(line.split(":", 1) for line in f if ":" in line)
+                P = np.array(rows["P_rect_02"].split(), dtype=np.float64).reshape(3, 4)
+                width, height = map(float, rows["S_rect_02"].split())
+                fx, fy, cx, cy = P[0, 0], P[1, 1], P[0, 2], P[1, 2]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: not a readable Cityscapes camera JSON with intrinsic fx, fy, u0, v0 ({e})")
-    height, width = image_size[0] * (1.0 - crop_bottom), image_size[1]
-    return np.array([fx / width, fy / height, u0 / width, v0 / height], dtype=np.float64)
+        raise ValueError(f"{calib}: not a readable Cityscapes camera JSON with intrinsic fx, fy, u0, v0, nor a KITTI "
+                         f"calib_cam_to_cam.txt with P_rect_02, S_rect_02 ({e})") from None
+    return np.array([fx / width, fy / height / (1 - crop_bottom), cx / width, cy / height / (1 - crop_bottom)])
 
 
 def read_disparity_png(path):
@@ -155,30 +194,6 @@ def read_camera_baseline(path):
             return float(json.load(f)["extrinsic"]["baseline"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: no extrinsic.baseline in this camera JSON ({e})")
-
-
-def read_kitti_calibration(path, camera="02"):
-    """Normalized intrinsics (fx/W, fy/H, cx/W, cy/H) of a KITTI raw camera from calib_cam_to_cam.txt: P_rect_<camera>
-    (3 x 4, pixels of the rectified image) and S_rect_<camera> (W H of that image)."""
-    try:
-        with open(path) as f:
-            rows = dict(line.split(":", 1) for line in f if ":" in line)
-        P = np.array(rows[f"P_rect_{camera}"].split(), dtype=np.float64).reshape(3, 4)
-        width, height = np.array(rows[f"S_rect_{camera}"].split(), dtype=np.float64)
-    except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"{path}: not a KITTI calib_cam_to_cam.txt with P_rect_{camera}, S_rect_{camera} ({e})")
-    return np.array([P[0, 0] / width, P[1, 1] / height, P[0, 2] / width, P[1, 2] / height])
-
-
-def list_kitti_sequences(data):
-    """{DATA/DATE/DRIVE_sync/image_02/data: [frame paths in time order]} of KITTI raw (the left color camera)."""
-    pattern = os.path.join(data, "*", "*_sync", "image_02", "data", "*.png")
-    sequences = {}
-    for path in sorted(glob.glob(pattern)):
-        sequences.setdefault(os.path.dirname(path), []).append(path)
-    if not sequences:
-        raise FileNotFoundError(f"no KITTI raw frames match {pattern}")
-    return sequences
 
 
 def load_rgb(path, size=None, crop_bottom=0.0):
@@ -668,20 +683,12 @@ def atomic_write(path, write):
 
 def training_items(args):
     """[(target, previous, next) paths, normalized intrinsics (4,)] of every training triplet."""
-    items = []
-    if args.dataset == "cityscapes":
-        for split in args.split:
-            for _, paths in sorted(list_split_sequences(args.data, split).items()):
-                camera = find_camera_json(args.data, split, image_stem(paths[0]))
-                K = read_camera_json(camera, image_size(paths[0]), args.crop_bottom)
-                at, k = {parse_stem(image_stem(p))[2]: p for p in paths}, args.frame_offset  # frame number -> path
-                items += [((at[f], at[f - k], at[f + k]), K) for f in at if f - k in at and f + k in at]
-    else:  # KITTI raw: the calibration of DATE/ beside DATE/DRIVE_sync/image_02/data
-        for folder, paths in sorted(list_kitti_sequences(args.data).items()):
-            calib = os.path.join(folder, "..", "..", "..", "calib_cam_to_cam.txt")
-            K = read_kitti_calibration(calib) if os.path.exists(calib) else np.array(KITTI_INTRINSICS)
-            k = args.frame_offset
-            items += [((paths[t], paths[t - k], paths[t + k]), K) for t in range(k, len(paths) - k)]
+    items, K = [], {}  # K: intrinsics of each calibration file (one per Cityscapes sequence, one per KITTI date)
+    for split in args.split if args.dataset == "cityscapes" else [None]:  # KITTI raw: every drive
+        for t in video_triplets(list_frames(args.data, args.dataset, split, True, need_calib=True), args.frame_offset):
+            if t[0].calib not in K:
+                K[t[0].calib] = read_intrinsics(t[0].calib, image_size(t[0].path), args.crop_bottom)
+            items.append(((t[0].path, t[1].path, t[2].path), K[t[0].calib]))
     if not items:
         raise SystemExit(f"no training triplets with frame offset {args.frame_offset} under {args.data}")
     return items
@@ -881,29 +888,27 @@ def predict(args):
     net = checked_read(path, make, rebuild).eval().to(device)
     net_size = (max(32, round(model["size"][0] / (1 - model["crop_bottom"]) / 32) * 32), model["size"][1])
     size = tuple(args.size) if args.size else net_size
-    paths = sorted(glob.glob(args.images)) if args.images else list_split_images(args.data, args.split)
-    if not paths:
-        raise SystemExit(f"--images {args.images}: no file matches")
+    frames = {f.stem: f.path for f in frames_of(args)}
     out, preview = os.path.join(args.work, "disp"), os.path.join(args.work, "disp_preview")
     for folder in (out, preview) if args.preview else (out,):
         os.makedirs(folder, exist_ok=True)
         remove_stale_temporaries(folder)
     record_settings(out, {"size": size, "arch": model["arch"], "train_size": model["size"], "no_amp": args.no_amp},
                     args.overwrite)  # maps of another size or model are never mixed in
-    todo = [p for p in paths if args.overwrite or not os.path.exists(os.path.join(out, image_stem(p) + ".npy"))]
-    print(f"[depth] predict {len(todo)} of {len(paths)} images (others done) at {size[0]} x {size[1]}, "
+    todo = [s for s in frames if args.overwrite or not os.path.exists(os.path.join(out, s + ".npy"))]
+    print(f"[depth] predict {len(todo)} of {len(frames)} images (others done) at {size[0]} x {size[1]}, "
           f"network input {net_size[0]} x {net_size[1]}, device {device}")
     for b in tqdm(range(0, len(todo), args.batch_size), desc="depth predict", disable=args.no_progress):
         chunk = todo[b:b + args.batch_size]
-        images = torch.stack([load_rgb(p, net_size) for p in chunk]).to(device)
+        images = torch.stack([load_rgb(frames[s], net_size) for s in chunk]).to(device)
         with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             sigma = net(images)[0].float()
         disp = disp_to_depth(sigma, model["min_depth"], model["max_depth"])[0]
         disp = F.interpolate(disp, size, mode="bilinear", align_corners=False)
-        for path, d in zip(chunk, disp[:, 0].cpu().numpy().astype(np.float32)):
-            atomic_write(os.path.join(out, image_stem(path) + ".npy"), lambda f: np.save(f, d))
+        for stem, d in zip(chunk, disp[:, 0].cpu().numpy().astype(np.float32)):
+            atomic_write(os.path.join(out, stem + ".npy"), lambda f: np.save(f, d))
             if args.preview:
-                atomic_write(os.path.join(preview, image_stem(path) + ".png"),
+                atomic_write(os.path.join(preview, stem + ".png"),
                              lambda f: Image.fromarray(colorize_disparity(d)).save(f, format="PNG"))
     meta = json.dumps({"predicted_at": net_size}).encode()      # the samples' grid: group.py's Eqn 1 spacing
     atomic_write(os.path.join(out, "resolution.json"), lambda f: f.write(meta))
@@ -913,7 +918,7 @@ def predict(args):
 def evaluate(args):
     """Median-scaled depth metrics of WORK/disp against the ground-truth disparity PNGs -> WORK/depth/eval.json."""
     rows, ratios = [], []
-    for stem in [image_stem(p) for p in list_split_images(args.data, args.split)]:
+    for stem, frame, camera, _, _ in list_frames(args.data, "cityscapes", args.split, need_calib=True):
         disp_path = os.path.join(args.work, "disp", stem + ".npy")
         gt_path = split_file(args.data, "disparity", args.split, stem, "disparity.png")
         pred = load_npy(disp_path, f"python depth.py predict --work {args.work} --data {args.data} --split {args.split}")
@@ -923,9 +928,7 @@ def evaluate(args):
         if pred.min() <= 0 or abs(pred.shape[0] * gt_disp.shape[1] / (pred.shape[1] * gt_disp.shape[0]) - 1) > 0.02:
             raise BadInput(f"{disp_path}: {pred.shape[0]} x {pred.shape[1]}, minimum {pred.min():.3g}: need a positive "
                            f"disparity of the aspect of {gt_path} ({gt_disp.shape[0]} x {gt_disp.shape[1]})")
-        camera = find_camera_json(args.data, args.split, stem)
-        frame = split_file(args.data, "leftImg8bit", args.split, stem, "leftImg8bit.png")
-        fx = read_camera_json(camera, image_size(frame))[0] * gt_disp.shape[1]  # fx in pixels of the PNG
+        fx = read_intrinsics(camera, image_size(frame))[0] * gt_disp.shape[1]  # fx in pixels of the PNG
         keep = int(round(gt_disp.shape[0] * (1 - args.crop_bottom)))
         gt = disparity_to_depth(gt_disp, read_camera_baseline(camera), fx)[:keep]
         pred = F.interpolate(torch.from_numpy(pred)[None, None], gt_disp.shape, mode="bilinear", align_corners=False)
@@ -998,10 +1001,12 @@ def get_args_parser():
     add_parallel_args(t)
     r = sub.add_parser("predict", help="disparity of images -> WORK/disp/<stem>.npy", parents=[shared], **kw)
     r.add_argument("--work", required=True, help="work folder: reads WORK/depth/model.pt, writes WORK/disp/")
-    r.add_argument("--data", help="dataset root: predicts the annotated frames of --split")
-    r.add_argument("--split", default="val", help="split of --data whose annotated frames are predicted")
-    r.add_argument("--images", help="glob of images instead of --data/--split (stem = file name)")
-    r.add_argument("--size", nargs=2, type=positive_int, metavar=("H", "W"), help="output size (default: the network input size)")
+    r.add_argument("--data", help="dataset root: predicts the frames of --split (--dataset, --sequence)")
+    r.add_argument("--split", default="val", help="split of --data whose frames are predicted")
+    r.add_argument("--images", help="glob of images instead of --data/--split (stem = file name, or KITTI raw's)")
+    add_frame_args(r)
+    r.add_argument("--size", nargs=2, type=positive_int, metavar=("H", "W"),
+                   help="output size (default: the network input size)")
     r.add_argument("--batch-size", type=positive_int, default=12, help="images per forward pass")
     r.add_argument("--preview", action="store_true", help="also color PNGs in WORK/disp_preview/")
     r.add_argument("--overwrite", action="store_true", help="redo finished images")

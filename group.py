@@ -10,10 +10,10 @@ depth.py (WORK/disp) -> group.py -> copypaste.py (WORK/regions)
 Reads / writes:
 | file                                        | shape, dtype        | meaning                                    |
 |---------------------------------------------|---------------------|--------------------------------------------|
-| DATA/leftImg8bit/S/*/<stem>_leftImg8bit.png  | (H0, W0, 3) uint8   | images (or --images GLOB)                  |
+| DATA/leftImg8bit/S/*/<stem>_leftImg8bit.png  | (H0, W0, 3) uint8   | images (--sequence, KITTI raw, --images)   |
 | WORK/disp/<stem>.npy (or --disp-dir)         | (h, w) float32      | disparity, one scale (`depth.py predict`) |
 | DATA/disparity/S/*/<stem>_disparity.png      | (H0, W0) uint16     | with --stereo: Cityscapes stereo disparity  |
-| DATA/camera/S/*/<stem>_camera.json           | JSON                | intrinsics (else --intrinsics / KITTI K)   |
+| DATA/camera/S/*/<stem>_camera.json           | JSON                | intrinsics (KITTI: calib_cam_to_cam.txt)   |
 | DATA/gtFine/S/*/<stem>_gtFine_*Ids.png       | (H0, W0)            | --method gt and --eval                     |
 | WORK/regions/<stem>.npy                      | (H, W) int32        | region ids 0..R-1, contiguous (output)      |
 | WORK/regions/preview/<stem>.png              | (H, W, 3) uint8     | --preview: regions over the image (Fig 4d)  |
@@ -41,7 +41,6 @@ Deviations from the paper / the released code (LeungTsang/CPCDR pixel_grouping),
 import argparse
 import contextlib
 import functools
-import glob
 import json
 import multiprocessing
 import os
@@ -55,9 +54,9 @@ from skimage.measure import label as connected_components
 from skimage.segmentation import felzenszwalb, find_boundaries, slic
 from tqdm import tqdm
 
-from depth import (BadInput, atomic_write, checked_read, find_camera_json, finite_float, image_stem,
-                   list_split_images, load_npy, nonnegative_int, positive_int, ranged, read_camera_json,
-                   read_disparity_png, record_settings, run_main, split_file, unit_float)
+from depth import (BadInput, add_frame_args, atomic_write, checked_read, finite_float, frames_of, list_frames,
+                   load_npy, nonnegative_int, positive_int, ranged, read_disparity_png, read_intrinsics,
+                   record_settings, run_main, split_file, unit_float)
 
 # ===== paper constants (Sec 3.2; the released code's values where the paper gives none) =====
 KITTI_INTRINSICS = (0.58, 1.92, 0.5, 0.5)  # normalized fx, fy, cx, cy (Monodepth2's KITTI K; released default)
@@ -370,25 +369,20 @@ def read_gt_segments(data, split, stem):
 
 
 def list_items(args):
-    """[(stem, image path)] of the run, sorted, this shard's share."""
-    paths = sorted(glob.glob(args.images)) if args.images else list_split_images(args.data, args.split)
-    if not paths:   # (list_split_images raises its own error)
-        raise FileNotFoundError(f"--images {args.images}: no file matches")
+    """[(stem, image path, calibration file or None)] of the run, sorted, this shard's share."""
+    need_calib = args.method == "depth" and not args.intrinsics  # the frame's own camera; checked before any work
     shard, shards = args.shard
-    return [(image_stem(p), p) for p in paths][shard::shards]
+    return [(f.stem, f.path, f.calib) for f in frames_of(args, need_calib)][shard::shards]
 
 
-def intrinsics_of(args, stem, native):
-    """Normalized (fx, fy, cx, cy) and where they come from: --intrinsics, the frame's camera JSON, the KITTI K."""
+def intrinsics_of(args, calib, native):
+    """Normalized (fx, fy, cx, cy) and where they come from: --intrinsics, the frame's calibration file (Cityscapes
+    camera JSON, KITTI calib_cam_to_cam.txt), else (--images) the KITTI K."""
     if args.intrinsics:
         return np.array(args.intrinsics, dtype=np.float64), "--intrinsics"
-    if args.data and not args.images:
-        try:
-            path = find_camera_json(args.data, args.split, stem)
-            return read_camera_json(path, image_size=native), path
-        except FileNotFoundError:
-            pass
-    return np.array(KITTI_INTRINSICS, dtype=np.float64), f"no camera JSON: the KITTI K {KITTI_INTRINSICS}"
+    if calib is not None:
+        return read_intrinsics(calib, native), calib
+    return np.array(KITTI_INTRINSICS, dtype=np.float64), f"no calibration file: the KITTI K {KITTI_INTRINSICS}"
 
 
 def load_disparity(args, stem, native, size):
@@ -417,11 +411,11 @@ def load_disparity(args, stem, native, size):
 
 def process_one(item, args):
     """Group one image (--method) and write its regions (and preview). Returns (stem, number of regions)."""
-    (stem, image_path), size = item, tuple(args.size)
+    (stem, image_path, calib), size = item, tuple(args.size)
     image, native = checked_read(image_path, "the dataset", lambda p: load_image(p, size))
     if args.method == "depth":
         disparity, pitch = load_disparity(args, stem, native, size)
-        intrinsics = intrinsics_of(args, stem, native)[0]
+        intrinsics = intrinsics_of(args, calib, native)[0]
         regions = group_depth(image, disparity, intrinsics, segments=args.segments, w_ocln=args.w_ocln,
                               w_sup=args.w_sup, bias=args.bias, tau=args.tau,
                               preferred_modules=args.preferred_modules, seed=args.seed, disparity_pitch=pitch)
@@ -441,8 +435,7 @@ def process_one(item, args):
 def evaluate_regions(args):
     """Covering, purity and regions per image of WORK/regions against the split's gtFine segments."""
     per_image = []
-    for path in list_split_images(args.data, args.split):
-        stem = image_stem(path)
+    for stem in [f.stem for f in list_frames(args.data, "cityscapes", args.split)]:
         region_path = os.path.join(args.work, "regions", f"{stem}.npy")
         if not os.path.exists(region_path):
             raise FileNotFoundError(f"{region_path}: no regions; run `python group.py --work {args.work} --data "
@@ -481,13 +474,13 @@ def run(args):
             "disp_dir", "intrinsics")  # what changes the maps: maps of other settings are never mixed in
     record_settings(os.path.join(args.work, "regions"), {k: vars(args)[k] for k in keys}, args.overwrite)
     items = list_items(args)
-    todo = [(stem, path) for stem, path in items
-            if args.overwrite or not os.path.exists(os.path.join(args.work, "regions", f"{stem}.npy"))]
+    todo = [item for item in items
+            if args.overwrite or not os.path.exists(os.path.join(args.work, "regions", f"{item[0]}.npy"))]
     print(f"[group] {len(items)} images in this shard, {len(items) - len(todo)} done, {len(todo)} to do "
           f"(method {args.method}, size {args.size[0]} x {args.size[1]})", flush=True)
     if todo and args.method == "depth":
         with Image.open(todo[0][1]) as im:
-            intrinsics, source = intrinsics_of(args, todo[0][0], (im.height, im.width))
+            intrinsics, source = intrinsics_of(args, todo[0][2], (im.height, im.width))
         print(f"[group] intrinsics of {todo[0][0]}: {np.round(intrinsics, 4).tolist()} ({source})", flush=True)
     # ===== group every image: a pool of --workers processes, or the main process =====
     start = time.perf_counter()
@@ -513,14 +506,16 @@ def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
     add("--work", required=True, help="work folder shared by all stages: reads WORK/disp, writes WORK/regions")
-    add("--data", help="Cityscapes-layout root (images, camera JSON, stereo disparity, gtFine)")
+    add("--data", help="dataset root (--dataset): Cityscapes layout (images, camera JSON, stereo disparity, gtFine) "
+        "or KITTI raw")
     add("--split", default="train", help="split of --data (train, val, ...)")
-    add("--images", help="glob of images instead of --data/--split (stem = file name)")
+    add("--images", help="glob of images instead of --data/--split (stem = file name, or KITTI raw's)")
+    add_frame_args(p)
     add("--disp-dir", help="folder of <stem>.npy disparity (default WORK/disp, from depth.py predict)")
     add("--stereo", action="store_true", help="read DATA/disparity/*.png stereo disparity (Cityscapes, 0 invalid)")
     add("--intrinsics", nargs=4, type=finite_float, metavar=("FX", "FY", "CX", "CY"),
-        help="normalized intrinsics (fx/W, fy/H, cx/W, cy/H); default: the camera JSON of --data, else the KITTI "
-             f"K {KITTI_INTRINSICS} (the released code's K for every dataset)")
+        help="normalized intrinsics (fx/W, fy/H, cx/W, cy/H); default: the frame's camera JSON (Cityscapes) or "
+             f"calib_cam_to_cam.txt (KITTI), else (--images) the KITTI K {KITTI_INTRINSICS} (the released code's K)")
     add("--size", nargs=2, type=positive_int, default=[384, 768], metavar=("H", "W"),
         help="working and output size (paper: 384 x 768 Cityscapes, 384 x 1280 KITTI)")
     add("--method", default="depth", choices=["depth", "felzenszwalb", "gt"],

@@ -2,12 +2,17 @@
 # The six stages in order.
 #   bash pipeline.sh toy                 # embedded toy city, CPU, minutes (DATA, WORK from the environment)
 #   bash pipeline.sh toy-ablations       # after toy: Tables 3 and 4 in miniature (copy-paste off, proposals)
-#   bash pipeline.sh cityscapes ROOT     # paper scale on one GPU
+#   bash pipeline.sh cityscapes ROOT     # paper scale on one GPU: Tables 1 and 2 (pre-training on 89,250 frames)
+#   bash pipeline.sh cityscapes-ablation ROOT   # Tables 3 and 4 (2975 annotated frames, 100 epochs, 1/16, 6k)
+#   bash pipeline.sh kitti RAW SEMANTICS # KITTI raw drives + data_semantics (5-fold fine-tuning)
+#   SCALE=smoke bash pipeline.sh <paper preset> ...   # the same commands with tiny budgets: minutes on a CPU
 # A second run skips what is done (each stage skips finished outputs).
 set -euo pipefail
 cd "$(dirname "$0")"
 preset="${1:-toy}"
 PY="${PYTHON:-python}"
+SCALE="${SCALE:-paper}"
+[ "$SCALE" = paper ] || [ "$SCALE" = smoke ] || { echo "pipeline.sh: SCALE=paper (default) or smoke" >&2; exit 2; }
 
 if [ "$preset" = "toy" ]; then
   DATA="${DATA:-data/toycity}"
@@ -126,61 +131,145 @@ for name in ("depth", "no-copy-paste", "felzenszwalb", "gt"):
     print(f"| {name} | {fmt(cell('cluster', 'miou'))} | {fmt(cell('cluster', 'pixel_accuracy'))} | "
           f"{fmt(cell('finetune', 'miou'))} |")
 PYEOF
-elif [ "$preset" = "cityscapes" ]; then
-  DATA="${2:?usage: bash pipeline.sh cityscapes ROOT}"
-  WORK="${WORK:-runs/cityscapes}"
+elif [ "$preset" = "cityscapes" ] || [ "$preset" = "cityscapes-ablation" ]; then
+  # Cityscapes (PAPER_NOTES.md: 2975 train sequences x 30 frames = 89,250 left images, 500 val, 384 x 768, one
+  # GPU). `cityscapes`: the main results, pre-training on the 89,250 sequence frames (leftImg8bit_sequence,
+  # --sequence) for 25 epochs, Tables 1 and 2. `cityscapes-ablation`: Tables 3 and 4, pre-training on the 2975
+  # annotated train frames for 100 epochs and fine-tuning on 1/16 of train for 6k iterations.
+  DATA="${2:?usage: bash pipeline.sh $preset ROOT}"
+  WORK="${WORK:-runs/$preset}"
+  # ===== budgets: the paper's, or (SCALE=smoke) tiny ones for the same commands =====
+  # DEPTH_BUDGET: depth training size, length, batch; SIZE: the working size of every later stage; LIMIT: the
+  # frames of the per-frame stages; SEGMENTS: SLIC superpixels (scaled with the pixel count); SWAV_BUDGET: length
+  # and points per canvas; FT_BUDGET: fine-tuning iterations, batch, crop. NO_AMP: smoke runs on a CPU in fp32
+  # (bf16 autocast is ~6x slower there: swav_dense 2 steps 148 s against 25 s), the one non-budget change
+  if [ "$SCALE" = smoke ]; then
+    DEPTH_BUDGET="--size 64 128 --steps 2 --batch-size 2"; SIZE="64 128"; LIMIT="--limit 48"; SEGMENTS=300
+    SWAV_BUDGET="--steps 2 --pixel-samples 500 --region-samples 500"; NO_AMP="--no-amp"
+    FT_BUDGET="--iters 2 --batch-size 2 --crop 64 128"
+  elif [ "$preset" = cityscapes ]; then
+    DEPTH_BUDGET="--size 192 512 --epochs 20 --batch-size 12"; SIZE="384 768"; LIMIT=""; SEGMENTS=10000
+    SWAV_BUDGET="--epochs 25 --pixel-samples 4000 --region-samples 7200"; NO_AMP=""
+    FT_BUDGET="--iters 80000 --batch-size 8 --crop 384 768"
+  else
+    DEPTH_BUDGET="--size 192 512 --epochs 20 --batch-size 12"; SIZE="384 768"; LIMIT=""; SEGMENTS=10000
+    SWAV_BUDGET="--epochs 100 --pixel-samples 4000 --region-samples 7200"; NO_AMP=""
+    FT_BUDGET="--iters 6000 --batch-size 8 --crop 384 768"
+  fi
+  if [ "$preset" = cityscapes ]; then
+    FRAMES="--split train --sequence"; FRACTION=1  # the 89,250 video frames; fine-tuning on all of train
+  else
+    FRAMES="--split train"; FRACTION=0.0625        # the 2975 annotated frames; fine-tuning on 1/16 of train
+  fi
   # ===== depth (cityscapes) =====
-  # stage 1, Monodepth2 on the train video sequences (leftImg8bit_sequence): bottom quarter
-  # cropped (ego car), 192 x 512, frames 0 -2 +2 (17 Hz), ResNet-18, batch 12, Adam 1e-4, 20 epochs (x0.1 after
-  # 15), AMP; then disparity of the annotated train and val frames at the later stages' 384 x 768 (full frame);
-  # depth metrics on val against the SGM disparity (bottom quarter ignored). Add --weights FILE for ImageNet init.
-  $PY depth.py train --data "$DATA" --work "$WORK" --size 192 512 --crop-bottom 0.25 --frame-offset 2 --resume
-  for split in train val; do
-    $PY depth.py predict --work "$WORK" --data "$DATA" --split "$split" --size 384 768
-  done
+  # stage 1, Monodepth2 on the train video sequences (leftImg8bit_sequence): bottom quarter cropped (ego car),
+  # 192 x 512, frames 0 -2 +2 (17 Hz), ResNet-18, batch 12, Adam 1e-4, 20 epochs (x0.1 after 15), AMP; then the
+  # disparity of the pre-training frames and of val at the later stages' 384 x 768 (full frame); depth metrics
+  # on val against the SGM disparity (bottom quarter ignored). Add --weights FILE for ImageNet init.
+  $PY depth.py train --data "$DATA" --work "$WORK" --crop-bottom 0.25 --frame-offset 2 $DEPTH_BUDGET --resume $NO_AMP
+  $PY depth.py predict --work "$WORK" --data "$DATA" $FRAMES --size $SIZE $LIMIT $NO_AMP
+  $PY depth.py predict --work "$WORK" --data "$DATA" --split val --size $SIZE $NO_AMP
   $PY depth.py eval --work "$WORK" --data "$DATA" --split val --crop-bottom 0.25
   # ===== group (cityscapes) =====
-  # stage 2 at paper scale: 384 x 768, 10000 superpixels, the camera JSON's intrinsics
-  for split in train val; do
-    $PY group.py --work "$WORK" --data "$DATA" --split "$split" --size 384 768 --workers "$(nproc)"
-  done
+  # stage 2 at paper scale: 384 x 768, 10000 superpixels, each sequence's camera JSON; val too, for --eval
+  $PY group.py --work "$WORK" --data "$DATA" $FRAMES --size $SIZE --segments $SEGMENTS --workers "$(nproc)" $LIMIT
+  $PY group.py --work "$WORK" --data "$DATA" --split val --size $SIZE --segments $SEGMENTS --workers "$(nproc)"
   $PY group.py --eval --work "$WORK" --data "$DATA" --split val
   # ===== copypaste (cityscapes) =====
-  # stage 3 at paper scale (M 8, E 2 4, 384 x 768): a saved sample is ~33 MB (16 canvases +
-  # int32 labels), so 25 epochs of 371 samples would fill ~300 GB; here only previews are written and
-  # swav_dense.py builds the same samples on the fly (--on-the-fly, copypaste.CopyPasteDataset, same seeds).
-  # To save epochs instead: add --epochs E --workers "$(nproc)".
-  $PY copypaste.py --work "$WORK" --data "$DATA" --split train --size 384 768 --mix 8 --paste-times 2 4 \
-    --epochs 0 --preview 8
+  # stage 3 (M 8, E 2 4, 384 x 768): a saved sample is ~33 MB (16 canvases + int32 labels), so 25 epochs of the
+  # 11,156 samples of 89,250 frames would fill ~9 TB; only previews are written and swav_dense.py builds the same
+  # samples on the fly (--on-the-fly, copypaste.CopyPasteDataset, same seeds).
+  $PY copypaste.py --work "$WORK" --data "$DATA" $FRAMES --size $SIZE --mix 8 --paste-times 2 4 --epochs 0 \
+    --preview 8 $LIMIT
   # ===== swav_dense (cityscapes) =====
-  # stage 4, Sec 3.4: ResNet-50 from scratch, FPN + semantic head + projector, K 1000,
-  # 4000 pixel + 7200 region points per canvas, lambda 0.5, SGD lr 0.1, 25 epochs of the 371 M = 8 samples of
-  # Cityscapes train (2 warm-up), one GPU, AMP fp16; samples built on the fly by copypaste.CopyPasteDataset in
-  # DataLoader workers; checkpoint every epoch and 500 steps, so the same command continues after a stop.
+  # stage 4, Sec 3.4: ResNet-50 from scratch, FPN + semantic head + projector, K 1000, 4000 pixel + 7200 region
+  # points per canvas, lambda 0.5, SGD lr 0.1, 2 warm-up epochs, batch 1 sample = 16 canvases, one GPU, AMP fp16;
+  # 25 epochs of 89,250 / 8 = 11,156 samples (ablation: 100 epochs of the 371 samples of 2975 frames); samples
+  # built on the fly in DataLoader workers; checkpoints every 500 steps and epoch: the same command continues.
   # ImageNet-initialised run (Table 1 "IN"): add --init imagenet --backbone-weights resnet50.pth (local file).
-  $PY swav_dense.py --work "$WORK" --on-the-fly --data "$DATA" --split train --size 384 768 --mix 8 \
-    --paste-times 2 4 --arch resnet50 --epochs 25 --workers "$(nproc)" --resume
-  # ===== cluster (cityscapes) =====
-  # stage 5, Table 1: Cityscapes val at 768 x 384, 19 trainIds, Hungarian on -IoU; the PiCIE /
-  # STEGO protocol for comparison; KITTI's 200 labelled images when KITTI=.../data_semantics is set
-  $PY cluster.py --work "$WORK" --data "$DATA" --split val --save-pred --pca 8
-  $PY cluster.py --work "$WORK" --data "$DATA" --split val --protocol picie --out "$WORK/cluster_picie"
-  if [ -n "${KITTI:-}" ]; then
-    $PY cluster.py --work "$WORK" --data "$KITTI" --dataset kitti --out "$WORK/cluster_kitti"
-  fi
-  # ===== finetune (cityscapes) =====
-  # stage 6, ablation setting (Table 4): 1/16 of Cityscapes train, 6000 iterations, val mIoU;
-  # from the swav model and from scratch; KITTI 5-fold cross-validation when KITTI is set
-  $PY finetune.py --work "$WORK" --data "$DATA" --init swav --fraction 0.0625 --iters 6000 --eval-every 1000
-  $PY finetune.py --work "$WORK" --data "$DATA" --init scratch --arch resnet50 --fraction 0.0625 --iters 6000 \
-    --eval-every 1000 --out "$WORK/finetune_scratch"
-  if [ -n "${KITTI:-}" ]; then
-    for fold in 0 1 2 3 4; do
-      $PY finetune.py --work "$WORK" --data "$KITTI" --dataset kitti --init swav --folds 5 --fold "$fold" \
-        --iters 6000 --out "$WORK/finetune_kitti_fold$fold"
+  swav() {  # WORK_DIR REGIONS_DIR MIX "E1 E2": pre-train, cluster on val (Table 1 / 4), fine-tune (Table 2 / 3 / 4)
+    $PY swav_dense.py --work "$1" --on-the-fly --data "$DATA" $FRAMES --size $SIZE --disp-dir "$WORK/disp" \
+      --regions-dir "$2" --mix "$3" --paste-times $4 --arch resnet50 $SWAV_BUDGET --workers "$(nproc)" --resume \
+      $LIMIT $NO_AMP
+    # ===== cluster (cityscapes) =====
+    # stage 5, Table 1: Cityscapes val at 768 x 384, 19 trainIds, Hungarian on -IoU
+    $PY cluster.py --work "$1" --data "$DATA" --split val --size $SIZE --save-pred --pca 8 $NO_AMP
+    # ===== finetune (cityscapes) =====
+    # stage 6: Table 2 fine-tunes on all of train (its schedule is in the unavailable supplement: 80k iterations
+    # of batch 8, mmsegmentation's semantic-FPN Cityscapes schedule); ablations: 1/16 of train, 6k iterations
+    $PY finetune.py --work "$1" --data "$DATA" --init swav --fraction "$FRACTION" $FT_BUDGET --size $SIZE $NO_AMP
+  }
+  if [ "$preset" = cityscapes ]; then
+    swav "$WORK" "$WORK/regions" 8 "2 4"
+    $PY cluster.py --work "$WORK" --data "$DATA" --split val --protocol picie --out "$WORK/cluster_picie" $NO_AMP
+    $PY finetune.py --work "$WORK" --data "$DATA" --init scratch --arch resnet50 --fraction 1 $FT_BUDGET \
+      --size $SIZE --out "$WORK/finetune_scratch" $NO_AMP
+    # Table 2's instance-segmentation row (Mask R-CNN): see finetune.py --task instance (helper "instance").
+    # Tables 1 and 2, KITTI columns (the Cityscapes-trained network): KITTI=.../data_semantics
+    if [ -n "${KITTI:-}" ]; then
+      $PY cluster.py --work "$WORK" --data "$KITTI" --dataset kitti --out "$WORK/cluster_kitti" $NO_AMP
+      $PY finetune.py --work "$WORK" --data "$KITTI" --dataset kitti --init swav --folds 5 $FT_BUDGET \
+        --out "$WORK/finetune_kitti" $NO_AMP
+    fi
+  else
+    # Table 3: proposals colour-only (Felzenszwalb, the stand-in for owt-ucm) / ours / ground truth, M 8;
+    # Table 4: M 0 (no copy-paste), 2, 4, 8 with our proposals; lambda 0.5; one pre-training each
+    for method in felzenszwalb gt; do
+      $PY group.py --work "$WORK/proposals_$method" --data "$DATA" $FRAMES --size $SIZE --method "$method" \
+        --workers "$(nproc)" $LIMIT
     done
+    swav "$WORK" "$WORK/regions" 8 "2 4"
+    swav "$WORK/M4" "$WORK/regions" 4 "2 4"
+    swav "$WORK/M2" "$WORK/regions" 2 "2 4"
+    swav "$WORK/M0" "$WORK/regions" 8 "0 0"
+    swav "$WORK/felzenszwalb" "$WORK/proposals_felzenszwalb/regions" 8 "2 4"
+    swav "$WORK/gt" "$WORK/proposals_gt/regions" 8 "2 4"
   fi
+elif [ "$preset" = "kitti" ]; then
+  # KITTI (PAPER_NOTES.md: 71 raw drives, 42,382 left images, 200 annotated training images, 384 x 1280):
+  # pre-training on every raw drive, clustering on data_semantics/training (Table 1's KITTI column), 5-fold
+  # fine-tuning on its 200 labelled images (Table 2's KITTI column; the stage writes the folds' mean and std).
+  RAW="${2:?usage: bash pipeline.sh kitti RAW SEMANTICS}"
+  SEMANTICS="${3:?usage: bash pipeline.sh kitti RAW SEMANTICS}"
+  WORK="${WORK:-runs/kitti}"
+  # ===== budgets: the paper's, or (SCALE=smoke) tiny ones for the same commands =====
+  if [ "$SCALE" = smoke ]; then
+    DEPTH_BUDGET="--size 64 224 --steps 2 --batch-size 2"; SIZE="96 320"; LIMIT="--limit 48"; SEGMENTS=300
+    SWAV_BUDGET="--steps 2 --pixel-samples 500 --region-samples 500"; NO_AMP="--no-amp"
+    FT_BUDGET="--iters 2 --batch-size 2 --crop 96 320"
+  else
+    DEPTH_BUDGET="--size 192 640 --epochs 20 --batch-size 12"; SIZE="384 1280"; LIMIT=""; SEGMENTS=10000
+    SWAV_BUDGET="--epochs 25 --pixel-samples 4000 --region-samples 7200"; NO_AMP=""
+    FT_BUDGET="--iters 6000 --batch-size 8 --crop 384 768"
+  fi
+  # ===== depth (kitti) =====
+  # stage 1, Monodepth2's KITTI recipe: 192 x 640, frames 0 -1 +1 (10 Hz), no crop, batch 12, 20 epochs; the
+  # intrinsics of each date's calib_cam_to_cam.txt (P_rect_02); disparity of every frame at 384 x 1280.
+  # (No depth metrics: KITTI's ground truth is in the velodyne scans, which this project does not read.)
+  $PY depth.py train --data "$RAW" --dataset kitti --work "$WORK" --frame-offset 1 $DEPTH_BUDGET --resume $NO_AMP
+  $PY depth.py predict --work "$WORK" --data "$RAW" --dataset kitti --size $SIZE $LIMIT $NO_AMP
+  # ===== group (kitti) =====
+  # stage 2: 384 x 1280, the released code's 10000 superpixels, each date's calibration
+  $PY group.py --work "$WORK" --data "$RAW" --dataset kitti --size $SIZE --segments $SEGMENTS --workers "$(nproc)" \
+    $LIMIT
+  # ===== copypaste, swav_dense (kitti) =====
+  # stages 3 and 4 as on Cityscapes (M 8, E 2 4, ResNet-50, K 1000, lambda 0.5) at 384 x 1280; the paper gives
+  # no KITTI epoch count: 25, its Cityscapes one (42,382 / 8 = 5297 samples per epoch)
+  $PY copypaste.py --work "$WORK" --data "$RAW" --dataset kitti --size $SIZE --mix 8 --paste-times 2 4 --epochs 0 \
+    --preview 8 $LIMIT
+  $PY swav_dense.py --work "$WORK" --on-the-fly --data "$RAW" --dataset kitti --size $SIZE --mix 8 \
+    --paste-times 2 4 --arch resnet50 $SWAV_BUDGET --workers "$(nproc)" --resume $LIMIT $NO_AMP
+  # ===== cluster (kitti) =====
+  # stage 5: the 200 data_semantics training images at 1280 x 384, 19 trainIds, Hungarian on -IoU
+  $PY cluster.py --work "$WORK" --data "$SEMANTICS" --dataset kitti --split training --size $SIZE --save-pred \
+    --pca 8 $NO_AMP
+  # ===== finetune (kitti) =====
+  # stage 6: 5-fold cross-validation over the 200 labelled images (every fold in turn, then the folds' mean and
+  # std in WORK/finetune/metrics.json); iterations: the paper's ablation count (its KITTI schedule is unknown)
+  $PY finetune.py --work "$WORK" --data "$SEMANTICS" --dataset kitti --init swav --folds 5 $FT_BUDGET --size $SIZE \
+    $NO_AMP
 else
-  echo "usage: bash pipeline.sh toy | toy-ablations | cityscapes ROOT" >&2
+  echo "usage: bash pipeline.sh toy | toy-ablations | cityscapes ROOT | cityscapes-ablation ROOT |" \
+    "kitti RAW SEMANTICS" >&2
   exit 2
 fi

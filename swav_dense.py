@@ -58,9 +58,10 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.ops import FeaturePyramidNetwork
 from tqdm import tqdm
 
-from depth import (BadInput, add_parallel_args, amp_dtype_for, atomic_write, check_resume, checked_read, load_torch,
-                   nonnegative_int, positive_float, positive_int, ranged, record_settings, resume_log, run_main,
-                   run_settings, seed_everything, setup_distributed, unit_float, wrap_ddp)
+from depth import (BadInput, add_frame_args, add_parallel_args, amp_dtype_for, atomic_write, check_resume,
+                   checked_read, frames_of, load_torch, nonnegative_int, positive_float, positive_int,
+                   ranged, record_settings, resume_log, run_main, run_settings, seed_everything, setup_distributed,
+                   unit_float, wrap_ddp)
 
 # ===== Paper constants (Sec 3.4 and Sec 4; SwAV for the Sinkhorn settings) =====
 NUM_PROTOTYPES = 1000  # K, Sec 3.4
@@ -529,8 +530,10 @@ def build_dataset(args):
         import copypaste  # stage 3 builds the samples
         if not (args.data or args.images):
             raise ValueError("--on-the-fly needs --data DATA --split S (or --images GLOB)")
+        paths = [f.path for f in frames_of(args)]
+        print(f"[swav_dense] on the fly from {len(paths)} frames, {len(paths) // args.mix} samples of M {args.mix}")
         on_the_fly = copypaste.CopyPasteDataset(
-            copypaste.list_images(args.data, args.split, args.images)[0],
+            paths,
             args.disp_dir or os.path.join(args.work, "disp"), args.regions_dir or os.path.join(args.work, "regions"),
             mix=args.mix, paste_times=args.paste_times, size=args.size, photometric=not args.no_photometric,
             seed=args.seed)
@@ -648,6 +651,7 @@ def get_args_parser():
     g.add_argument("--data", help="dataset root, with --split (only with --on-the-fly)")
     g.add_argument("--images", help="glob of images instead of --data (only with --on-the-fly)")
     g.add_argument("--split", default="train", help="split (only with --on-the-fly)")
+    add_frame_args(g)
     g.add_argument("--disp-dir", help="<stem>.npy disparity (--on-the-fly; default WORK/disp)")
     g.add_argument("--regions-dir", help="<stem>.npy regions (--on-the-fly; default WORK/regions)")
     g.add_argument("--size", type=positive_int, nargs=2, default=[384, 768], metavar=("H", "W"),

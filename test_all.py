@@ -62,17 +62,20 @@ def test_toycity_cityscapes_layout(tiny_city):
 
 def test_toycity_readers_list_and_parse(tiny_city):
     import depth
-    images = depth.list_split_images(tiny_city, "train")
-    assert [depth.image_stem(p) for p in images] == ["toycity_000000_000002", "toycity_000001_000002"]
+    frames = depth.list_frames(tiny_city, split="train")
+    assert [f.stem for f in frames] == ["toycity_000000_000002", "toycity_000001_000002"]
+    assert [depth.image_stem(f.path) for f in frames] == [f.stem for f in frames]
     assert depth.parse_stem("aachen_000000_000019") == ("aachen", 0, 19)
-    sequences = depth.list_split_sequences(tiny_city, "val")
-    assert sorted(sequences) == [("toycity", 500), ("toycity", 501)]
-    assert [depth.parse_stem(depth.image_stem(p))[2] for p in sequences[("toycity", 500)]] == [0, 1, 2, 3]
-    camera = depth.find_camera_json(tiny_city, "val", "toycity_000500_000003")  # a non-annotated frame
-    fx, fy, cx, cy = depth.read_camera_json(camera, image_size=TINY["size"])
+    video = depth.list_frames(tiny_city, split="val", sequence=True)
+    assert sorted({f.video for f in video}) == [("toycity", 500), ("toycity", 501)]
+    assert [f.number for f in video if f.video == ("toycity", 500)] == [0, 1, 2, 3]
+    assert [f.stem for f in depth.list_frames(tiny_city, split="val", sequence=True, limit=3)] == \
+        [f.stem for f in video[:3]]
+    camera = video[3].calib  # a non-annotated frame: its sequence's camera JSON
+    assert camera.endswith("toycity_000500_000002_camera.json")
+    fx, fy, cx, cy = depth.read_intrinsics(camera, TINY["size"])
     assert fx == pytest.approx(0.55) and fy == pytest.approx(0.55 * 128 / 64) and (cx, cy) == (0.5, 0.5)
-    with pytest.raises(FileNotFoundError, match="camera"):
-        depth.find_camera_json(tiny_city, "val", "toycity_000777_000003")
+    assert depth.read_intrinsics(camera, TINY["size"], crop_bottom=0.25)[1] == pytest.approx(0.55 * 128 / 48)
 
 
 def test_toycity_labels_and_instances(tiny_city):
@@ -157,7 +160,7 @@ def test_toycity_files_warp_consistently(tiny_city):
     image_s = np.asarray(Image.open(load("leftImg8bit_sequence", stem_s, "leftImg8bit.png")), np.float32)
     labels_t = np.asarray(Image.open(load("gtFine", stem_t, "gtFine_labelIds.png")))
     camera = load("camera", stem_t, "camera.json")
-    fx, fy, cx, cy = depth.read_camera_json(camera, image_size=TINY["size"])
+    fx, fy, cx, cy = depth.read_intrinsics(camera, TINY["size"])
     h, w = TINY["size"]
     K = np.array([[fx * w, 0, cx * w], [0, fy * h, cy * h], [0, 0, 1]])
     disp = depth.read_disparity_png(load("disparity", stem_t, "disparity.png"))
@@ -204,13 +207,13 @@ def test_toycity_kitti_layout(tmp_path):
     expected |= {f"data_semantics/training/{k}/{i:06d}_10.png" for k in ("image_2", "semantic", "instance")
                  for i in range(3)}
     assert set(toy_files(root)) == expected
-    sequences = depth.list_kitti_sequences(os.path.join(root, "raw"))
-    assert len(sequences) == 3 and len({tuple(map(os.path.basename, p)) for p in sequences.values()}) == 1
+    frames = depth.list_frames(os.path.join(root, "raw"), "kitti", need_calib=True)
+    assert len({f.video for f in frames}) == 3 and {f.number for f in frames} == {0, 1} and len(frames) == 6
     K = toycity.intrinsics(h, w)
     for date in ("2011_09_26", "2011_09_27"):
-        calib = depth.read_kitti_calibration(os.path.join(root, "raw", date, "calib_cam_to_cam.txt"))
+        calib = depth.read_intrinsics(os.path.join(root, "raw", date, "calib_cam_to_cam.txt"), (h, w))
         np.testing.assert_allclose(calib, [K[0, 0] / w, K[1, 1] / h, K[0, 2] / w, K[1, 2] / h], rtol=1e-6)
-    frame = np.array(Image.open(sequences[os.path.join(root, "raw", drives[0], "image_02", "data")][0]))
+    frame = np.array(Image.open(frames[0].path))
     assert frame.shape == (h, w, 3) and frame.dtype == np.uint8
     objects = 0
     for i in range(3):
@@ -338,7 +341,7 @@ def test_depth_warp_with_ground_truth_depth_and_pose_reproduces_frame(tiny_city)
     source = depth.load_rgb(path("leftImg8bit_sequence", stem_s, "leftImg8bit.png"))[None].double()
     camera = path("camera", stem_t, "camera.json")
     H, W = TINY["size"]
-    intrinsics = torch.tensor(depth.read_camera_json(camera, (H, W)))[None]
+    intrinsics = torch.tensor(depth.read_intrinsics(camera, (H, W)))[None]
     K = depth.intrinsics_matrix(intrinsics, H, W)
     disp = depth.read_disparity_png(path("disparity", stem_t, "disparity.png"))
     gt = depth.disparity_to_depth(disp, depth.read_camera_baseline(camera), K[0, 0, 0].item())
@@ -434,7 +437,7 @@ def test_depth_cli_train_and_predict_write_one_scale_disparity(tiny_city, tmp_pa
     model = torch.load(os.path.join(work, "depth", "model.pt"), weights_only=False)
     net = depth.DepthNet(model["arch"]).eval()
     net.load_state_dict(model["model"])
-    for path in depth.list_split_images(tiny_city, "val"):
+    for path in [f.path for f in depth.list_frames(tiny_city, split="val")]:
         stem = depth.image_stem(path)
         d = np.load(os.path.join(work, "disp", stem + ".npy"))
         assert d.shape == (32, 64) and d.dtype == np.float32 and d.min() > 0
@@ -463,7 +466,7 @@ def test_depth_cli_train_and_predict_write_one_scale_disparity(tiny_city, tmp_pa
 def test_depth_eval_of_ground_truth_disparity_is_near_perfect(tiny_city, tmp_path):
     import json
     import depth
-    for path in depth.list_split_images(tiny_city, "val"):
+    for path in [f.path for f in depth.list_frames(tiny_city, split="val")]:
         stem = depth.image_stem(path)
         d = depth.read_disparity_png(depth.split_file(tiny_city, "disparity", "val", stem, "disparity.png"))
         d = np.where(d > 0, d, 1e-3).astype(np.float32)  # sky: any positive value (masked in the metric)
@@ -478,26 +481,49 @@ def test_depth_eval_of_ground_truth_disparity_is_near_perfect(tiny_city, tmp_pat
     assert abs(ratio - 0.5) < 1e-12 and metrics["abs_rel"] < 1e-12 and metrics["a1"] == 1.0
 
 
-def test_depth_kitti_calibration_and_triplets(tmp_path):
+KITTI_CALIB = ("calib_time: 09-Jan-2012 13:57:47\nS_rect_02: 1.242000e+03 3.750000e+02\n"
+               "P_rect_02: 7.215377e+02 0.000000e+00 6.095593e+02 4.485728e+01 0.000000e+00 7.215377e+02 "
+               "1.728540e+02 2.163791e-01 0.000000e+00 0.000000e+00 1.000000e+00 2.745884e-03\n")
+
+
+def kitti_raw(city, root, drives=((1, 4), (2, 4)), date="2011_09_26"):
+    """A KITTI raw layout from the tiny toy city's train frames: drives (number, frames), frame numbers from 0 in
+    each drive (so they coincide), and calib_cam_to_cam.txt for the toy camera (fx 0.55 W, centred) at 64 x 128."""
+    import glob
+    import shutil
+    sources = sorted(glob.glob(os.path.join(city, "leftImg8bit_sequence", "train", "*", "*.png")))
+    for drive, count in drives:
+        folder = os.path.join(root, date, f"{date}_drive_{drive:04d}_sync", "image_02", "data")
+        os.makedirs(folder)
+        for i in range(count):
+            shutil.copy(sources[(drive + i) % len(sources)], os.path.join(folder, f"{i:010d}.png"))
+    with open(os.path.join(root, date, "calib_cam_to_cam.txt"), "w") as f:
+        f.write("S_rect_02: 128 64\nP_rect_02: 70.4 0 64 0 0 70.4 32 0 0 0 1 0\n")
+    return str(root)
+
+
+def test_depth_kitti_calibration_and_triplets(tiny_city, tmp_path):
     import depth
-    calib = tmp_path / "2011_09_26" / "calib_cam_to_cam.txt"
-    os.makedirs(calib.parent)
-    calib.write_text("calib_time: 09-Jan-2012 13:57:47\nS_rect_02: 1.242000e+03 3.750000e+02\n"
-                     "P_rect_02: 7.215377e+02 0.000000e+00 6.095593e+02 4.485728e+01 0.000000e+00 7.215377e+02 "
-                     "1.728540e+02 2.163791e-01 0.000000e+00 0.000000e+00 1.000000e+00 2.745884e-03\n")
-    K = depth.read_kitti_calibration(str(calib))
+    calib = tmp_path / "calib_cam_to_cam.txt"
+    calib.write_text(KITTI_CALIB)
+    K = depth.read_intrinsics(str(calib), (1, 1))  # .txt: KITTI, normalized by S_rect_02 (not the image size)
     assert np.allclose(K, [721.5377 / 1242, 721.5377 / 375, 609.5593 / 1242, 172.854 / 375])
-    # raw frames of one drive: triplets (t, t - k, t + k) in time order, with the calibration of the date folder
-    frames = tmp_path / "2011_09_26" / "2011_09_26_drive_0001_sync" / "image_02" / "data"
-    os.makedirs(frames)
-    for i in range(5):
-        (frames / f"{i:010d}.png").write_bytes(b"")
-    args = depth.get_args_parser().parse_args(["train", "--data", str(tmp_path), "--work", "unused", "--dataset",
-                                               "kitti", "--frame-offset", "2"])
+    # two drives whose frame numbers coincide: unique stems, triplets (t, t - k, t + k) inside one drive
+    raw = kitti_raw(tiny_city, tmp_path / "raw", drives=((1, 5), (2, 3)))
+    frames = depth.list_frames(raw, "kitti")
+    assert [f.stem for f in frames][:6] == [f"2011_09_26_drive_0001_{i:010d}" for i in range(5)] + \
+        ["2011_09_26_drive_0002_0000000000"] and len({f.stem for f in frames}) == 8
+    assert [depth.image_stem(f.path) for f in frames] == [f.stem for f in frames]
+    args = depth.get_args_parser().parse_args(["train", "--data", raw, "--work", "unused", "--dataset", "kitti",
+                                               "--frame-offset", "2"])
     args.crop_bottom = 0.0
     items = depth.training_items(args)
-    assert [tuple(os.path.basename(p)[:10] for p in paths) for paths, _ in items] == [("0000000002", "0000000000", "0000000004")]
-    assert np.allclose(items[0][1], K)
+    drive = os.path.join(raw, "2011_09_26", "2011_09_26_drive_0001_sync", "image_02", "data")
+    assert [paths for paths, _ in items] == [tuple(os.path.join(drive, f"{i:010d}.png") for i in (2, 0, 4))]
+    assert np.allclose(items[0][1], [0.55, 70.4 / 64, 0.5, 0.5])
+    # paired by frame number: a gap never makes a triplet of the wrong frames
+    gapped = [f for f in frames if f.number != 3]
+    assert [tuple(g.number for g in t) for t in depth.video_triplets(gapped, 1)] == [(1, 0, 2), (1, 0, 2)]
 
 
 def test_depth_clear_errors_name_the_file(tiny_city, tmp_path, capsys):
@@ -748,7 +774,7 @@ def test_group_cli_end_to_end(tiny_city, tmp_path, capsys):
     common = ["--data", tiny_city, "--size", *TINY["size"]]
     run_cli("group.py", "--work", work, "--split", "train", "--stereo", "--segments", "300", "--preview",
             "--workers", "2", *common)
-    stems = [depth.image_stem(p) for p in depth.list_split_images(tiny_city, "train")]
+    stems = [f.stem for f in depth.list_frames(tiny_city, split="train")]
     for stem in stems:
         regions = np.load(work / "regions" / f"{stem}.npy")
         assert regions.dtype == np.int32 and regions.shape == TINY["size"]
@@ -768,7 +794,7 @@ def test_group_cli_end_to_end(tiny_city, tmp_path, capsys):
     import json
     with open(gt_work / "regions" / "eval.json") as f:
         scores = json.load(f)
-    assert scores["images"] == len(depth.list_split_images(tiny_city, "val"))
+    assert scores["images"] == len(depth.list_frames(tiny_city, split="val"))
     assert scores["purity"] == 1.0 and scores["covering"] == 1.0 and scores["regions_per_image"] > 3
 
 # ==========================================================================================================
@@ -1043,7 +1069,7 @@ def _copypaste_inputs(data, work, split="train"):
     from PIL import Image
     os.makedirs(os.path.join(work, "disp"), exist_ok=True)
     os.makedirs(os.path.join(work, "regions"), exist_ok=True)
-    for path in depth.list_split_images(data, split):
+    for path in [f.path for f in depth.list_frames(data, split=split)]:
         stem = depth.image_stem(path)
         inst = np.asarray(Image.open(depth.split_file(data, "gtFine", split, stem, "gtFine_instanceIds.png")))
         np.save(os.path.join(work, "regions", f"{stem}.npy"), np.unique(inst, return_inverse=True)[1]
@@ -1093,6 +1119,7 @@ def test_copypaste_cli_end_to_end(tiny_city, tmp_path, capsys):
     (The reruns go through run() in this process: one subprocess start is enough.)"""
     import glob
     import copypaste
+    import depth
     work = str(tmp_path / "work")
     _copypaste_inputs(tiny_city, work)
     args = ["copypaste.py", "--work", work, "--data", tiny_city, "--split", "train", "--size", "64", "128",
@@ -1103,7 +1130,7 @@ def test_copypaste_cli_end_to_end(tiny_city, tmp_path, capsys):
     assert os.path.exists(os.path.join(work, "samples", "preview", "000000.png"))
     sample = torch.load(files[0], weights_only=True)
     assert sample["images"].shape == (4, 3, 64, 128) and sample["slots"] == 5
-    dataset = copypaste.CopyPasteDataset(copypaste.list_images(tiny_city, "train")[0], os.path.join(work, "disp"),
+    dataset = copypaste.CopyPasteDataset([f.path for f in depth.list_frames(tiny_city)], os.path.join(work, "disp"),
                                          os.path.join(work, "regions"), mix=2, paste_times=(1, 2), size=(64, 128),
                                          seed=3)
     dataset.set_epoch(1)
@@ -1425,7 +1452,7 @@ def _swav_tiny_city_samples(city, work, count=4, mix=2):
     import copypaste
     import depth
     from PIL import Image
-    paths = depth.list_split_images(city, "train") + depth.list_split_images(city, "val")
+    paths = [f.path for split in ("train", "val") for f in depth.list_frames(city, split=split)]
     sources = []
     for path in paths:
         stem = depth.image_stem(path)
@@ -1777,7 +1804,7 @@ def _put(path, write):
 
 def _first(data, split):
     import depth
-    return depth.image_stem(depth.list_split_images(data, split)[0])
+    return depth.list_frames(data, split=split)[0].stem
 
 
 def _disp(split, change):
@@ -2365,6 +2392,136 @@ def test_gpu_check_runs_on_cpu_at_tiny_size():
     rows = [line for line in out.splitlines() if line.startswith("| ") and "s/step" in line]
     assert [r.split(" | ")[0] for r in rows] == ["| swav_dense", "| depth", "| finetune"], out
     assert all("float16" in r and float(r.split(" | ")[2]) > 0 for r in rows), out
+
+
+# ==========================================================================================================
+# layouts: the readers on real layouts (bad input), and each paper preset at smoke scale
+# ==========================================================================================================
+def test_layouts_images_glob_stems_unique_or_refused(tiny_city, tmp_path):
+    import argparse
+    import shutil
+    import depth
+    raw = kitti_raw(tiny_city, tmp_path / "raw", drives=((1, 2), (2, 2)))
+    frames = os.path.join(raw, "*", "*_sync", "image_02", "data", "*.png")  # the same file names in both drives
+    args = argparse.Namespace(images=frames, data=None, limit=None)
+    assert [f.stem for f in depth.frames_of(args)] == [f"2011_09_26_drive_000{d}_000000000{i}" for d in (1, 2)
+                                                         for i in (0, 1)]
+    for d in ("a", "b"):  # plain folders: the file name is the stem, so two frames would write one output
+        os.makedirs(tmp_path / d)
+        shutil.copy(os.path.join(tiny_city, "leftImg8bit", "train", "toycity", "toycity_000000_000002_leftImg8bit.png"),
+                    tmp_path / d / "0000000000.png")
+    with pytest.raises(ValueError, match="share the stem 0000000000"):
+        depth.frames_of(argparse.Namespace(images=str(tmp_path / "*" / "*.png"), data=None, limit=None))
+
+
+def test_layouts_bad_input_one_line_naming_file_and_package(tiny_city, tmp_path):
+    """KITTI without calibration, a drive with a missing frame, Cityscapes without camera JSON or sequences: one
+    line naming the file and the download that holds it, raised before any output is written."""
+    import shutil
+    import depth
+    import group
+
+    def error(call, *args):
+        with pytest.raises(FileNotFoundError) as e:
+            call(*args)
+        assert "\n" not in str(e.value)
+        return str(e.value)
+    work = str(tmp_path / "work")
+    group_args = lambda *a: group.get_args_parser().parse_args(["--work", work, "--size", "32", "64", *a])  # noqa: E731
+    raw = kitti_raw(tiny_city, tmp_path / "raw", drives=((1, 4),))
+    calib = os.path.join(raw, "2011_09_26", "calib_cam_to_cam.txt")
+    os.remove(calib)
+    message = error(depth.main, ["train", "--data", raw, "--dataset", "kitti", "--work", work, *_DEPTH_TRAIN])
+    assert message.startswith(calib + " is missing") and "KITTI raw 2011_09_26_calib.zip" in message
+    message = error(group.run, group_args("--data", raw, "--dataset", "kitti"))
+    assert calib in message and not os.listdir(os.path.join(work, "regions"))
+    frame = os.path.join(raw, "2011_09_26", "2011_09_26_drive_0001_sync", "image_02", "data", "0000000002.png")
+    os.remove(frame)
+    message = error(depth.list_frames, raw, "kitti")
+    assert message.startswith(frame + " is missing") and "KITTI raw <date>_drive_<NNNN>_sync.zip" in message
+    city = str(tmp_path / "city")
+    shutil.copytree(tiny_city, city)
+    shutil.rmtree(os.path.join(city, "camera"))
+    message = error(group.run, group_args("--data", city, "--split", "val"))
+    assert "camera/val/toycity/toycity_000500_*_camera.json is missing" in message
+    assert "Cityscapes camera_trainvaltest.zip" in message and not os.listdir(os.path.join(work, "regions"))
+    shutil.rmtree(os.path.join(city, "leftImg8bit_sequence"))
+    message = error(depth.main, ["train", "--data", city, "--work", work, *_DEPTH_TRAIN])
+    assert "leftImg8bit_sequence/train" in message and "Cityscapes leftImg8bit_sequence_trainvaltest.zip" in message
+    assert not os.listdir(os.path.join(work, "depth"))  # no file written
+
+
+def run_smoke(preset, work, *roots):
+    """`SCALE=smoke bash pipeline.sh PRESET ROOTS` with WORK; the output, or the test fails with its tail."""
+    env = dict(os.environ, SCALE="smoke", WORK=str(work), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(["bash", "pipeline.sh", preset, *map(str, roots)], cwd=HERE, env=env, capture_output=True,
+                          text=True, timeout=900)
+    if proc.returncode != 0:
+        pytest.fail(f"pipeline.sh {preset} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc.stdout + proc.stderr
+
+
+def check_pretraining_frames(out, work, stems, folders=("disp", "regions")):
+    """Every frame has its disparity and regions, stems unique; swav_dense pre-trained on all of them."""
+    assert len(set(stems)) == len(stems) and len(stems) % 8 == 0  # M 8 samples use every frame
+    for folder in folders:
+        assert set(stems) <= {f[:-4] for f in os.listdir(os.path.join(work, folder))}, folder
+    assert f"[swav_dense] on the fly from {len(stems)} frames, {len(stems) // 8} samples of M 8" in out
+    assert os.path.exists(os.path.join(work, "swav", "model.pt"))
+
+
+@pytest.fixture(scope="session")
+def smoke_city(tmp_path_factory):
+    """A toy city for the Cityscapes presets: 8 train sequences of 5 frames (40 video frames, 8 annotated: M 8
+    needs 8 sources; frames -2 0 +2 need 5), one val sequence, at 64 x 128."""
+    import toycity
+    root = tmp_path_factory.mktemp("smoke_city")
+    return toycity.render_dataset(str(root), size=(64, 128), train_sequences=8, val_sequences=1, frames=5, seed=0)
+
+
+def test_layouts_smoke_preset_cityscapes(smoke_city, tmp_path):
+    import depth
+    out = run_smoke("cityscapes", tmp_path, smoke_city)
+    video = depth.list_frames(smoke_city, split="train", sequence=True)
+    check_pretraining_frames(out, str(tmp_path), [f.stem for f in video])  # the 40 sequence frames, not 8
+    for folder in ("cluster", "cluster_picie", "finetune", "finetune_scratch"):
+        assert os.path.exists(os.path.join(tmp_path, folder, "metrics.json")), folder
+
+
+def test_layouts_smoke_preset_cityscapes_ablation(smoke_city, tmp_path):
+    import depth
+    out = run_smoke("cityscapes-ablation", tmp_path, smoke_city)
+    annotated = [f.stem for f in depth.list_frames(smoke_city, split="train")]
+    check_pretraining_frames(out, str(tmp_path), annotated)
+    for method in ("felzenszwalb", "gt"):
+        assert sorted(os.listdir(tmp_path / f"proposals_{method}" / "regions")) == sorted(s + ".npy" for s in annotated)
+    for variant in (".", "M4", "M2", "M0", "felzenszwalb", "gt"):
+        for folder in ("swav/model.pt", "cluster/metrics.json", "finetune/metrics.json"):
+            assert os.path.exists(os.path.join(tmp_path, variant, folder)), (variant, folder)
+    for mix in (4, 2):
+        assert f"on the fly from {len(annotated)} frames, {len(annotated) // mix} samples of M {mix}" in out
+
+
+def test_layouts_smoke_preset_kitti(tmp_path_factory, tmp_path):
+    import json
+    import depth
+    import finetune
+    import toycity
+    root = toycity.render_kitti(str(tmp_path_factory.mktemp("smoke_kitti")), drives=4, dates=2, frames=4,
+                                semantic_images=5)
+    out = run_smoke("kitti", tmp_path, os.path.join(root, "raw"), os.path.join(root, "data_semantics"))
+    frames = depth.list_frames(os.path.join(root, "raw"), "kitti")
+    assert len(frames) == 16 and len({f.number for f in frames}) == 4  # frame numbers coincide across drives
+    check_pretraining_frames(out, str(tmp_path), [f.stem for f in frames])
+    assert os.path.exists(tmp_path / "cluster" / "metrics.json")
+    metrics = json.load(open(tmp_path / "finetune" / "metrics.json"))
+    if finetune.get_args_parser().get_default("fold") is None:  # all folds in one call (helper "instance")
+        folds = [json.load(open(tmp_path / "finetune" / f"fold_{k}" / "metrics.json"))["miou"] for k in range(5)]
+        assert metrics["mean"]["miou"] == pytest.approx(np.mean(folds))
+        assert metrics["std"]["miou"] == pytest.approx(np.std(folds), abs=1e-6) or \
+            metrics["std"]["miou"] == pytest.approx(np.std(folds, ddof=1), abs=1e-6)
+    else:
+        assert 0 <= metrics["miou"] <= 1
 
 
 # ==========================================================================================================
