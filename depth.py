@@ -800,11 +800,12 @@ def train_outputs(args):
 
 def train(args):
     """Train DepthNet and PoseNet on video triplets (Monodepth2's schedule) -> WORK/depth/model.pt."""
+    rank, world, device = setup_distributed(args.device)  # torchrun: rank 0 of `world` writes
+    args.world_size = world  # the global batch is batch_size x world: a setting, checked on resume
     if (outputs := train_outputs(args)) is None:
         return
     out, resume = outputs
     args.crop_bottom = resolve_crop_bottom(args)
-    rank, world, device = setup_distributed(args.device)  # torchrun: rank 0 of `world` writes
     amp_dtype = amp_dtype_for(device, args.no_amp, args.amp_dtype)
     seed_everything(args.seed)
     # ===== data =====
@@ -826,7 +827,7 @@ def train(args):
     step = 0
     if resume:
         path = os.path.join(out, "checkpoint.pt")
-        ckpt = load_torch(path, "python depth.py train", ("args", "step", "noise"), weights_only=False)
+        ckpt = load_torch(path, "python depth.py train", ("args", "step"), weights_only=False)
         check_resume(ckpt["args"], args, path)
         for part, key in [(depth_net, "model"), (pose_net, "pose_model"), (optimizer, "optimizer"), (scaler, "scaler")]:
             part.load_state_dict(ckpt[key])
