@@ -147,14 +147,15 @@ elif [ "$preset" = "cityscapes" ] || [ "$preset" = "cityscapes-ablation" ]; then
     DEPTH_BUDGET="--size 64 128 --steps 2 --batch-size 2"; SIZE="64 128"; LIMIT="--limit 48"; SEGMENTS=300
     SWAV_BUDGET="--steps 2 --pixel-samples 500 --region-samples 500"; NO_AMP="--no-amp"
     FT_BUDGET="--iters 2 --batch-size 2 --crop 64 128"
+    INSTANCE_BUDGET="--iters 2 --batch-size 1 --warmup-iters 1 --rois-per-image 16"
   elif [ "$preset" = cityscapes ]; then
     DEPTH_BUDGET="--size 192 512 --epochs 20 --batch-size 12"; SIZE="384 768"; LIMIT=""; SEGMENTS=10000
     SWAV_BUDGET="--epochs 25 --pixel-samples 4000 --region-samples 7200"; NO_AMP=""
-    FT_BUDGET="--iters 80000 --batch-size 8 --crop 384 768"
+    FT_BUDGET="--iters 80000 --batch-size 8 --crop 384 768"; INSTANCE_BUDGET=""
   else
     DEPTH_BUDGET="--size 192 512 --epochs 20 --batch-size 12"; SIZE="384 768"; LIMIT=""; SEGMENTS=10000
     SWAV_BUDGET="--epochs 100 --pixel-samples 4000 --region-samples 7200"; NO_AMP=""
-    FT_BUDGET="--iters 6000 --batch-size 8 --crop 384 768"
+    FT_BUDGET="--iters 6000 --batch-size 8 --crop 384 768"; INSTANCE_BUDGET=""
   fi
   if [ "$preset" = cityscapes ]; then
     FRAMES="--split train --sequence"; FRACTION=1  # the 89,250 video frames; fine-tuning on all of train
@@ -187,10 +188,10 @@ elif [ "$preset" = "cityscapes" ] || [ "$preset" = "cityscapes-ablation" ]; then
   # 25 epochs of 89,250 / 8 = 11,156 samples (ablation: 100 epochs of the 371 samples of 2975 frames); samples
   # built on the fly in DataLoader workers; checkpoints every 500 steps and epoch: the same command continues.
   # ImageNet-initialised run (Table 1 "IN"): add --init imagenet --backbone-weights resnet50.pth (local file).
-  swav() {  # WORK_DIR REGIONS_DIR MIX "E1 E2": pre-train, cluster on val (Table 1 / 4), fine-tune (Table 2 / 3 / 4)
+  swav() {  # WORK_DIR REGIONS_DIR MIX "E1 E2" [FLAGS]: pre-train, cluster on val (Table 1 / 4), fine-tune (2 / 3 / 4)
     $PY swav_dense.py --work "$1" --on-the-fly --data "$DATA" $FRAMES --size $SIZE --disp-dir "$WORK/disp" \
       --regions-dir "$2" --mix "$3" --paste-times $4 --arch resnet50 $SWAV_BUDGET --workers "$(nproc)" --resume \
-      $LIMIT $NO_AMP
+      $LIMIT $NO_AMP ${5:-}
     # ===== cluster (cityscapes) =====
     # stage 5, Table 1: Cityscapes val at 768 x 384, 19 trainIds, Hungarian on -IoU
     $PY cluster.py --work "$1" --data "$DATA" --split val --size $SIZE --save-pred --pca 8 $NO_AMP
@@ -204,7 +205,12 @@ elif [ "$preset" = "cityscapes" ] || [ "$preset" = "cityscapes-ablation" ]; then
     $PY cluster.py --work "$WORK" --data "$DATA" --split val --protocol picie --out "$WORK/cluster_picie" $NO_AMP
     $PY finetune.py --work "$WORK" --data "$DATA" --init scratch --arch resnet50 --fraction 1 $FT_BUDGET \
       --size $SIZE --out "$WORK/finetune_scratch" $NO_AMP
-    # Table 2's instance-segmentation row (Mask R-CNN): see finetune.py --task instance (helper "instance").
+    # Table 2's lambda 1 rows: the same pre-training with pixel-level positives only (Eqn 7, lambda 1), its
+    # semantic fine-tuning, and instance segmentation: Mask R-CNN from its ResNet-50 + FPN (detectron2's
+    # Cityscapes recipe: 24k iterations of batch 8, lr 0.01), mask AP and AP50 on val
+    swav "$WORK/lam1" "$WORK/regions" 8 "2 4" "--lam 1"
+    $PY finetune.py --work "$WORK/lam1" --data "$DATA" --task instance --init swav $INSTANCE_BUDGET --size $SIZE \
+      $NO_AMP
     # Tables 1 and 2, KITTI columns (the Cityscapes-trained network): KITTI=.../data_semantics
     if [ -n "${KITTI:-}" ]; then
       $PY cluster.py --work "$WORK" --data "$KITTI" --dataset kitti --out "$WORK/cluster_kitti" $NO_AMP
