@@ -441,13 +441,6 @@ def save_cityscapes_instances(folder, stem, masks, label_ids, scores):
     atomic_write(os.path.join(folder, f"{stem}.txt"), lambda f: f.write("".join(lines).encode()))
 
 
-def read_cityscapes_instances(txt_path):
-    """(masks bool (N, H, W), labelIds int64 (N,), confidences float64 (N,)) of a Cityscapes results txt."""
-    rows = [line.split() for line in open(txt_path) if line.strip()]
-    masks = [np.asarray(Image.open(os.path.join(os.path.dirname(txt_path), r[0]))) > 0 for r in rows]
-    return np.array(masks, bool), np.array([int(r[1]) for r in rows], np.int64), np.array([float(r[2]) for r in rows])
-
-
 def list_instance_pairs(data, dataset, split):
     """list_eval_pairs with each labelIds PNG replaced by its instance PNG: Cityscapes ..._gtFine_instanceIds.png,
     KITTI (data_semantics) SPLIT/instance/<name>.png."""

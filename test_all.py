@@ -2106,8 +2106,11 @@ def test_instance_mask_ap_perfect_empty_and_saved_format(tmp_path):
     finetune.save_cityscapes_instances(str(tmp_path), "city_000000_000019", masks, label_ids, scores)
     lines = open(tmp_path / "city_000000_000019.txt").read().split("\n")
     assert lines[0] == f"masks/city_000000_000019_000.png 24 {scores[0]:.6f}"
-    back, back_ids, back_scores = finetune.read_cityscapes_instances(str(tmp_path / "city_000000_000019.txt"))
-    assert np.array_equal(back, masks) and back_ids.tolist() == [24, 26, 26]
+    from PIL import Image                                              # parsed as the Cityscapes evaluator does
+    rows = [line.split() for line in lines if line]
+    back = np.array([np.asarray(Image.open(tmp_path / r[0])) > 0 for r in rows])
+    back_ids, back_scores = [int(r[1]) for r in rows], np.array([float(r[2]) for r in rows])
+    assert np.array_equal(back, masks) and back_ids == [24, 26, 26]
     assert np.allclose(back_scores, scores, atol=1e-6)
 
 
