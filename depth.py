@@ -669,6 +669,23 @@ def check_resume(old_args, args, path):
                        "--overwrite to start again")
 
 
+def restore_checkpoint(path, args, key="step", **parts):
+    """--resume: restore every part (model=, optimizer=, ...) from checkpoint.pt's state_dict of that name and return
+    its step (`key`); 0 when there is no checkpoint (or --overwrite). A checkpoint of settings that change the run
+    (--steps, --lr, --batch-size ...) is refused unless --force-resume: the resumed run would equal no uninterrupted
+    one; without --resume an unfinished checkpoint stops the run."""
+    if not os.path.exists(path) or (args.overwrite and not args.resume):
+        return 0
+    if not args.resume:
+        raise BadInput(f"{path} exists from an unfinished run: pass --resume to continue it or --overwrite")
+    make = "an interrupted run of this command"
+    ckpt = load_torch(path, make, ("args", key))
+    check_resume(ckpt["args"], args, path)
+    checked_read(path, make, lambda _: [part.load_state_dict(ckpt[name]) for name, part in parts.items()])
+    print(f"resumed {path} at {key} {ckpt[key]}")
+    return ckpt[key]
+
+
 def atomic_write(path, write):
     """Write `path` through write(file) into a temporary file beside it, then rename: never a half-written file."""
     tmp = f"{path}.tmp{os.getpid()}"
@@ -784,27 +801,22 @@ def resolve_crop_bottom(args):
 
 
 def train_outputs(args):
-    """(WORK/depth, resume?), or None when a finished model.pt leaves nothing to do. An unfinished checkpoint.pt
-    needs --resume (continue it) or --overwrite (start again)."""
+    """WORK/depth, or None when a finished model.pt leaves nothing to do (--resume continues a checkpoint.pt,
+    --overwrite starts again; restore_checkpoint refuses an unfinished one without either)."""
     out = os.path.join(args.work, "depth")
     model_path, ckpt_path = os.path.join(out, "model.pt"), os.path.join(out, "checkpoint.pt")
     record_settings(out, run_settings(args), args.overwrite or args.force_resume, "model.pt")  # a model of others
-    resume = args.resume and os.path.exists(ckpt_path)
-    if os.path.exists(model_path) and not (args.overwrite or resume):
+    if os.path.exists(model_path) and not (args.overwrite or (args.resume and os.path.exists(ckpt_path))):
         return print(f"[depth] {model_path} exists: skipping training (--resume to continue, --overwrite to restart)")
-    if os.path.exists(ckpt_path) and not (args.resume or args.overwrite):
-        raise SystemExit(f"[depth] {ckpt_path} exists from an unfinished run: pass --resume or --overwrite")
-    os.makedirs(out, exist_ok=True)
-    return out, resume
+    return out
 
 
 def train(args):
     """Train DepthNet and PoseNet on video triplets (Monodepth2's schedule) -> WORK/depth/model.pt."""
     rank, world, device = setup_distributed(args.device)  # torchrun: rank 0 of `world` writes
     args.world_size = world  # the global batch is batch_size x world: a setting, checked on resume
-    if (outputs := train_outputs(args)) is None:
+    if (out := train_outputs(args)) is None:
         return
-    out, resume = outputs
     args.crop_bottom = resolve_crop_bottom(args)
     amp_dtype = amp_dtype_for(device, args.no_amp, args.amp_dtype)
     seed_everything(args.seed)
@@ -824,14 +836,8 @@ def train(args):
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     noise = torch.Generator(device).manual_seed(args.seed)              # auto-masking's tie-break noise
     # ===== resume =====
-    step = 0
-    if resume:
-        path = os.path.join(out, "checkpoint.pt")
-        ckpt = load_torch(path, "python depth.py train", ("args", "step"), weights_only=False)
-        check_resume(ckpt["args"], args, path)
-        for part, key in [(depth_net, "model"), (pose_net, "pose_model"), (optimizer, "optimizer"), (scaler, "scaler")]:
-            part.load_state_dict(ckpt[key])
-        step = ckpt["step"]
+    step = restore_checkpoint(os.path.join(out, "checkpoint.pt"), args, model=depth_net, pose_model=pose_net,
+                              optimizer=optimizer, scaler=scaler)
     if rank == 0:
         atomic_write(os.path.join(out, "args.json"), lambda f: f.write(json.dumps(vars(args), indent=2).encode()))
     print(f"[depth] device {device} (rank {rank} of {world}), amp {amp_dtype}, {len(dataset)} triplets, "

@@ -57,9 +57,9 @@ from tqdm import tqdm
 from cluster import (IGNORE, IMAGENET_MEAN, TRAIN_CLASSES, confusion_matrix, labelids_to_trainids, list_eval_pairs,
                      normalize_images, print_scores, read_pair, scores_json, segmentation_scores)
 from depth import (BadInput, add_parallel_args, amp_dtype_for, atomic_write, fraction, image_size, nonnegative_int,
-                   positive_float, positive_int, ranged, record_settings, resume_log, run_main, run_settings,
-                   seed_everything, setup_distributed, wrap_ddp)
-from swav_dense import HEAD_DIM, RESNET_CHANNELS, build_model, load_backbone_weights, load_model, restore_checkpoint
+                   positive_float, positive_int, ranged, record_settings, restore_checkpoint, resume_log, run_main,
+                   run_settings, seed_everything, setup_distributed, wrap_ddp)
+from swav_dense import HEAD_DIM, RESNET_CHANNELS, build_model, load_backbone_weights, load_model
 
 # ----------------------------------------------------------------------------------------------------------
 # Constants (common practice for the semantic-FPN head; the paper's supplement is unavailable)

@@ -58,9 +58,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.ops import FeaturePyramidNetwork
 from tqdm import tqdm
 
-from depth import (BadInput, add_frame_args, add_parallel_args, amp_dtype_for, atomic_write, check_resume,
-                   checked_read, frames_of, load_torch, nonnegative_int, positive_float, positive_int,
-                   ranged, record_settings, resume_log, run_main, run_settings, seed_everything, setup_distributed,
+from depth import (BadInput, add_frame_args, add_parallel_args, amp_dtype_for, atomic_write, checked_read,
+                   frames_of, load_torch, nonnegative_int, positive_float, positive_int, ranged, record_settings,
+                   restore_checkpoint, resume_log, run_main, run_settings, seed_everything, setup_distributed,
                    unit_float, wrap_ddp)
 
 # ===== Paper constants (Sec 3.4 and Sec 4; SwAV for the Sinkhorn settings) =====
@@ -539,23 +539,6 @@ def build_dataset(args):
             seed=args.seed)
     return TrainingSamples(os.path.join(args.work, "samples"), on_the_fly, args.seed, not args.no_augment,
                            not args.no_photometric, args.input_size)
-
-
-def restore_checkpoint(path, args, key="step", **parts):
-    """--resume: restore every part (model=, optimizer=, ...) from checkpoint.pt's state_dict of that name and return
-    its step (`key`); 0 when there is no checkpoint (or --overwrite). A checkpoint of settings that change the run
-    (--steps, --lr, --batch-size ...) is refused unless --force-resume: the resumed run would equal no uninterrupted
-    one; without --resume an unfinished checkpoint stops the run."""
-    if not os.path.exists(path) or (args.overwrite and not args.resume):
-        return 0
-    if not args.resume:
-        raise BadInput(f"{path} exists from an unfinished run: pass --resume to continue it or --overwrite")
-    make = "an interrupted run of this command"
-    ckpt = load_torch(path, make, ("args", key))
-    check_resume(ckpt["args"], args, path)
-    checked_read(path, make, lambda _: [part.load_state_dict(ckpt[name]) for name, part in parts.items()])
-    print(f"resumed {path} at {key} {ckpt[key]}")
-    return ckpt[key]
 
 
 def epoch_batches(num_items, batch_samples, seed, epoch, rank=0, world=1):
