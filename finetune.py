@@ -608,13 +608,10 @@ def run(args):
     if os.path.exists(metrics_path) and not args.overwrite and not args.resume:
         say(f"{metrics_path} exists; skipping (use --overwrite to redo)")
         return json.load(open(metrics_path))
-    os.makedirs(out, exist_ok=True)
-
     # ===== data =====
     train, val, base_size = training_data(args)
     say(f"device {device} x {world}, autocast {amp_dtype}; {len(train)} labelled training images, "
         f"{len(val)} evaluation images")
-
     # ===== model (a Table 2 row's initialization), optimizer (SGD), GradScaler (fp16) =====
     network = (instance_network if instance else segmentation_network)(args).to(device)
     ddp_model = wrap_ddp(network, args, device, world)  # .train(), --freeze-bn, DDP under torchrun
@@ -622,7 +619,6 @@ def run(args):
     optimizer = torch.optim.SGD(weight_decay_groups(model, instance), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-
     # ===== resume, then loop over iterations start .. stop - 1 (--stop-after: a global iteration) =====
     parts = {"model": model, "optimizer": optimizer, "scaler": scaler}  # what checkpoint.pt holds, with iteration, args
     start = restore_checkpoint(ckpt_path, args, "iteration", **parts)
@@ -652,15 +648,19 @@ def run(args):
     if stop < args.iters or rank > 0:  # --stop-after: checkpoint.pt is written, as an interruption would leave it
         say(f"stopped after iteration {stop} of {args.iters}; continue with --resume")
         return None
-
     # ===== save: model.pt, then metrics.json =====
     scores = scores or evaluate_task(model, val, base_size, device, amp_dtype, args, True)[0]  # resumed at the end
+    return save_results(out, model, args, scores, len(train), len(val), base_size)
+
+
+def save_results(out, model, args, scores, train_images, eval_images, base_size):
+    """OUT/model.pt, then OUT/metrics.json (written last: it marks the run finished) -> the metrics dict."""
     atomic_write(os.path.join(out, "model.pt"), lambda f: torch.save(model_file(model, args), f))
     metrics = {"task": args.task, "init": args.init, "arch": model.arch, "dataset": args.dataset, "iters": args.iters,
-               "train_images": len(train), "eval_images": len(val), "fraction": args.fraction, "subset": args.subset,
-               "seed": args.seed, "folds": args.folds, "fold": args.fold,
+               "train_images": train_images, "eval_images": eval_images, "fraction": args.fraction,
+               "subset": args.subset, "seed": args.seed, "folds": args.folds, "fold": args.fold,
                "eval_size": list(base_size) if base_size else "native", **scores}
-    atomic_write(metrics_path, lambda f: f.write(json.dumps(metrics, indent=2).encode()))
+    atomic_write(os.path.join(out, "metrics.json"), lambda f: f.write(json.dumps(metrics, indent=2).encode()))
     return metrics
 
 
