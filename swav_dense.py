@@ -550,6 +550,16 @@ def epoch_batches(num_items, batch_samples, seed, epoch, rank=0, world=1):
     return [b[len(b) * rank // world:len(b) * (rank + 1) // world] for b in batches]
 
 
+def training_model(args, device, amp_dtype, world):
+    """(model on device, channels-last on CUDA's fp16 path; its wrap_ddp wrapper: --sync-bn, --freeze-bn, DDP)."""
+    model = build_model(args.arch, args.num_prototypes, PROJ_DIM, HEAD_DIM,
+                        args.backbone_weights if args.init == "imagenet" else None)
+    fp16_path = device.type == "cuda" or amp_dtype == torch.float16
+    model.to(device, memory_format=torch.channels_last if fp16_path else torch.contiguous_format)
+    wrapped = wrap_ddp(model, args, device, world)
+    return getattr(wrapped, "module", wrapped), wrapped  # SyncBatchNorm layers are new modules: after wrapping
+
+
 def run(args):
     """Dense SwAV pre-training (Sec 3.4): WORK/samples (or samples built on the fly) -> WORK/swav/model.pt."""
     out_dir = args.out or os.path.join(args.work, "swav")
@@ -563,8 +573,7 @@ def run(args):
         say(f"[swav_dense] {final} exists: skipping (--overwrite to retrain)")
         return final
     amp_dtype = amp_dtype_for(device, args.no_amp, args.amp_dtype)
-    say(f"[swav_dense] device {device} x {world} processes, amp {amp_dtype}, threads {torch.get_num_threads()}, "
-        f"args {vars(args)}")
+    say(f"[swav_dense] {world} x {device}, amp {amp_dtype}, {torch.get_num_threads()} threads, args {vars(args)}")
     # ===== data =====
     dataset = build_dataset(args)
     steps_per_epoch = len(epoch_batches(len(dataset), args.batch_samples, args.seed, 0, 0, world))
@@ -572,14 +581,8 @@ def run(args):
     stop_at = min(total, args.stop_after or total)
     # ===== model =====
     seed_everything(args.seed)
-    model = build_model(args.arch, args.num_prototypes, PROJ_DIM, HEAD_DIM,
-                        args.backbone_weights if args.init == "imagenet" else None)
-    fp16_path = device.type == "cuda" or amp_dtype == torch.float16  # CUDA's path: channels-last
-    model.to(device, memory_format=torch.channels_last if fp16_path else torch.contiguous_format)
-    ddp_model = wrap_ddp(model, args, device, world)  # --sync-bn, --freeze-bn, DDP under torchrun
-    model = getattr(ddp_model, "module", ddp_model)  # SyncBatchNorm layers are new modules: after wrapping
-    info = dict(arch=args.arch, num_prototypes=args.num_prototypes, proj_dim=PROJ_DIM, head_dim=HEAD_DIM,
-                args=vars(args), world_size=world)  # what a consumer needs to rebuild the network
+    model, ddp_model = training_model(args, device, amp_dtype, world)
+    info = dict(arch=args.arch, num_prototypes=args.num_prototypes, proj_dim=PROJ_DIM, head_dim=HEAD_DIM, args=vars(args))
     # ===== optimizer: SGD, per-step linear warm-up then cosine, GradScaler for fp16 =====
     optimizer = torch.optim.SGD(parameter_groups(model), args.lr, args.momentum, weight_decay=args.weight_decay)
     warmup = min(total, round(args.warmup_epochs * steps_per_epoch))
