@@ -889,7 +889,9 @@ def predict(args):
     device = pick_device(args.device)
     amp_dtype = amp_dtype_for(device, args.no_amp)
     def rebuild(_):  # weights of another network (a swav_dense model, another arch): one line, not a traceback
-        net = DepthNet(ENCODER_CHANNELS[model["arch"]] and model["arch"])
+        if model["arch"] not in ENCODER_CHANNELS:
+            raise ValueError(f"arch {model['arch']!r} is not a depth encoder ({', '.join(ENCODER_CHANNELS)})")
+        net = DepthNet(model["arch"])
         net.load_state_dict(model["model"])
         return net
     net = checked_read(path, make, rebuild).eval().to(device)
