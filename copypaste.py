@@ -43,6 +43,7 @@ import glob
 import json
 import math
 import os
+import re
 import time
 
 import numpy as np
@@ -471,30 +472,23 @@ def run(args):
                                height_jitter=args.height_jitter, seed=args.seed)
     # ===== settings: finished samples are skipped, so they must have been made with the same ones =====
     out = os.path.join(args.work, "samples")
-    os.makedirs(out, exist_ok=True)
-    config = dict(vars(args), slots=2 + sum(args.paste_times), num_images=len(paths), samples_per_epoch=len(dataset))
-    existing = glob.glob(os.path.join(out, "epoch_*", "*.pt"))
-    if existing and os.path.exists(os.path.join(out, "args.json")) and not args.overwrite:
-        with open(os.path.join(out, "args.json")) as f:
-            old = json.load(f)
-        defining = ("mix", "paste_times", "size", "no_photometric", "height_jitter", "seed", "num_images")
-        changed = ", ".join(f"{k} {old.get(k)} -> {config[k]}" for k in defining if old.get(k) != config[k])
-        if changed:
-            raise SystemExit(f"{out} holds samples made with other settings ({changed}): pass --overwrite to "
-                             "replace them, or another --work")
-    for path in existing + glob.glob(os.path.join(out, "args.json")) if args.overwrite else []:
-        os.remove(path)
-    print(f"[copypaste] {len(paths)} images, M {args.mix}, T {config['slots']}, {len(dataset)} samples/epoch x "
-          f"{args.epochs} epochs at {args.size[0]}x{args.size[1]} -> {out}", flush=True)
+    config = {k: v for k, v in vars(args).items() if k != "shard"}  # the same for every shard
+    config.update(slots=2 + sum(args.paste_times), num_images=len(paths), samples_per_epoch=len(dataset))
+    check_sample_settings(out, config, args.overwrite)
+    if args.overwrite:
+        remove_samples(out, len(dataset), args.shard)
+    mine = depth.shard_of(range(len(dataset)), args.shard)  # --shard i/n, or torchrun's RANK / WORLD_SIZE
+    print(f"[copypaste] {len(paths)} images, M {args.mix}, T {config['slots']}, {len(dataset)} samples/epoch "
+          f"({len(mine)} in this shard) x {args.epochs} epochs at {args.size[0]}x{args.size[1]} -> {out}", flush=True)
     # ===== samples: built by DataLoader workers, written here =====
     start, made = time.time(), 0
-    bar = tqdm(total=args.epochs * len(dataset), desc="copypaste", dynamic_ncols=True, disable=args.no_progress)
+    bar = tqdm(total=args.epochs * len(mine), desc="copypaste", dynamic_ncols=True, disable=args.no_progress)
     for epoch in range(args.epochs):
         folder = os.path.join(out, f"epoch_{epoch:03d}")
         os.makedirs(folder, exist_ok=True)
         remove_stale_temporaries(folder)
-        todo = [k for k in range(len(dataset)) if not os.path.exists(os.path.join(folder, f"{k:06d}.pt"))]
-        bar.update(len(dataset) - len(todo))
+        todo = [k for k in mine if not os.path.exists(os.path.join(folder, f"{k:06d}.pt"))]
+        bar.update(len(mine) - len(todo))
         dataset.set_epoch(epoch)
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, todo), batch_size=None,
                                              num_workers=args.workers if todo else 0)
@@ -505,18 +499,43 @@ def run(args):
             bar.update()
     bar.close()
     elapsed = time.time() - start
-    print(f"[copypaste] wrote {made} samples, skipped {args.epochs * len(dataset) - made} finished, {elapsed:.1f} s"
+    print(f"[copypaste] wrote {made} samples, skipped {args.epochs * len(mine) - made} finished, {elapsed:.1f} s"
           + (f" ({made / elapsed:.2f} samples/s)" if made and elapsed > 0 else ""), flush=True)
-    # ===== previews =====
+    # ===== previews (the first shard's) =====
     dataset.set_epoch(0)
-    for k in range(min(args.preview, len(dataset))):
+    for k in range(min(args.preview, len(dataset)) if 0 in mine else 0):
         os.makedirs(os.path.join(out, "preview"), exist_ok=True)
         path = os.path.join(out, "epoch_000", f"{k:06d}.pt")
-        grid = preview_grid(torch.load(path, weights_only=True) if args.epochs else dataset[k])
+        grid = preview_grid(torch.load(path, weights_only=True) if os.path.exists(path) else dataset[k])
         atomic_write(os.path.join(out, "preview", f"{k:06d}.png"),
                      lambda f: Image.fromarray(grid).save(f, format="PNG"))
-    if args.preview:
+    if args.preview and 0 in mine:
         print(f"[copypaste] previews in {os.path.join(out, 'preview')}", flush=True)
+
+
+def remove_samples(out, count, shard):
+    """Delete this shard's samples OUT/epoch_*/NNNNNN.pt of every epoch (other shards may be writing theirs)."""
+    found = {path: int(os.path.basename(path)[:-3]) for path in glob.glob(os.path.join(out, "epoch_*", "*.pt"))
+             if re.fullmatch(r"\d+\.pt", os.path.basename(path))}
+    owned = set(depth.shard_of(range(max([count, *found.values()]) + 1), shard))
+    for path, k in found.items():
+        if k in owned:
+            os.remove(path)
+
+
+def check_sample_settings(out, config, overwrite):
+    """Stop when OUT holds samples made with other settings (OUT/args.json), unless overwrite."""
+    os.makedirs(out, exist_ok=True)
+    if overwrite or not os.path.exists(os.path.join(out, "args.json")) or not glob.glob(
+            os.path.join(out, "epoch_*", "*.pt")):
+        return
+    with open(os.path.join(out, "args.json")) as f:
+        old = json.load(f)
+    defining = ("mix", "paste_times", "size", "no_photometric", "height_jitter", "seed", "num_images")
+    changed = ", ".join(f"{k} {old.get(k)} -> {config[k]}" for k in defining if old.get(k) != config[k])
+    if changed:
+        raise SystemExit(f"{out} holds samples made with other settings ({changed}): pass --overwrite to "
+                         "replace them, or another --work")
 
 
 def get_args_parser():
@@ -550,6 +569,7 @@ def get_args_parser():
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar (the log lines stay)")
     p.add_argument("--overwrite", action="store_true",
                    help="delete the samples in WORK/samples and rebuild (needed to change the settings there)")
+    depth.add_shard_arg(p)
     return p
 
 

@@ -146,6 +146,26 @@ def add_frame_args(parser):
     parser.add_argument("--limit", type=int, default=None, help="only the first N frames in stem order (smoke runs)")
 
 
+def parse_shard(text):
+    i, n = (int(v) for v in text.split("/"))          # argparse reports a ValueError as an invalid value
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"--shard {text}: need 0 <= i < n")
+    return i, n
+
+
+def add_shard_arg(parser):
+    """--shard i/n of a per-image stage (depth.py predict, group.py, copypaste.py): machines or a job array."""
+    parser.add_argument("--shard", type=parse_shard, metavar="i/n", help="do every n-th item from the i-th "
+                        "(0-based), e.g. one task of a job array; default: RANK/WORLD_SIZE under torchrun, else 0/1. "
+                        "Shards never overlap, and a re-run skips finished outputs")
+
+
+def shard_of(items, shard):
+    """This process's share of items: every n-th from the i-th for shard (i, n), or torchrun's RANK/WORLD_SIZE."""
+    i, n = shard or (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+    return items[i::n]
+
+
 def video_triplets(frames, offset):
     """[(target, previous, next)]: the frames numbered n, n - offset, n + offset of one video (by frame number)."""
     at = {(f.video, f.number): f for f in frames}
@@ -492,11 +512,13 @@ def seed_everything(seed):
 
 
 def pick_device(name):
-    """--device auto|cpu|cuda[:i] -> torch.device; auto picks CUDA when torch sees one."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """--device auto|cpu|cuda[:i] -> torch.device; auto picks CUDA when torch sees one. auto and cuda take the GPU
+    of LOCAL_RANK (torchrun's process on this machine; 0 without torchrun)."""
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError("--device cuda asked for, but torch sees no CUDA device")
+    if name in ("auto", "cuda"):
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else \
+            torch.device("cpu")
     return torch.device(name)
 
 
@@ -511,7 +533,7 @@ def setup_distributed(device_name):
     LOCAL_RANK), gloo on CPU. Returns (rank, world_size, device); (0, 1, device) without torchrun."""
     world, device = int(os.environ.get("WORLD_SIZE", 1)), pick_device(device_name)
     if world > 1 and device.type == "cuda":
-        torch.cuda.set_device(device := torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
+        torch.cuda.set_device(device)
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return (torch.distributed.get_rank() if world > 1 else 0), world, device
@@ -897,7 +919,7 @@ def predict(args):
     net = checked_read(path, make, rebuild).eval().to(device)
     net_size = (max(32, round(model["size"][0] / (1 - model["crop_bottom"]) / 32) * 32), model["size"][1])
     size = tuple(args.size) if args.size else net_size
-    frames = {f.stem: f.path for f in frames_of(args)}
+    frames = {f.stem: f.path for f in shard_of(frames_of(args), args.shard)}
     out, preview = os.path.join(args.work, "disp"), os.path.join(args.work, "disp_preview")
     for folder in (out, preview) if args.preview else (out,):
         os.makedirs(folder, exist_ok=True)
@@ -905,7 +927,7 @@ def predict(args):
     record_settings(out, {"size": size, "arch": model["arch"], "train_size": model["size"], "no_amp": args.no_amp},
                     args.overwrite)  # maps of another size or model are never mixed in
     todo = [s for s in frames if args.overwrite or not os.path.exists(os.path.join(out, s + ".npy"))]
-    print(f"[depth] predict {len(todo)} of {len(frames)} images (others done) at {size[0]} x {size[1]}, "
+    print(f"[depth] predict {len(todo)} of this shard's {len(frames)} images (others done) at {size[0]} x {size[1]}, "
           f"network input {net_size[0]} x {net_size[1]}, device {device}")
     for b in tqdm(range(0, len(todo), args.batch_size), desc="depth predict", disable=args.no_progress):
         chunk = todo[b:b + args.batch_size]
@@ -1019,6 +1041,7 @@ def get_args_parser():
     r.add_argument("--batch-size", type=positive_int, default=12, help="images per forward pass")
     r.add_argument("--preview", action="store_true", help="also color PNGs in WORK/disp_preview/")
     r.add_argument("--overwrite", action="store_true", help="redo finished images")
+    add_shard_arg(r)
     e = sub.add_parser("eval", help="median-scaled depth metrics against ground-truth disparity PNGs", **kw)
     e.add_argument("--work", required=True, help="work folder: reads WORK/disp/, writes WORK/depth/eval.json")
     e.add_argument("--data", required=True, help="dataset root with disparity/ and camera/ (Cityscapes layout)")

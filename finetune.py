@@ -56,7 +56,7 @@ from tqdm import tqdm
 
 from cluster import (IGNORE, IMAGENET_MEAN, TRAIN_CLASSES, confusion_matrix, labelids_to_trainids, list_eval_pairs,
                      normalize_images, print_scores, read_pair, scores_json, segmentation_scores)
-from depth import (BadInput, add_parallel_args, amp_dtype_for, atomic_write, fraction, image_size, nonnegative_int,
+from depth import (add_parallel_args, amp_dtype_for, atomic_write, fraction, image_size, nonnegative_int,
                    positive_float, positive_int, ranged, record_settings, restore_checkpoint, resume_log, run_main,
                    run_settings, seed_everything, setup_distributed, wrap_ddp)
 from swav_dense import HEAD_DIM, RESNET_CHANNELS, build_model, load_backbone_weights, load_model
@@ -285,7 +285,8 @@ def finetune_step(model, optimizer, scaler, images, labels, lr, amp_dtype=None, 
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         out = model(x, labels) if isinstance(labels, list) else model(x)  # losses, or logits (B, C, H, W)
     loss = sum(v.float() for v in out.values()) if isinstance(out, dict) else segmentation_loss(out, labels)
-    if world > 1:  # this process's share of the global mean, x world as DDP averages the gradients
+    if world > 1 and not isinstance(labels, list):  # the global pixel mean: this process's share, x world as DDP
+        # averages the gradients (Mask R-CNN: each process's loss, averaged by DDP, as detectron2)
         torch.distributed.all_reduce(total := (count := (labels != IGNORE).sum()).clone())
         loss = loss * count / total.clamp(min=1) * world
     logged = loss.detach() / world
@@ -475,12 +476,12 @@ def with_instances(pairs, encoding):
 
 class InstanceBatches(TrainBatches):
     """TrainBatches for Mask R-CNN: (image uint8 (h, w, 3), target), scaled by a choice of args.instance_scales of
-    the base size (None: native) and flipped, from (args.seed, iteration, slot) only."""
+    the base size (None: native) and flipped, from (args.seed, iteration, slot) only; torchrun as TrainBatches."""
 
     def __getitem__(self, k):
         args = self.args
-        iteration, slot = self.start + k // args.batch_size, k % args.batch_size
-        index = batch_indices(iteration, args.batch_size, len(self.pairs), args.seed)[slot]
+        iteration, slot = self.start + k // args.batch_size, self.rank * args.batch_size + k % args.batch_size
+        index = batch_indices(iteration, args.batch_size * self.world, len(self.pairs), args.seed)[slot]
         rng = np.random.default_rng([args.seed, iteration, slot, 1])
         s, (h, w) = rng.choice(args.instance_scales), self.base_size or image_size(self.pairs[index][1])
         image, ids = read_instance_pair(*self.pairs[index][1:], size=(max(1, round(h * s)), max(1, round(w * s))))
@@ -600,8 +601,6 @@ def run(args):
     seed_everything(args.seed)
     amp_dtype = amp_dtype_for(device, args.no_amp, args.amp_dtype)
     instance, out = args.task == "instance", output_folder(args)
-    if instance and world > 1:
-        raise BadInput("--task instance runs in one process (its batches are not split over torchrun processes yet)")
     args.iters, args.world_size = args.iters or (INSTANCE_ITERS if instance else ABLATION_ITERS), world
     ckpt_path, log_path, metrics_path = (os.path.join(out, f) for f in ("checkpoint.pt", "log.jsonl", "metrics.json"))
     record_settings(out, run_settings(args), args.overwrite or args.force_resume, "metrics.json")  # others': stop
@@ -629,7 +628,8 @@ def run(args):
     with resume_log(log_path, start, "iteration") if rank == 0 else open(os.devnull, "w") as log:  # rank 0 writes
         bar = tqdm(loader, desc="finetune", initial=start, total=args.iters, disable=args.no_progress or rank or None)
         for iteration, (images, labels) in enumerate(bar, start=start):
-            torch.manual_seed(args.seed * 1000003 + iteration)  # Mask R-CNN's box sampling: resumable draws
+            torch.manual_seed(np.random.SeedSequence([args.seed, iteration, rank]).generate_state(1)[0].item())
+            # (Mask R-CNN's anchor and RoI sampling: draws that resume, and differ between processes)
             lr = (warmup_step_lr(args.lr, iteration, args.iters, args.warmup_iters) if instance
                   else poly_lr(args.lr, iteration, args.iters, args.poly_power))
             loss = finetune_step(ddp_model, optimizer, scaler, images, labels, lr, amp_dtype, world)

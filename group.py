@@ -54,9 +54,9 @@ from skimage.measure import label as connected_components
 from skimage.segmentation import felzenszwalb, find_boundaries, slic
 from tqdm import tqdm
 
-from depth import (BadInput, add_frame_args, atomic_write, checked_read, finite_float, frames_of, list_frames,
-                   load_npy, nonnegative_int, positive_int, ranged, read_disparity_png, read_intrinsics,
-                   record_settings, run_main, split_file, unit_float)
+from depth import (BadInput, add_frame_args, add_shard_arg, atomic_write, checked_read, finite_float, frames_of,
+                   list_frames, load_npy, nonnegative_int, positive_int, ranged, read_disparity_png, read_intrinsics,
+                   record_settings, run_main, shard_of, split_file, unit_float)
 
 # ===== paper constants (Sec 3.2; the released code's values where the paper gives none) =====
 KITTI_INTRINSICS = (0.58, 1.92, 0.5, 0.5)  # normalized fx, fy, cx, cy (Monodepth2's KITTI K; released default)
@@ -371,8 +371,7 @@ def read_gt_segments(data, split, stem):
 def list_items(args):
     """[(stem, image path, calibration file or None)] of the run, sorted, this shard's share."""
     need_calib = args.method == "depth" and not args.intrinsics  # the frame's own camera; checked before any work
-    shard, shards = args.shard
-    return [(f.stem, f.path, f.calib) for f in frames_of(args, need_calib)][shard::shards]
+    return [(f.stem, f.path, f.calib) for f in shard_of(frames_of(args, need_calib), args.shard)]
 
 
 def intrinsics_of(args, calib, native):
@@ -495,13 +494,6 @@ def run(args):
               "image", flush=True)
 
 
-def parse_shard(text):
-    i, n = (int(v) for v in text.split("/"))          # argparse reports a ValueError as an invalid value
-    if not 0 <= i < n:
-        raise argparse.ArgumentTypeError(f"--shard {text}: need 0 <= i < n")
-    return i, n
-
-
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
@@ -534,7 +526,7 @@ def get_args_parser():
     add("--seed", type=nonnegative_int, default=INFOMAP_SEED, help="seed of every random draw of the run: InfoMap's search and "
         "the preview colors (default 123: infomap's own default, which the released code kept)")
     add("--workers", type=nonnegative_int, default=0, help="worker processes (one image each); 0 = in the main process")
-    add("--shard", type=parse_shard, default=(0, 1), metavar="i/n", help="every n-th image from the i-th (0-based)")
+    add_shard_arg(p)
     add("--overwrite", action="store_true", help="redo images whose regions exist")
     add("--no-progress", action="store_true", help="no tqdm bar (the log lines stay)")
     add("--preview", action="store_true", help="also write WORK/regions/preview/<stem>.png (Fig 4d)")

@@ -2324,6 +2324,88 @@ def test_distributed_finetune_two_processes_equal_one_and_resume(tiny_city, clus
     assert np.allclose(losses("two"), losses("one"), atol=1e-5), (losses("two"), losses("one"))
 
 
+def test_shards_split_predict_and_copypaste_without_overlap(tiny_city, tmp_path, monkeypatch):
+    """--shard i/n (or torchrun's RANK / WORLD_SIZE) on depth.py predict and copypaste.py: the shards' outputs
+    are disjoint, together the unsharded run's, bit for bit; --overwrite in one shard leaves the other's files."""
+    import glob
+    import copypaste
+    import depth
+    model = {"arch": "resnet18", "model": depth.DepthNet("resnet18").state_dict(), "size": [64, 128],
+             "crop_bottom": 0.0, "min_depth": depth.MIN_DEPTH, "max_depth": depth.MAX_DEPTH}
+    works = {name: str(tmp_path / name) for name in ("whole", "sharded")}
+    for work in works.values():
+        os.makedirs(os.path.join(work, "depth"))
+        torch.save(model, os.path.join(work, "depth", "model.pt"))
+    predict = ["predict", "--data", tiny_city, "--split", "train", "--sequence", "--no-amp", "--no-progress"]
+    depth.main([*predict, "--work", works["whole"]])
+    depth.main([*predict, "--work", works["sharded"], "--shard", "0/2"])
+    first = sorted(os.listdir(os.path.join(works["sharded"], "disp")))
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    depth.main([*predict, "--work", works["sharded"]])
+    whole = sorted(f for f in os.listdir(os.path.join(works["whole"], "disp")) if f.endswith(".npy"))
+    assert len(whole) == 8 and len([f for f in first if f.endswith(".npy")]) == 4
+    for name in whole:  # (the second shard added the other 4)
+        assert np.array_equal(*(np.load(os.path.join(works[w], "disp", name)) for w in works)), name
+    # copypaste: sample k of an epoch belongs to shard k % n
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    threads = torch.get_num_threads()
+    try:
+        for work in works.values():
+            _copypaste_inputs(tiny_city, work)
+        flags = ["--data", tiny_city, "--mix", "1", "--paste-times", "1", "1", "--size", "32", "64", "--epochs", "2",
+                 "--no-progress"]
+        run = lambda *extra: copypaste.run(copypaste.get_args_parser().parse_args([*flags, *extra]))  # noqa: E731
+        run("--work", works["whole"])
+        run("--work", works["sharded"], "--shard", "1/2")
+        samples = lambda w: sorted(os.path.relpath(p, w) for p in glob.glob(os.path.join(w, "samples", "*", "*.pt")))
+        assert samples(works["sharded"]) == ["samples/epoch_000/000001.pt", "samples/epoch_001/000001.pt"]
+        run("--work", works["sharded"], "--shard", "0/2")
+        assert samples(works["sharded"]) == samples(works["whole"]) and len(samples(works["whole"])) == 4
+        for name in samples(works["whole"]):
+            a, b = (torch.load(os.path.join(works[w], name), weights_only=True) for w in works)
+            assert all(torch.equal(a[k], b[k]) for k in ("images", "labels", "transforms", "canvas_of")), name
+        mine, theirs = (os.path.join(works["sharded"], "samples", "epoch_000", f"00000{k}.pt") for k in (0, 1))
+        before = os.path.getmtime(theirs), os.path.getmtime(mine)
+        os.utime(mine, (0, 0))
+        run("--work", works["sharded"], "--shard", "0/2", "--overwrite")
+        assert os.path.getmtime(theirs) == before[0] and os.path.getmtime(mine) > 0
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_distributed_instance_batches_split_over_processes(tiny_city, cluster_swav_model, tmp_path):
+    """--task instance under torchrun: processes 0 and 1 with batch 1 draw the two images (scale, flip, target)
+    of one process with batch 2."""
+    import finetune
+    work = cluster_work_with_model(tmp_path, cluster_swav_model)
+    args = finetune_args(work, tiny_city, "--task", "instance", "--size", "32", "64")
+    pairs = finetune.list_instance_pairs(tiny_city, "toycity", "train")
+    one = finetune.InstanceBatches(pairs, 0, 2, (32, 64), args)
+    args_half = type(args)(**{**vars(args), "batch_size": 1})
+    halves = [finetune.InstanceBatches(pairs, 0, 2, (32, 64), args_half, rank, 2) for rank in (0, 1)]
+    for k in range(4):  # iteration k // 2, slot k % 2
+        (a, ta), (b, tb) = one[k], halves[k % 2][k // 2]
+        assert torch.equal(a, b) and all(torch.equal(ta[key], tb[key]) for key in ta), k
+
+
+@slow
+def test_distributed_instance_two_process_resume(tiny_city, cluster_swav_model, tmp_path):
+    """finetune.py --task instance under 2 gloo processes: a kill and --resume equals the uninterrupted run."""
+    work = cluster_work_with_model(tmp_path, cluster_swav_model)
+    common = ["finetune.py", "--work", work, "--data", tiny_city, "--dataset", "toycity", "--task", "instance",
+              "--iters", "3", "--batch-size", "1", "--size", "32", "64", "--rois-per-image", "16", "--warmup-iters",
+              "2", "--device", "cpu", "--workers", "0", "--no-amp", "--no-progress", "--save-every", "0"]
+    out = {name: os.path.join(work, name) for name in ("two", "resumed")}
+    _torchrun(*common, "--out", out["two"])
+    _torchrun(*common, "--out", out["resumed"], "--stop-after", "2")
+    _torchrun(*common, "--out", out["resumed"], "--resume")
+    two, resumed = (torch.load(os.path.join(out[k], "model.pt"), weights_only=True)["model"] for k in out)
+    assert all(torch.equal(two[k], resumed[k]) for k in two)
+    assert json.load(open(os.path.join(out["two"], "metrics.json")))["task"] == "instance"
+
+
 def test_distributed_sinkhorn_rows_split_over_processes(tmp_path):
     """SwAV's distributed Sinkhorn: 2 gloo processes holding 30 and 0 (or 17 and 13) rows of the scores compute
     the rows of the one-process codes."""
