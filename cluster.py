@@ -489,13 +489,13 @@ def get_args_parser():
     p.add_argument("--out", default=None, help="where the outputs go (default WORK/cluster)")
     p.add_argument("--save-pred", action="store_true", help="write the matched predictions (trainIds; picie: its "
                    "27 class ids), 255 unmatched, at the evaluated label size, and color panels")
-    p.add_argument("--pca", type=nonnegative_int, default=0, metavar="N", help="write the first N images' projections as "
-                   "RGB by a 3-component PCA (Fig 2)")
+    p.add_argument("--pca", type=nonnegative_int, default=0, metavar="N",
+                   help="write the first N images' projections as RGB by a 3-component PCA (Fig 2)")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda: auto picks CUDA when torch sees one, else CPU")
     p.add_argument("--no-amp", action="store_true", help="fp32 throughout (default: autocast, fp16 on CUDA, "
                    "bf16 on CPU; bf16 is much slower than fp32 on CPUs without bf16 units)")
-    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of every random draw of the run (the --init-random "
-                   "network)")
+    p.add_argument("--seed", type=nonnegative_int, default=0,
+                   help="seed of every random draw of the run (the --init-random network)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar (the printed lines stay)")
     p.add_argument("--overwrite", action="store_true", help="redo even if metrics.json exists")
     return p

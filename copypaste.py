@@ -549,23 +549,25 @@ def get_args_parser():
     depth.add_frame_args(p)
     p.add_argument("--disp-dir", help="folder of <stem>.npy disparity (default WORK/disp, from depth.py predict)")
     p.add_argument("--regions-dir", help="folder of <stem>.npy region maps (default WORK/regions, from group.py)")
-    p.add_argument("--mix", type=positive_int, default=MIX, help="M: source images per sample (paper 8; Table 4 M 2, 4, 8)")
+    p.add_argument("--mix", type=positive_int, default=MIX,
+                   help="M: source images per sample (paper 8; Table 4 M 2, 4, 8)")
     p.add_argument("--paste-times", type=nonnegative_int, nargs=2, default=list(PASTE_TIMES), metavar=("E1", "E2"),
                    help="e1 e2: pastes of every region in rounds 1 and 2 (released 2 4); 0 0 = the paper's "
                         "M = 0 row (no copy-paste); slots per region T = 2 + e1 + e2")
-    p.add_argument("--epochs", type=nonnegative_int, default=1, help="epochs of samples to write (new composites each); "
-                   "0 = none (previews only: swav_dense.py --on-the-fly builds the same samples)")
+    p.add_argument("--epochs", type=nonnegative_int, default=1, help="epochs of samples to write (new composites "
+                   "each); 0 = none (previews only: swav_dense.py --on-the-fly builds the same samples)")
     p.add_argument("--size", type=positive_int, nargs=2, default=[384, 768], metavar=("H", "W"),
                    help="canvas size (paper: Cityscapes 384 768, KITTI 384 1280)")
     p.add_argument("--no-photometric", action="store_true",
                    help="no color jitter / blur / grayscale on pasted regions (checking, ablations)")
     p.add_argument("--height-jitter", type=ranged(float, 0), default=HEIGHT_JITTER,
                    help="h_t: vertical jitter of a pasted copy, px at 384 rows (scaled with H; paper 16)")
-    p.add_argument("--preview", type=nonnegative_int, default=0, help="write N preview PNGs (canvases, copies outlined)")
-    p.add_argument("--workers", type=nonnegative_int, default=0, help="DataLoader worker processes building samples (one "
-                   "thread each); 0 = in the main process")
-    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of every random draw of the run; sample k of epoch e "
-                   "is the same for any --workers")
+    p.add_argument("--preview", type=nonnegative_int, default=0,
+                   help="write N preview PNGs (canvases, copies outlined)")
+    p.add_argument("--workers", type=nonnegative_int, default=0,
+                   help="DataLoader worker processes building samples (one thread each); 0 = in the main process")
+    p.add_argument("--seed", type=nonnegative_int, default=0,
+                   help="seed of every random draw of the run; sample k of epoch e is the same for any --workers")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar (the log lines stay)")
     p.add_argument("--overwrite", action="store_true",
                    help="delete the samples in WORK/samples and rebuild (needed to change the settings there)")

@@ -10,10 +10,12 @@ Pipeline: (video) -> depth.py -> group.py (coherent depth regions) -> copypaste.
 | reads / writes | file | shape, dtype | meaning |
 |---|---|---|---|
 | reads (train) | DATA/leftImg8bit_sequence/SPLIT/CITY/*.png, DATA/camera/SPLIT/CITY/*_camera.json (or KITTI raw) | | |
-| writes (train) | WORK/depth/model.pt | dict | {"arch", "model": depth net state_dict, "pose_model", "args", "size", ...} |
+| writes (train) | WORK/depth/model.pt | dict | {"arch", "model": depth net state_dict, "pose_model", "args", |
+| | | | "size", ...} |
 | writes (train) | WORK/depth/checkpoint.pt, log.jsonl, args.json | | exact resume; one JSON line per log step |
 | reads (predict) | WORK/depth/model.pt; DATA/leftImg8bit/SPLIT/*/*.png or --images GLOB | | |
-| writes (predict) | WORK/disp/<stem>.npy (+ WORK/disp_preview/<stem>.png) | (H, W) float32 | scaled disparity 1 / depth, one scale per dataset |
+| writes (predict) | WORK/disp/<stem>.npy (+ WORK/disp_preview/<stem>.png) | (H, W) float32 | scaled disparity |
+| | | | 1 / depth, one scale per dataset |
 | reads (eval) | WORK/disp, DATA/disparity/SPLIT/CITY/<stem>_disparity.png, camera JSON | | GT depth = baseline fx / d |
 | writes (eval) | WORK/depth/eval.json | JSON | abs_rel, sq_rel, rmse, rmse_log, a1-a3, scaling ratio |
 
@@ -617,8 +619,8 @@ def load_npy(path, make, ndim=2, kind="f"):
     """A .npy array checked at read: readable, ndim, dtype kind ('f' float, 'iu' integer), finite when float."""
     array = checked_read(path, make, lambda p: np.load(p, allow_pickle=False))
     if array.ndim != ndim or array.dtype.kind not in kind:
-        raise BadInput(f"{path}: {array.dtype} {array.shape}, expected a {ndim}-D {'float' if kind == 'f' else 'integer'}"
-                       f" array from `{make}`")
+        raise BadInput(f"{path}: {array.dtype} {array.shape}, expected a {ndim}-D "
+                       f"{'float' if kind == 'f' else 'integer'} array from `{make}`")
     if kind == "f" and not np.isfinite(array).all():
         raise BadInput(f"{path}: NaN or inf values; remake it with `{make}`")
     return array
@@ -635,7 +637,8 @@ def load_torch(path, make, keys=(), weights_only=True):
 
 def settings_diff(old, new):
     """'key old -> new, ...' of the keys whose values differ; '' when none."""
-    return ", ".join(f"{k} {old.get(k)} -> {new.get(k)}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return ", ".join(f"{k} {old.get(k)} -> {new.get(k)}" for k in keys)
 
 
 def record_settings(folder, settings, overwrite, outputs="*.npy"):
@@ -952,7 +955,8 @@ def evaluate(args):
     for stem, frame, camera, _, _ in list_frames(args.data, "cityscapes", args.split, need_calib=True):
         disp_path = os.path.join(args.work, "disp", stem + ".npy")
         gt_path = split_file(args.data, "disparity", args.split, stem, "disparity.png")
-        pred = load_npy(disp_path, f"python depth.py predict --work {args.work} --data {args.data} --split {args.split}")
+        make = f"python depth.py predict --work {args.work} --data {args.data} --split {args.split}"
+        pred = load_npy(disp_path, make)
         if not os.path.exists(gt_path):
             raise FileNotFoundError(f"{gt_path} is missing: eval needs ground-truth disparity")
         gt_disp = read_disparity_png(gt_path)
@@ -992,44 +996,7 @@ def get_args_parser():
                         help="fp32 throughout (default: autocast, fp16 + GradScaler on CUDA, bf16 on CPU)")
     shared.add_argument("--no-progress", action="store_true", help="no tqdm bar (the log lines stay)")
     kw = dict(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    t = sub.add_parser("train", help="self-supervised training on video triplets", parents=[shared], **kw)
-    t.add_argument("--data", required=True, help="dataset root (Cityscapes layout or KITTI raw)")
-    t.add_argument("--work", required=True, help="work folder; writes WORK/depth/")
-    t.add_argument("--dataset", default="cityscapes", choices=["cityscapes", "kitti"], help="layout of --data")
-    t.add_argument("--split", nargs="+", default=["train"], help="Cityscapes sequence splits to train on")
-    t.add_argument("--size", nargs=2, type=positive_int, default=[192, 512], metavar=("H", "W"),
-                   help="training size, multiples of 32 (Cityscapes 192 x 512 after the crop; KITTI 192 x 640)")
-    t.add_argument("--crop-bottom", type=ranged(float, 0, high=0.9), default=None,
-                   help="fraction of rows cut at the bottom before resizing (default 0.25 on Cityscapes, 0 otherwise)")
-    t.add_argument("--frame-offset", type=positive_int, default=2,
-                   help="source frames at -k and +k (Cityscapes 17 Hz: 2; KITTI 10 Hz and the toy city: 1)")
-    t.add_argument("--arch", default="resnet18", choices=sorted(ENCODER_CHANNELS), help="encoder of both networks")
-    t.add_argument("--weights", default=None, help="local torchvision ResNet state_dict (ImageNet) for both encoders")
-    t.add_argument("--epochs", type=positive_int, default=20, help="Monodepth2: 20")
-    t.add_argument("--steps", type=positive_int, default=None, help="total steps instead of --epochs (schedule scaled)")
-    t.add_argument("--batch-size", type=positive_int, default=12, help="Monodepth2: 12")
-    t.add_argument("--lr", type=positive_float, default=1e-4, help="Adam learning rate (Monodepth2: 1e-4)")
-    t.add_argument("--lr-drop-epoch", type=nonnegative_int, default=15, help="lr x gamma after this epoch (Monodepth2: 15 of 20)")
-    t.add_argument("--lr-gamma", type=unit_float, default=0.1, help="lr factor at the drop (Monodepth2: 0.1)")
-    t.add_argument("--min-depth", type=positive_float, default=MIN_DEPTH, help="depth range of the sigmoid (Monodepth2)")
-    t.add_argument("--max-depth", type=positive_float, default=MAX_DEPTH, help="(Monodepth2: 0.1 to 100)")
-    t.add_argument("--ssim-weight", type=unit_float, default=SSIM_WEIGHT, help="alpha of Eqn 1 (Monodepth2: 0.85)")
-    t.add_argument("--smoothness-weight", type=ranged(float, 0), default=SMOOTHNESS_WEIGHT,
-                   help="Eqn 3 weight, /2^s at scale s (Monodepth2: 1e-3)")
-    t.add_argument("--no-automask", action="store_true", help="ablation: no auto-masking of static pixels")
-    t.add_argument("--avg-reprojection", action="store_true", help="ablation: average over sources, not minimum")
-    t.add_argument("--no-augment", action="store_true", help="no flip and color jitter (Monodepth2: both, p 0.5)")
-    t.add_argument("--workers", type=nonnegative_int, default=4, help="DataLoader worker processes; 0 = in the main process")
-    t.add_argument("--seed", type=nonnegative_int, default=0, help="seed of every random draw of the run")
-    t.add_argument("--resume", action="store_true", help="continue from WORK/depth/checkpoint.pt, as an uninterrupted run")
-    t.add_argument("--overwrite", action="store_true", help="train from scratch even if model.pt or checkpoint.pt exists")
-    t.add_argument("--force-resume", action="store_true", help="--resume even if the checkpoint's settings differ")
-    t.add_argument("--stop-after", type=positive_int, default=None,
-                   help="stop once global step N is done, after writing checkpoint.pt, as an interruption would")
-    t.add_argument("--save-every", type=positive_int, default=1000,
-                   help="write checkpoint.pt every N global steps (and each epoch)")
-    t.add_argument("--log-every", type=positive_int, default=50, help="steps between log lines")
-    add_parallel_args(t)
+    add_train_args(sub.add_parser("train", help="self-supervised training on video triplets", parents=[shared], **kw))
     r = sub.add_parser("predict", help="disparity of images -> WORK/disp/<stem>.npy", parents=[shared], **kw)
     r.add_argument("--work", required=True, help="work folder: reads WORK/depth/model.pt, writes WORK/disp/")
     r.add_argument("--data", help="dataset root: predicts the frames of --split (--dataset, --sequence)")
@@ -1046,8 +1013,55 @@ def get_args_parser():
     e.add_argument("--work", required=True, help="work folder: reads WORK/disp/, writes WORK/depth/eval.json")
     e.add_argument("--data", required=True, help="dataset root with disparity/ and camera/ (Cityscapes layout)")
     e.add_argument("--split", default="val", help="split to evaluate")
-    e.add_argument("--crop-bottom", type=ranged(float, 0, high=0.9), default=0.0, help="ignore this bottom fraction of rows (Cityscapes: 0.25)")
+    e.add_argument("--crop-bottom", type=ranged(float, 0, high=0.9), default=0.0,
+                   help="ignore this bottom fraction of rows (Cityscapes: 0.25)")
     return p
+
+
+def add_train_args(t):
+    """The flags of depth.py train: data, networks, Monodepth2's schedule and loss (with its ablations), run."""
+    t.add_argument("--data", required=True, help="dataset root (Cityscapes layout or KITTI raw)")
+    t.add_argument("--work", required=True, help="work folder; writes WORK/depth/")
+    t.add_argument("--dataset", default="cityscapes", choices=["cityscapes", "kitti"], help="layout of --data")
+    t.add_argument("--split", nargs="+", default=["train"], help="Cityscapes sequence splits to train on")
+    t.add_argument("--size", nargs=2, type=positive_int, default=[192, 512], metavar=("H", "W"),
+                   help="training size, multiples of 32 (Cityscapes 192 x 512 after the crop; KITTI 192 x 640)")
+    t.add_argument("--crop-bottom", type=ranged(float, 0, high=0.9), default=None,
+                   help="fraction of rows cut at the bottom before resizing (default 0.25 on Cityscapes, 0 otherwise)")
+    t.add_argument("--frame-offset", type=positive_int, default=2,
+                   help="source frames at -k and +k (Cityscapes 17 Hz: 2; KITTI 10 Hz and the toy city: 1)")
+    t.add_argument("--arch", default="resnet18", choices=sorted(ENCODER_CHANNELS), help="encoder of both networks")
+    t.add_argument("--weights", default=None, help="local torchvision ResNet state_dict (ImageNet) for both encoders")
+    t.add_argument("--epochs", type=positive_int, default=20, help="Monodepth2: 20")
+    t.add_argument("--steps", type=positive_int, default=None, help="total steps instead of --epochs (schedule scaled)")
+    t.add_argument("--batch-size", type=positive_int, default=12, help="Monodepth2: 12")
+    t.add_argument("--lr", type=positive_float, default=1e-4, help="Adam learning rate (Monodepth2: 1e-4)")
+    t.add_argument("--lr-drop-epoch", type=nonnegative_int, default=15,
+                   help="lr x gamma after this epoch (Monodepth2: 15 of 20)")
+    t.add_argument("--lr-gamma", type=unit_float, default=0.1, help="lr factor at the drop (Monodepth2: 0.1)")
+    t.add_argument("--min-depth", type=positive_float, default=MIN_DEPTH,
+                   help="depth range of the sigmoid (Monodepth2)")
+    t.add_argument("--max-depth", type=positive_float, default=MAX_DEPTH, help="(Monodepth2: 0.1 to 100)")
+    t.add_argument("--ssim-weight", type=unit_float, default=SSIM_WEIGHT, help="alpha of Eqn 1 (Monodepth2: 0.85)")
+    t.add_argument("--smoothness-weight", type=ranged(float, 0), default=SMOOTHNESS_WEIGHT,
+                   help="Eqn 3 weight, /2^s at scale s (Monodepth2: 1e-3)")
+    t.add_argument("--no-automask", action="store_true", help="ablation: no auto-masking of static pixels")
+    t.add_argument("--avg-reprojection", action="store_true", help="ablation: average over sources, not minimum")
+    t.add_argument("--no-augment", action="store_true", help="no flip and color jitter (Monodepth2: both, p 0.5)")
+    t.add_argument("--workers", type=nonnegative_int, default=4,
+                   help="DataLoader worker processes; 0 = in the main process")
+    t.add_argument("--seed", type=nonnegative_int, default=0, help="seed of every random draw of the run")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from WORK/depth/checkpoint.pt, as an uninterrupted run")
+    t.add_argument("--overwrite", action="store_true",
+                   help="train from scratch even if model.pt or checkpoint.pt exists")
+    t.add_argument("--force-resume", action="store_true", help="--resume even if the checkpoint's settings differ")
+    t.add_argument("--stop-after", type=positive_int, default=None,
+                   help="stop once global step N is done, after writing checkpoint.pt, as an interruption would")
+    t.add_argument("--save-every", type=positive_int, default=1000,
+                   help="write checkpoint.pt every N global steps (and each epoch)")
+    t.add_argument("--log-every", type=positive_int, default=50, help="steps between log lines")
+    add_parallel_args(t)
 
 
 def main(argv=None):

@@ -61,9 +61,7 @@ from depth import (add_parallel_args, amp_dtype_for, atomic_write, fraction, ima
                    run_settings, seed_everything, setup_distributed, wrap_ddp)
 from swav_dense import HEAD_DIM, RESNET_CHANNELS, build_model, load_backbone_weights, load_model
 
-# ----------------------------------------------------------------------------------------------------------
-# Constants (common practice for the semantic-FPN head; the paper's supplement is unavailable)
-# ----------------------------------------------------------------------------------------------------------
+# ----- Constants (common practice for the semantic-FPN head; the paper's supplement is unavailable) -----
 LR = 0.01
 MOMENTUM = 0.9
 WEIGHT_DECAY = 1e-4
@@ -85,9 +83,7 @@ INSTANCE_SCALES = tuple(m / 1024 for m in range(800, 1025, 32))  # INPUT.MIN_SIZ
 SCORE_KEYS = ("pixel_accuracy", "miou", "iou", "ap", "ap50", "ap_per_class", "ap50_per_class")  # averaged by folds
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Pure functions: schedule, subsets, batches, augmentation, loss
-# ----------------------------------------------------------------------------------------------------------
+# ----- Pure functions: schedule, subsets, batches, augmentation, loss -----
 def poly_lr(base_lr, iteration, total_iters, power=POLY_POWER):
     """Poly decay: base_lr * (1 - iteration / total_iters) ** power."""
     return base_lr * (1.0 - min(iteration, total_iters) / total_iters) ** power
@@ -153,9 +149,7 @@ def segmentation_loss(logits, labels):
     return F.cross_entropy(logits.float(), labels.long(), ignore_index=IGNORE)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Network
-# ----------------------------------------------------------------------------------------------------------
+# ----- Network -----
 class SegmentationNet(nn.Module):
     """swav_dense.py's backbone + FPN + semantic head (projector and prototypes removed) -> new 1x1 classifier
     -> x4 bilinear upsampling to the input size (the Panoptic-FPN semantic branch)."""
@@ -188,18 +182,24 @@ def transfer_swav_weights(seg_net, checkpoint, source="model.pt"):
     return sorted(state)
 
 
-def segmentation_network(args):
-    """The network of a Table 2 row, by --init: swav (backbone, FPN and head of swav_dense.py's model.pt, --arch
-    defaulting to its own), imagenet (--backbone-weights, a local torchvision ResNet state_dict, for the
-    backbone) or scratch (PyTorch's default initialization); a new 1x1 classifier in every case."""
+def finetune_network(args):
+    """The network of a Table 2 row, by --init: swav (swav_dense.py's model.pt: backbone, FPN and, semantic task
+    only, head; --arch defaulting to its own), imagenet (--backbone-weights, a local torchvision ResNet
+    state_dict, for the backbone) or scratch (PyTorch's default initialization). New heads in every case: a 1x1
+    classifier (semantic), Mask R-CNN's box and mask heads (instance)."""
     swav_path = args.swav_model or os.path.join(args.work, "swav", "model.pt")
     swav = load_model(swav_path)[1] if args.init == "swav" else {}  # a missing file: an error naming swav_dense.py
-    arch, head_dim = args.arch or swav.get("arch", "resnet50"), swav.get("head_dim", HEAD_DIM)
-    model = SegmentationNet(arch, len(TRAIN_CLASSES), head_dim)
+    arch = args.arch or swav.get("arch", "resnet50")
+    if args.task == "instance":
+        model = build_mask_rcnn(arch, rois_per_image=args.rois_per_image)
+        transfer, backbone = transfer_swav_to_mask_rcnn, SimpleNamespace(backbone=model.backbone.body, arch=arch)
+    else:
+        model = SegmentationNet(arch, len(TRAIN_CLASSES), swav.get("head_dim", HEAD_DIM))
+        transfer, backbone = transfer_swav_weights, model.net
     if args.init == "swav":
-        print(f"--init swav: {len(transfer_swav_weights(model, swav, swav_path))} tensors from {swav_path}")
+        print(f"--init swav: {len(transfer(model, swav, swav_path))} tensors from {swav_path}")
     elif args.init == "imagenet":
-        load_backbone_weights(model.net, args.backbone_weights)
+        load_backbone_weights(backbone, args.backbone_weights)
     return model
 
 
@@ -214,9 +214,7 @@ def model_file(model, args):
             "classes": TRAIN_CLASSES, "head_dim": model.classifier.in_channels, "init": args.init}
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Data, training step, evaluation
-# ----------------------------------------------------------------------------------------------------------
+# ----- Data, training step, evaluation -----
 def labelled_sets(args):
     """(train pairs, evaluation pairs) of (stem, image path, labelIds path): the split or --folds' fold, then
     the --subset file's stems or a --fraction of the training pairs."""
@@ -235,8 +233,7 @@ def labelled_sets(args):
         with open(args.subset) as f:
             wanted = sorted({line.strip() for line in f if line.strip()})
         by_stem = {p[0]: p for p in train}
-        missing = [s for s in wanted if s not in by_stem]
-        if missing:
+        if missing := [s for s in wanted if s not in by_stem]:
             raise ValueError(f"--subset {args.subset}: {len(missing)} stems not in the training set, e.g. {missing[0]}")
         return [by_stem[s] for s in wanted], val
     keep = set(select_fraction([p[0] for p in train], args.fraction, args.seed)) if args.fraction < 1 else None
@@ -322,9 +319,7 @@ def evaluate_segmentation(model, pairs, size, device, amp_dtype=None, num_classe
     return segmentation_scores(conf)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Instance segmentation (Table 2): targets, schedule, Mask R-CNN, mask AP, Cityscapes results format
-# ----------------------------------------------------------------------------------------------------------
+# ----- Instance segmentation (Table 2): targets, schedule, Mask R-CNN, mask AP, Cityscapes results format -----
 def instance_masks(ids, encoding="cityscapes"):
     """(masks bool (N, H, W), labelIds int64 (N,)) of the INSTANCE_LABEL_IDS instances of an instance-id map.
     cityscapes (gtFine instanceIds, the toy city): v = labelId * 1000 + k, v < 1000 stuff or crowd (not an
@@ -379,18 +374,6 @@ def transfer_swav_to_mask_rcnn(mask_rcnn, checkpoint, source="model.pt"):
     except RuntimeError as e:
         raise ValueError(f"{source}: its backbone/FPN do not fit Mask R-CNN's {mask_rcnn.arch} + FPN ({e})")
     return sorted("backbone." + k for k in state)
-
-
-def instance_network(args):
-    """Mask R-CNN of a Table 2 row, by --init as segmentation_network (swav: ResNet + FPN); new heads always."""
-    swav_path = args.swav_model or os.path.join(args.work, "swav", "model.pt")
-    swav = load_model(swav_path)[1] if args.init == "swav" else {}
-    model = build_mask_rcnn(args.arch or swav.get("arch", "resnet50"), rois_per_image=args.rois_per_image)
-    if args.init == "swav":
-        print(f"--init swav: {len(transfer_swav_to_mask_rcnn(model, swav, swav_path))} tensors from {swav_path}")
-    elif args.init == "imagenet":
-        load_backbone_weights(SimpleNamespace(backbone=model.backbone.body, arch=model.arch), args.backbone_weights)
-    return model
 
 
 def rle_annotations(image_id, masks, label_ids, scores=None):
@@ -448,8 +431,7 @@ def list_instance_pairs(data, dataset, split):
     pairs = [(stem, image, os.path.join(os.path.dirname(os.path.dirname(label)), "instance", os.path.basename(label))
               if dataset == "kitti" else label.replace("_gtFine_labelIds.png", "_gtFine_instanceIds.png"))
              for stem, image, label in list_eval_pairs(data, dataset, split)]
-    missing = [label for _, _, label in pairs if not os.path.exists(label)]
-    if missing:
+    if missing := [label for _, _, label in pairs if not os.path.exists(label)]:
         raise FileNotFoundError(f"{len(missing)} instance label files missing, e.g. {missing[0]}")
     return pairs
 
@@ -588,10 +570,8 @@ def run_folds(args):
     return summary
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Training, one function top to bottom (Sec 4.2): data, model, optimizer, resume, loop (log lines, checkpoints,
-# evaluations), model.pt, metrics.json
-# ----------------------------------------------------------------------------------------------------------
+# ----- Training, one function top to bottom (Sec 4.2): data, model, optimizer, resume, loop (log lines,
+# checkpoints, evaluations), model.pt, metrics.json -----
 def run(args):
     if args.folds > 1 and args.fold is None:
         return run_folds(args)
@@ -612,7 +592,7 @@ def run(args):
     say(f"device {device} x {world}, autocast {amp_dtype}; {len(train)} labelled training images, "
         f"{len(val)} evaluation images")
     # ===== model (a Table 2 row's initialization), optimizer (SGD), GradScaler (fp16) =====
-    network = (instance_network if instance else segmentation_network)(args).to(device)
+    network = finetune_network(args).to(device)
     ddp_model = wrap_ddp(network, args, device, world)  # .train(), --freeze-bn, DDP under torchrun
     model = getattr(ddp_model, "module", ddp_model)
     optimizer = torch.optim.SGD(weight_decay_groups(model, instance), lr=args.lr, momentum=args.momentum,
@@ -682,35 +662,45 @@ def get_args_parser():
     p.add_argument("--swav-model", default=None, help="pre-trained model (default WORK/swav/model.pt)")
     p.add_argument("--backbone-weights", default=None, help="local torchvision ResNet state_dict (--init imagenet; "
                    "nothing is downloaded)")
-    p.add_argument("--arch", default=None, choices=sorted(RESNET_CHANNELS), help="ResNet (default: the swav model's; else resnet50, the paper's)")
+    p.add_argument("--arch", default=None, choices=sorted(RESNET_CHANNELS),
+                   help="ResNet (default: the swav model's; else resnet50, the paper's)")
     p.add_argument("--train-split", default=None, help="labelled split (default train; KITTI training)")
     p.add_argument("--val-split", default="val", help="evaluation split (Cityscapes val, the paper's; not with "
                    "--folds)")
     p.add_argument("--fraction", type=fraction, default=1.0, help="labelled fraction of the training split, a "
                    "deterministic subset by --seed (the paper's ablations: 1/16 = 0.0625)")
     p.add_argument("--subset", default=None, help="file of training stems, one a line (replaces --fraction)")
-    p.add_argument("--folds", type=positive_int, default=1, help="k-fold cross-validation of the training split (KITTI: 5, "
-                   "as the paper)")
-    p.add_argument("--fold", type=nonnegative_int, default=None, help="run only this held-out fold (0..folds-1) into --out; "
-                   "default: every fold into OUT/fold_<k>, then their mean and std in OUT/metrics.json")
-    p.add_argument("--split-seed", type=nonnegative_int, default=0, help="seed of the fold split (keep it across the folds' runs)")
+    p.add_argument("--folds", type=positive_int, default=1,
+                   help="k-fold cross-validation of the training split (KITTI: 5, as the paper)")
+    p.add_argument("--fold", type=nonnegative_int, default=None, help="run only this held-out fold (0..folds-1) into "
+                   "--out; default: every fold into OUT/fold_<k>, then their mean and std in OUT/metrics.json")
+    p.add_argument("--split-seed", type=nonnegative_int, default=0,
+                   help="seed of the fold split (keep it across the folds' runs)")
+    add_recipe_args(p)
+    add_run_args(p)
+    return p
+
+
+def add_recipe_args(p):
+    """The flags of the training recipe: iterations, optimizer, instance sampling, augmentation."""
     p.add_argument("--iters", type=positive_int, default=None, help="iterations (default: semantic 6000, the paper's "
                    "ablations; instance 24000, detectron2's Cityscapes Mask R-CNN)")
-    p.add_argument("--warmup-iters", type=nonnegative_int, default=WARMUP_ITERS, help="instance: linear warmup iterations "
-                   "(1000: detectron2); the lr then drops x0.1 at 3/4 of --iters")
-    p.add_argument("--rois-per-image", type=positive_int, default=ROIS_PER_IMAGE, help="instance: proposals sampled per "
-                   "training image for the box and mask heads (512: detectron2; the heads' cost scales with it)")
+    p.add_argument("--warmup-iters", type=nonnegative_int, default=WARMUP_ITERS, help="instance: linear warmup "
+                   "iterations (1000: detectron2); the lr then drops x0.1 at 3/4 of --iters")
+    p.add_argument("--rois-per-image", type=positive_int, default=ROIS_PER_IMAGE, help="instance: proposals sampled "
+                   "per training image for the box and mask heads (512: detectron2; the heads' cost scales with it)")
     p.add_argument("--instance-scales", nargs="+", type=positive_float, default=list(INSTANCE_SCALES), help="instance: "
                    "training scales of the base size, one chosen per image (detectron2's short sides 800..1024 "
                    "step 32 over its test size 1024)")
-    p.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE, help="crops per iteration (8: common practice for "
-                   "the semantic-FPN head; the paper does not say)")
-    p.add_argument("--lr", type=positive_float, default=LR, help="SGD learning rate, poly-decayed per iteration (0.01: common "
-                   "practice)")
+    p.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE,
+                   help="crops per iteration (8: common practice for the semantic-FPN head; the paper does not say)")
+    p.add_argument("--lr", type=positive_float, default=LR,
+                   help="SGD learning rate, poly-decayed per iteration (0.01: common practice)")
     p.add_argument("--momentum", type=ranged(float, 0, 1), default=MOMENTUM, help="SGD momentum (0.9: common practice)")
     p.add_argument("--weight-decay", type=ranged(float, 0), default=WEIGHT_DECAY, help="SGD weight decay (1e-4: common "
                    "practice)")
-    p.add_argument("--poly-power", type=ranged(float, 0), default=POLY_POWER, help="poly decay power (0.9: common practice)")
+    p.add_argument("--poly-power", type=ranged(float, 0), default=POLY_POWER,
+                   help="poly decay power (0.9: common practice)")
     p.add_argument("--size", nargs=2, type=positive_int, default=None, metavar=("H", "W"), help="base size the scales "
                    "refer to, and the evaluation size (default: the paper's 384 768 on Cityscapes, 384 1280 on "
                    "KITTI; the toy city's native size)")
@@ -719,27 +709,32 @@ def get_args_parser():
     p.add_argument("--crop", nargs=2, type=positive_int, default=list(CROP), metavar=("H", "W"), help="training crop "
                    "(384 768: the paper's working resolution)")
     p.add_argument("--no-flip", dest="flip", action="store_false", help="no random horizontal flip")
+
+
+def add_run_args(p):
+    """The flags of how a run goes: predictions, evaluations, checkpoints and resuming, logging, devices."""
     p.add_argument("--save-pred", action="store_true", help="instance: also write the final predictions in the "
                    "Cityscapes instance-results format to OUT/pred (see save_cityscapes_instances)")
-    p.add_argument("--eval-every", type=nonnegative_int, default=0, help="also evaluate every N iterations (0: only at the end)")
-    p.add_argument("--save-every", type=nonnegative_int, default=500, help="write checkpoint.pt every N iterations (and at the "
-                   "end)")
+    p.add_argument("--eval-every", type=nonnegative_int, default=0,
+                   help="also evaluate every N iterations (0: only at the end)")
+    p.add_argument("--save-every", type=nonnegative_int, default=500,
+                   help="write checkpoint.pt every N iterations (and at the end)")
     p.add_argument("--log-every", type=positive_int, default=20, help="iterations between log lines")
-    p.add_argument("--stop-after", type=nonnegative_int, default=0, help="stop once global iteration N is done, after writing "
-                   "checkpoint.pt, as an interruption would (for testing --resume); 0: run all --iters")
+    p.add_argument("--stop-after", type=nonnegative_int, default=0, help="stop once global iteration N is done, after "
+                   "writing checkpoint.pt, as an interruption would (for testing --resume); 0: run all --iters")
     p.add_argument("--resume", action="store_true", help="continue from checkpoint.pt in the output folder; the "
                    "result equals an uninterrupted run")
     p.add_argument("--overwrite", action="store_true", help="redo even if metrics.json exists")
     p.add_argument("--force-resume", action="store_true", help="--resume even if the checkpoint's settings differ")
-    p.add_argument("--workers", type=nonnegative_int, default=4, help="data loader worker processes; 0 = in the main process")
+    p.add_argument("--workers", type=nonnegative_int, default=4,
+                   help="data loader worker processes; 0 = in the main process")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda: auto picks CUDA when torch sees one, else CPU")
     add_parallel_args(p)
     p.add_argument("--no-amp", action="store_true", help="fp32 throughout (default: autocast, fp16 + GradScaler on "
                    "CUDA, bf16 on CPU; bf16 is much slower than fp32 on CPUs without bf16 units)")
-    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of every random draw of the run (the subset, the "
-                   "classifier's initialization, the batches and their augmentation)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of every random draw of the run (the subset, "
+                   "the classifier's initialization, the batches and their augmentation)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar (the log lines stay)")
-    return p
 
 
 def main(argv=None):

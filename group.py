@@ -513,18 +513,19 @@ def get_args_parser():
     add("--method", default="depth", choices=["depth", "felzenszwalb", "gt"],
         help="proposals (Table 3): depth = ours; felzenszwalb = color only (stand-in for owt-ucm); gt = gtFine "
              "instances and classes split into connected regions")
-    add("--segments", type=positive_int, default=SLIC_SEGMENTS, help="SLIC n_segments (paper and released: 10000 at 384 x "
-        "768, about 30 pixels each; scale it with the pixel count, e.g. 2500 at 192 x 384)")
+    add("--segments", type=positive_int, default=SLIC_SEGMENTS, help="SLIC n_segments (paper and released: 10000 at "
+        "384 x 768, about 30 pixels each; scale it with the pixel count, e.g. 2500 at 192 x 384)")
     add("--w-ocln", type=ranged(float, 0), default=W_OCLN, help="Eqn 3 weight of D_ocln (released 48)")
-    add("--w-sup", type=ranged(float, 0), default=W_SUP, help="Eqn 3 weight of D_sup (released 0: the support term is off; "
-        "the released alternative was 2.5 with --w-ocln 36)")
+    add("--w-sup", type=ranged(float, 0), default=W_SUP, help="Eqn 3 weight of D_sup (released 0: the support term "
+        "is off; the released alternative was 2.5 with --w-ocln 36)")
     add("--bias", type=finite_float, default=BIAS, help="Eqn 3 bias b (released -4)")
-    add("--tau", type=unit_float, default=MERGE_TAU, help="merging threshold on W (released 0.2): a module with an edge "
-        "W < tau to another stays open and is merged further")
-    add("--preferred-modules", type=nonnegative_int, default=PREFERRED_MODULES, help="InfoMap --preferred-number-of-modules, "
-        "0 = off (default; released: 10, which caps the result at about 10 regions per image: see the docstring)")
-    add("--seed", type=nonnegative_int, default=INFOMAP_SEED, help="seed of every random draw of the run: InfoMap's search and "
-        "the preview colors (default 123: infomap's own default, which the released code kept)")
+    add("--tau", type=unit_float, default=MERGE_TAU, help="merging threshold on W (released 0.2): a module with an "
+        "edge W < tau to another stays open and is merged further")
+    add("--preferred-modules", type=nonnegative_int, default=PREFERRED_MODULES, help="InfoMap "
+        "--preferred-number-of-modules, 0 = off (default; released: 10, which caps the result at about 10 regions per "
+        "image: see the docstring)")
+    add("--seed", type=nonnegative_int, default=INFOMAP_SEED, help="seed of every random draw of the run: InfoMap's "
+        "search and the preview colors (default 123: infomap's own default, which the released code kept)")
     add("--workers", type=nonnegative_int, default=0, help="worker processes (one image each); 0 = in the main process")
     add_shard_arg(p)
     add("--overwrite", action="store_true", help="redo images whose regions exist")

@@ -75,8 +75,7 @@ TAU = 0.1  # softmax temperature, Eqn 4 and 6
 LAMBDA = 0.5  # Eqn 7 weight of the pixel-level loss (Table 2 also uses 1)
 PIXEL_SAMPLES = 4000  # pixel-level seed points per canvas (released code)
 REGION_SAMPLES = 7200  # region-level points per canvas (released code)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torchvision's ImageNet normalization
 RESNET_CHANNELS = {"resnet18": [64, 128, 256, 512], "resnet34": [64, 128, 256, 512],
                    "resnet50": [256, 512, 1024, 2048], "resnet101": [256, 512, 1024, 2048]}
 
@@ -93,8 +92,7 @@ def label_lookup(labels, canvas, points):
     """Nearest-pixel label of `labels` (C, H, W) at normalized `points` (N, 2) of canvases `canvas` (N,).
 
     Pixel column i covers x in [2i/W - 1, 2(i+1)/W - 1), so its index is floor((x + 1) W / 2). Points outside
-    the canvas, or with canvas < 0, get -1.
-    """
+    the canvas, or with canvas < 0, get -1."""
     _, height, width = labels.shape
     col = torch.floor((points[:, 0] + 1) * (width / 2)).long()
     row = torch.floor((points[:, 1] + 1) * (height / 2)).long()
@@ -102,11 +100,6 @@ def label_lookup(labels, canvas, points):
     index = (canvas.clamp(min=0) * height + row.clamp(0, height - 1)) * width + col.clamp(0, width - 1)
     value = labels.take(index).long()  # labels[canvas, row, col] through the flat index
     return torch.where(inside, value, torch.full_like(value, -1))
-
-
-def inside_canvas(points):
-    """True where normalized points (..., 2) lie inside [-1, 1)^2 (the area the network sees)."""
-    return (points >= -1).all(-1) & (points < 1).all(-1)
 
 
 def uniform_points(num_canvases, num_points, generator=None):
@@ -145,7 +138,7 @@ def pixel_positives(labels, transforms, canvas_of, augment, num_points, generato
     found = label_lookup(labels, c_all.reshape(-1), u_all.reshape(-1, 2)).view_as(c_all)
     visible = found == r[:, None] * num_slots + torch.arange(num_slots, device=device)  # unused slots: found -1
     g_all = apply_homography(g_aug[c_all.clamp(min=0)], u_all)  # (S, T, 2) in the augmented views
-    valid = visible & inside_canvas(g_all)
+    valid = visible & (g_all >= -1).all(-1) & (g_all < 1).all(-1)  # inside [-1, 1)^2, the area the network sees
     keep = valid.sum(1) >= 2
     valid = valid[keep]
     group = torch.arange(valid.shape[0], device=device)[:, None].expand_as(valid)[valid]
@@ -157,8 +150,7 @@ def region_positives(labels, augment, num_slots, num_points, generator=None):
 
     Per canvas i, num_points points g uniform in the augmented view; the group of g is its region
     r = label_i(G_i^-1 g) // T (T slots per region; the released code divides by M, right only when T = M).
-    Returns points (N, 2), canvas (N,), group (N,) = region id.
-    """
+    Returns points (N, 2), canvas (N,), group (N,) = region id."""
     device = labels.device
     num_canvases = labels.shape[0]
     g = uniform_points(num_canvases, num_points, generator).to(device)  # (C, P, 2)
@@ -202,11 +194,9 @@ def sample_features(features, canvas, points):
     """Bilinearly sample features (B, D, h, w) at normalized points (N, 2) of canvases (N,), sorted by canvas.
 
     One F.grid_sample call (align_corners=False: cell j of a map of width w is centered at x = (2j + 1)/w - 1;
-    border cells repeated outside) on the points of each canvas, padded to the longest. Returns (N, D).
-    """
+    border cells repeated outside) on the points of each canvas, padded to the longest. Returns (N, D)."""
     counts = torch.bincount(canvas, minlength=features.shape[0]).tolist()
-    points = torch.nn.utils.rnn.pad_sequence(points.split(counts), batch_first=True)  # (B, P, 2)
-    points = points[:, None]  # (B, 1, P, 2)
+    points = torch.nn.utils.rnn.pad_sequence(points.split(counts), batch_first=True)[:, None]  # (B, 1, P, 2)
     sampled = F.grid_sample(features, points, mode="bilinear", padding_mode="border", align_corners=False)
     return torch.cat([s[:, 0, :n].t() for s, n in zip(sampled, counts)])  # (B, D, 1, P) -> (N, D)
 
@@ -401,8 +391,8 @@ def load_model(path, map_location="cpu"):
     """(model, checkpoint dict) from a swav_dense.py model.pt (or checkpoint.pt), strict."""
     make = "python swav_dense.py --work WORK (stage 4, swav_dense.py)"
     ckpt = load_torch(path, make, ("arch", "model", "num_prototypes"))  # a depth or finetune model: one line
-    model = checked_read(path, make, lambda _: build_model(ckpt["arch"], ckpt["num_prototypes"],
-                                                           ckpt.get("proj_dim", PROJ_DIM), ckpt.get("head_dim", HEAD_DIM)))
+    config = ckpt["arch"], ckpt["num_prototypes"], ckpt.get("proj_dim", PROJ_DIM), ckpt.get("head_dim", HEAD_DIM)
+    model = checked_read(path, make, lambda _: build_model(*config))
     checked_read(path, make, lambda _: model.load_state_dict(ckpt["model"], strict=True))
     return model.to(map_location), ckpt
 
@@ -435,8 +425,7 @@ def augment_sample(sample, generator, augment=True, photometric=True, input_size
     """Per-canvas training augmentation (copypaste.augment_canvas) of every canvas, recording G (2M, 3, 3).
 
     input_size (H, W): resize the canvas images first (antialiased). Normalized coordinates do not depend on the
-    resolution, so labels, transforms and G stay exact; the network just sees fewer pixels.
-    """
+    resolution, so labels, transforms and G stay exact; the network just sees fewer pixels."""
     from copypaste import augment_canvas  # stage 3 owns the augmentation and its matrices
     canvases = sample["images"]
     if input_size is not None and tuple(input_size) != tuple(canvases.shape[-2:]):
@@ -463,9 +452,8 @@ class TrainingSamples(Dataset):
         self.augment, self.photometric, self.input_size = augment, photometric, input_size
         self.files = [sorted(glob.glob(os.path.join(f, "*.pt"))) for f in sorted(glob.glob(f"{root}/epoch_*"))]
         if on_the_fly is None and not (self.files and self.files[0]):
-            raise FileNotFoundError(f"no samples in {root}/epoch_*/*.pt: make them with copypaste.py "
-                                    f"(`python copypaste.py --work WORK --data DATA --split train`), or pass "
-                                    f"--on-the-fly")
+            raise FileNotFoundError(f"no samples in {root}/epoch_*/*.pt: make them with copypaste.py (`python "
+                                    "copypaste.py --work WORK --data DATA --split train`), or pass --on-the-fly")
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -533,10 +521,9 @@ def build_dataset(args):
         paths = [f.path for f in frames_of(args)]
         print(f"[swav_dense] on the fly from {len(paths)} frames, {len(paths) // args.mix} samples of M {args.mix}")
         on_the_fly = copypaste.CopyPasteDataset(
-            paths,
-            args.disp_dir or os.path.join(args.work, "disp"), args.regions_dir or os.path.join(args.work, "regions"),
-            mix=args.mix, paste_times=args.paste_times, size=args.size, photometric=not args.no_photometric,
-            seed=args.seed)
+            paths, args.disp_dir or os.path.join(args.work, "disp"),
+            args.regions_dir or os.path.join(args.work, "regions"), mix=args.mix, paste_times=args.paste_times,
+            size=args.size, photometric=not args.no_photometric, seed=args.seed)
     return TrainingSamples(os.path.join(args.work, "samples"), on_the_fly, args.seed, not args.no_augment,
                            not args.no_photometric, args.input_size)
 
@@ -582,7 +569,8 @@ def run(args):
     # ===== model =====
     seed_everything(args.seed)
     model, ddp_model = training_model(args, device, amp_dtype, world)
-    info = dict(arch=args.arch, num_prototypes=args.num_prototypes, proj_dim=PROJ_DIM, head_dim=HEAD_DIM, args=vars(args))
+    info = dict(arch=args.arch, num_prototypes=args.num_prototypes, proj_dim=PROJ_DIM, head_dim=HEAD_DIM,
+                args=vars(args))
     # ===== optimizer: SGD, per-step linear warm-up then cosine, GradScaler for fp16 =====
     optimizer = torch.optim.SGD(parameter_groups(model), args.lr, args.momentum, weight_decay=args.weight_decay)
     warmup = min(total, round(args.warmup_epochs * steps_per_epoch))
@@ -592,8 +580,7 @@ def run(args):
     step = restore_checkpoint(ckpt_path, args, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
     # ===== loop =====
     start_time, start_step = time.time(), step
-    log_path = os.path.join(out_dir, "log.jsonl")
-    with resume_log(log_path, step) if rank == 0 else open(os.devnull, "w") as log, \
+    with resume_log(os.path.join(out_dir, "log.jsonl"), step) if rank == 0 else open(os.devnull, "w") as log, \
             tqdm(total=total, initial=step, desc="swav_dense", dynamic_ncols=True,
                  disable=args.no_progress or rank > 0) as bar:
         while step < stop_at:
@@ -642,33 +629,47 @@ def get_args_parser():
     g.add_argument("--regions-dir", help="<stem>.npy regions (--on-the-fly; default WORK/regions)")
     g.add_argument("--size", type=positive_int, nargs=2, default=[384, 768], metavar=("H", "W"),
                    help="canvas size (only with --on-the-fly; paper: 384 x 768)")
-    g.add_argument("--mix", type=positive_int, default=8, help="M source images per sample (only with --on-the-fly; paper: 8)")
+    g.add_argument("--mix", type=positive_int, default=8,
+                   help="M source images per sample (only with --on-the-fly; paper: 8)")
     g.add_argument("--paste-times", type=nonnegative_int, nargs=2, default=[2, 4], metavar=("E1", "E2"),
                    help="pastes per region in rounds 1 and 2 (only with --on-the-fly; paper: 2 4)")
-    g.add_argument("--input-size", type=positive_int, nargs=2, metavar=("H", "W"), help="resize the canvases to H x W for "
-                   "the network (labels and matrices stay exact); cheap CPU runs. Default: the samples' size")
+    g.add_argument("--input-size", type=positive_int, nargs=2, metavar=("H", "W"), help="resize the canvases to H x W "
+                   "for the network (labels and matrices stay exact); cheap CPU runs. Default: the samples' size")
     g.add_argument("--no-augment", action="store_true", help="no per-canvas augmentation (G = identity): ablation")
     g.add_argument("--no-photometric", action="store_true", help="per-canvas augmentation without color changes")
     g.add_argument("--batch-samples", type=positive_int, default=1,
                    help="samples per step and process (paper: 1 = 2M canvases)")
     g.add_argument("--workers", type=nonnegative_int, default=4,
                    help="DataLoader worker processes; 0 = in the main process")
+    add_training_args(p)
+    return p
+
+
+def add_training_args(p):
+    """The flags of the loss (Eqn 4-7), the optimizer and the run."""
     g = p.add_argument_group("loss (Eqn 4-7)")
-    g.add_argument("--pixel-samples", type=positive_int, default=PIXEL_SAMPLES, help="pixel seeds per canvas (released: 4000)")
-    g.add_argument("--region-samples", type=positive_int, default=REGION_SAMPLES, help="region points/canvas (released: 7200)")
+    g.add_argument("--pixel-samples", type=positive_int, default=PIXEL_SAMPLES,
+                   help="pixel seeds per canvas (released: 4000)")
+    g.add_argument("--region-samples", type=positive_int, default=REGION_SAMPLES,
+                   help="region points/canvas (released: 7200)")
     g.add_argument("--lam", type=unit_float, default=LAMBDA,
                    help="Eqn 7 weight of the pixel-level loss (paper: 0.5; 1 = pixel only, 0 = region only)")
-    g.add_argument("--eps", type=positive_float, default=SINKHORN_EPS, help="Sinkhorn epsilon (SwAV: 0.05); smaller: sharper")
+    g.add_argument("--eps", type=positive_float, default=SINKHORN_EPS,
+                   help="Sinkhorn epsilon (SwAV: 0.05); smaller: sharper")
     g.add_argument("--sinkhorn-iters", type=positive_int, default=SINKHORN_ITERS, help="Sinkhorn iterations (SwAV: 3)")
     g.add_argument("--tau", type=positive_float, default=TAU, help="softmax temperature of Eqn 4 and 6 (paper: 0.1)")
     g = p.add_argument_group("optimizer")
     g.add_argument("--epochs", type=positive_int, default=25, help="epochs (paper: 25; ablations 100)")
     g.add_argument("--steps", type=positive_int, default=None, help="total steps instead of --epochs (short runs)")
-    g.add_argument("--lr", type=positive_float, default=0.1, help="SGD learning rate of each of the 4 groups (paper: 0.1)")
-    g.add_argument("--min-lr", type=ranged(float, 0), default=1e-5, help="final lr of the cosine schedule (paper: 1e-5)")
-    g.add_argument("--warmup-epochs", type=ranged(float, 0), default=2, help="linear warm-up from lr 0 per step (paper: 2)")
+    g.add_argument("--lr", type=positive_float, default=0.1,
+                   help="SGD learning rate of each of the 4 groups (paper: 0.1)")
+    g.add_argument("--min-lr", type=ranged(float, 0), default=1e-5,
+                   help="final lr of the cosine schedule (paper: 1e-5)")
+    g.add_argument("--warmup-epochs", type=ranged(float, 0), default=2,
+                   help="linear warm-up from lr 0 per step (paper: 2)")
     g.add_argument("--momentum", type=ranged(float, 0, 1), default=0.9, help="SGD momentum (paper: 0.9)")
-    g.add_argument("--weight-decay", type=ranged(float, 0), default=1e-4, help="SGD weight decay, all parameters (paper: 1e-4)")
+    g.add_argument("--weight-decay", type=ranged(float, 0), default=1e-4,
+                   help="SGD weight decay, all parameters (paper: 1e-4)")
     g.add_argument("--no-amp", action="store_true", help="fp32 throughout (default: autocast, fp16 + GradScaler "
                    "on CUDA, bf16 on CPU; the loss is fp32 either way)")
     add_parallel_args(g)
@@ -685,7 +686,6 @@ def get_args_parser():
     g.add_argument("--no-progress", action="store_true", help="no tqdm bar (the log lines stay)")
     g.add_argument("--overwrite", action="store_true", help="retrain even when WORK/swav/model.pt exists")
     g.add_argument("--force-resume", action="store_true", help="--resume even if the checkpoint's settings differ")
-    return p
 
 
 def main(argv=None):
