@@ -298,24 +298,34 @@ def finetune_step(model, optimizer, scaler, images, labels, lr, amp_dtype=None, 
     return logged.item()
 
 
+@contextlib.contextmanager
+def evaluation_mode(model):
+    """model in eval mode inside; after, every module back in its own mode (--freeze-bn's BatchNorms stay in
+    eval mode, the rest trains)."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, mode in modes.items():  # parents before children: each module ends in its own mode
+            m.train(mode)
+
+
 @torch.no_grad()
 def evaluate_segmentation(model, pairs, size, device, amp_dtype=None, num_classes=len(TRAIN_CLASSES)):
     """Scores (cluster.segmentation_scores) over a labelled set: each whole frame resized to size (None =
     native), logits bilinearly upsampled to the label's resolution, argmax, one confusion over the set."""
-    modes = {m: m.training for m in model.modules()}  # restored after (--freeze-bn's BatchNorms stay in eval)
-    model.eval()
     conf = np.zeros((num_classes, num_classes), dtype=np.int64)
-    for _, image_path, label_path in pairs:
-        image, label_ids = read_pair(image_path, label_path)
-        if size is not None:
-            image = np.array(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(normalize_images(torch.from_numpy(image)[None].to(device)))
-        logits = F.interpolate(logits.float(), size=label_ids.shape, mode="bilinear", align_corners=False)
-        conf += confusion_matrix(logits.argmax(1)[0].cpu().numpy(), labelids_to_trainids(label_ids), num_classes,
-                                 num_classes)
-    for m, mode in modes.items():  # parents before children: each module ends in its own mode
-        m.train(mode)
+    with evaluation_mode(model):
+        for _, image_path, label_path in pairs:
+            image, label_ids = read_pair(image_path, label_path)
+            if size is not None:
+                image = np.array(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits = model(normalize_images(torch.from_numpy(image)[None].to(device)))
+            logits = F.interpolate(logits.float(), size=label_ids.shape, mode="bilinear", align_corners=False)
+            conf += confusion_matrix(logits.argmax(1)[0].cpu().numpy(), labelids_to_trainids(label_ids), num_classes,
+                                     num_classes)
     return segmentation_scores(conf)
 
 
@@ -485,24 +495,22 @@ def encoding_of(args):
 def evaluate_instances(model, pairs, encoding, size, device, amp_dtype=None, pred_dir=None):
     """mask_ap over a labelled set: each frame resized to size (None = native), mask probabilities bilinearly
     resized to the label's resolution and thresholded at 0.5; pred_dir: also save_cityscapes_instances."""
-    was_training = model.training
-    model.eval()
     sizes, ground_truth, detections = [], [], []
-    for i, (stem, image_path, label_path) in enumerate(pairs):
-        image, ids = read_instance_pair(image_path, label_path)
-        if size is not None:
-            image = np.array(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            out = model([torch.from_numpy(image).to(device).permute(2, 0, 1).float().div(255)])[0]
-        probs = F.interpolate(out["masks"].float(), size=ids.shape, mode="bilinear", align_corners=False)[:, 0]
-        masks, scores = (probs > 0.5).cpu().numpy(), out["scores"].float().cpu().numpy()
-        label_ids = np.array(INSTANCE_LABEL_IDS)[out["labels"].cpu().numpy() - 1]
-        sizes.append(ids.shape)
-        ground_truth += rle_annotations(i, *instance_masks(ids, encoding))
-        detections += rle_annotations(i, masks, label_ids, scores)
-        if pred_dir:
-            save_cityscapes_instances(pred_dir, stem, masks, label_ids, scores)
-    model.train(was_training)
+    with evaluation_mode(model):
+        for i, (stem, image_path, label_path) in enumerate(pairs):
+            image, ids = read_instance_pair(image_path, label_path)
+            if size is not None:
+                image = np.array(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                out = model([torch.from_numpy(image).to(device).permute(2, 0, 1).float().div(255)])[0]
+            probs = F.interpolate(out["masks"].float(), size=ids.shape, mode="bilinear", align_corners=False)[:, 0]
+            masks, scores = (probs > 0.5).cpu().numpy(), out["scores"].float().cpu().numpy()
+            label_ids = np.array(INSTANCE_LABEL_IDS)[out["labels"].cpu().numpy() - 1]
+            sizes.append(ids.shape)
+            ground_truth += rle_annotations(i, *instance_masks(ids, encoding))
+            detections += rle_annotations(i, masks, label_ids, scores)
+            if pred_dir:
+                save_cityscapes_instances(pred_dir, stem, masks, label_ids, scores)
     return mask_ap(sizes, ground_truth, detections)
 
 

@@ -2205,6 +2205,21 @@ def test_instance_kitti_all_folds_in_one_call_and_rerun_skips(tiny_city, cluster
     assert capsys.readouterr().out.count("exists; skipping") == 2
 
 
+def test_instance_evaluation_leaves_frozen_batchnorm_frozen(tiny_city):
+    """evaluate_instances (and evaluate_segmentation) put every module back in its own mode: --freeze-bn's
+    BatchNorms stay in eval mode during a run with --eval-every, the rest trains."""
+    import finetune
+    torch.manual_seed(0)
+    model = finetune.build_mask_rcnn("resnet18", rois_per_image=16).train()
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in norms:
+        m.eval()
+    pairs = finetune.list_instance_pairs(tiny_city, "toycity", "val")[:1]
+    scores = finetune.evaluate_instances(model, pairs, "cityscapes", (32, 64), torch.device("cpu"))
+    assert 0 <= scores["ap50"] <= 1 and model.training and model.roi_heads.training
+    assert norms and not any(m.training for m in norms)
+
+
 def test_instance_resume_is_exact_and_save_pred(tiny_city, cluster_swav_model, tmp_path):
     import finetune
     work = cluster_work_with_model(tmp_path, cluster_swav_model)
