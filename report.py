@@ -17,7 +17,7 @@ import re
 
 import numpy as np
 import scipy.stats
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 # (variant folder name, label): the toy-ablations variants, the reference (the method) first
 VARIANTS = [("depth", "ours: depth proposals, copy-paste, lambda 0.5"), ("no-copy-paste", "no copy-paste (M 0)"),
@@ -93,20 +93,22 @@ def plot_ablations(results, path, reference="depth"):
     """docs/ablations.png: one panel per metric; per variant its seeds (dots), mean (bar) and the mean's 95 %
     interval (whiskers), drawn with Pillow."""
     names = [(n, label) for n, label in VARIANTS if n in results]
-    row, left, panel_w, top = 34, 330, 300, 40
-    image = Image.new("RGB", (left + len(METRICS) * (panel_w + 30), top + row * len(names) + 40), "white")
-    draw = ImageDraw.Draw(image)
+    row, left, panel_w, top = 34, 360, 300, 40
+    image = Image.new("RGB", (left + len(METRICS) * (panel_w + 30), top + row * len(names) + 64), "white")
+    draw, font = ImageDraw.Draw(image), ImageFont.load_default(size=14)
     for j, (n, label) in enumerate(names):
-        draw.text((8, top + j * row + 10), label, fill="black")
+        draw.text((8, top + j * row + 8), label, fill="black", font=font)
+    draw.text((8, top + row * len(names) + 36), "toy city val; dots: seeds; tick: mean; line: 95 % interval of the "
+              "mean; red: ours (the reference of the paired differences)", fill=(90, 90, 90), font=font)
     for i, (_, _, title) in enumerate(METRICS):
         x0 = left + i * (panel_w + 30)
         values = [v for n, _ in names for v in results[n].get(i, {}).values()]
         lo, hi = min(values) - 2, max(values) + 2
         px = lambda v: x0 + (v - lo) / (hi - lo) * panel_w  # noqa: E731
-        draw.text((x0, 8), f"{title} (%)", fill="black")
+        draw.text((x0, 8), f"{title} (%)", fill="black", font=font)
         draw.rectangle([x0, top - 4, x0 + panel_w, top + row * len(names)], outline=(180, 180, 180))
         for tick in np.linspace(lo, hi, 5):
-            draw.text((px(tick) - 10, top + row * len(names) + 6), f"{tick:.0f}", fill=(90, 90, 90))
+            draw.text((px(tick) - 8, top + row * len(names) + 6), f"{tick:.0f}", fill=(90, 90, 90), font=font)
         for j, (n, _) in enumerate(names):
             seeds = np.array(list(results[n].get(i, {}).values()))
             if not len(seeds):
@@ -135,10 +137,14 @@ def toy_table(work):
              f"{100 * c['miou']:.2f} |",
              f"| cluster.py: pixel accuracy / mIoU (random init, same architecture) | {100 * r['pixel_accuracy']:.2f}"
              f" / {100 * r['miou']:.2f} |"]
+    miou = {}
     for init, suffix in (("swav", ""), ("scratch", "_scratch")):
         m = [100 * load(f"finetune{suffix}{'' if s == 0 else f'_seed{s}'}", "metrics.json")["miou"] for s in (0, 1)]
+        miou[init] = dict(enumerate(m))
         lines.append(f"| finetune.py from {init}: mIoU, mean of seeds 0 and 1 ({m[0]:.2f}, {m[1]:.2f}) | "
                      f"{np.mean(m):.2f} |")
+    lines.append("| finetune.py: swav - scratch, 95 % interval paired by seed (2 seeds: wide; toy-ablations has 5) | "
+                 "{:+.2f} [{:+.2f}, {:+.2f}] |".format(*paired_interval(miou["swav"], miou["scratch"])))
     return "\n".join(lines)
 
 
