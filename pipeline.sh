@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The six stages in order.
 #   bash pipeline.sh toy                 # embedded toy city, CPU, minutes (DATA, WORK from the environment)
-#   bash pipeline.sh toy-ablations       # after toy: Tables 3 and 4 in miniature (copy-paste off, proposals)
+#   bash pipeline.sh toy-ablations       # after toy: Tables 1, 3 and 4 in miniature, 5 seeds, paired intervals
 #   bash pipeline.sh cityscapes ROOT     # paper scale on one GPU: Tables 1 and 2 (pre-training on 89,250 frames)
 #   bash pipeline.sh cityscapes-ablation ROOT   # Tables 3 and 4 (2975 annotated frames, 100 epochs, 1/16, 6k)
 #   bash pipeline.sh kitti RAW SEMANTICS # KITTI raw drives + data_semantics (5-fold fine-tuning)
@@ -69,68 +69,62 @@ if [ "$preset" = "toy" ]; then
     done
   done
   # ===== results (toy) =====
-  $PY - "$WORK" <<'PYEOF'
-import json, os, sys
-work = sys.argv[1]
-load = lambda *p: json.load(open(os.path.join(work, *p)))  # noqa: E731
-mean = lambda xs: 100 * sum(xs) / len(xs)  # noqa: E731
-d, g = load("depth", "eval.json"), load("regions", "eval.json")
-c, r = load("cluster", "metrics.json"), load("cluster_random", "metrics.json")
-ft = {init: [load(f"finetune{'' if init == 'swav' else '_scratch'}{'' if s == 0 else f'_seed{s}'}", "metrics.json")
-             for s in (0, 1)] for init in ("swav", "scratch")}
-print("\n| result (toy city val) | value |\n|---|---|")
-print(f"| depth.py: abs_rel / a1 | {d['abs_rel']:.3f} / {d['a1']:.3f} |")
-print(f"| group.py: region purity / covering / regions per image | {g['purity']:.3f} / {g['covering']:.3f} / "
-      f"{g['regions_per_image']:.1f} |")
-print(f"| cluster.py: pixel accuracy / mIoU (pre-trained) | {100 * c['pixel_accuracy']:.2f} / {100 * c['miou']:.2f} |")
-print(f"| cluster.py: pixel accuracy / mIoU (random init, same architecture) | {100 * r['pixel_accuracy']:.2f} / "
-      f"{100 * r['miou']:.2f} |")
-for init in ("swav", "scratch"):
-    m = [x["miou"] for x in ft[init]]
-    print(f"| finetune.py from {init}: mIoU, mean of seeds 0 and 1 ({', '.join(f'{100 * x:.2f}' for x in m)}) | "
-          f"{mean(m):.2f} |")
-PYEOF
+  $PY report.py toy "$WORK"
 elif [ "$preset" = "toy-ablations" ]; then
-  # Tables 3 and 4 in miniature (lambda 0.5), after `bash pipeline.sh toy`: copy-paste on (depth regions, M 4,
-  # E 2 4) against off (--paste-times 0 0), and proposals depth / felzenszwalb / gt; each pre-trained as the toy
-  # swav run, then clustered and fine-tuned as in the toy run, seeds 0 and 1 (run side by side, one thread each).
+  # Tables 1, 3 and 4 in miniature, after `bash pipeline.sh toy`, each variant with the seeds $SEEDS (default
+  # 0-4), two runs side by side at one thread each: ours (depth regions, M 4, E 2 4, lambda 0.5) against no
+  # copy-paste (--paste-times 0 0), felzenszwalb and gt proposals, lambda 1, the released InfoMap setting
+  # (--preferred-modules 10) and random initialization; each pre-trained as the toy swav run, then clustered and
+  # fine-tuned as in the toy run. report.py prints each variant's mean, std and the 95 % interval of its
+  # difference to ours paired by seed, one line per claim of the paper, and draws docs/ablations.png.
   DATA="${DATA:-data/toycity}"
   WORK="${WORK:-runs/toy}"
   ABL="$WORK/ablations"
+  SEEDS="${SEEDS:-0 1 2 3 4}"
   [ -d "$WORK/disp" ] && [ -d "$WORK/regions" ] || { echo "pipeline.sh: run 'bash pipeline.sh toy' first" >&2; exit 2; }
   for method in felzenszwalb gt; do
     $PY group.py --work "$ABL/proposals_$method" --data "$DATA" --split train --size 192 384 --method "$method" \
       --workers 2
   done
-  variant() {  # name regions_dir "E1 E2" seed
-    local w="$ABL/$1_seed$4"
-    $PY copypaste.py --work "$w" --data "$DATA" --split train --size 192 384 --mix 4 --paste-times $3 --epochs 10 \
-      --workers 1 --seed "$4" --disp-dir "$WORK/disp" --regions-dir "$2"
+  $PY group.py --work "$ABL/proposals_released-infomap" --data "$DATA" --split train --size 192 384 \
+    --segments 2500 --preferred-modules 10 --disp-dir "$WORK/disp" --workers 2
+  variant() {  # NAME SEED: pre-train (copypaste, swav_dense), cluster, fine-tune into $ABL/NAME_seedSEED
+    local w="$ABL/$1_seed$2" regions="$WORK/regions" paste="2 4" lam=0.5
+    case "$1" in
+      no-copy-paste) paste="0 0" ;;
+      felzenszwalb|gt|released-infomap) regions="$ABL/proposals_$1/regions" ;;
+      lam1) lam=1 ;;
+      random-init)
+        OMP_NUM_THREADS=1 $PY cluster.py --work "$w" --model "$WORK/swav/model.pt" --init-random --seed "$2" \
+          --data "$DATA" --dataset toycity --split val --clusters 9 --no-amp
+        OMP_NUM_THREADS=1 $PY finetune.py --work "$w" --data "$DATA" --dataset toycity --init scratch \
+          --arch resnet18 --fraction 0.25 --iters 60 --batch-size 4 --crop 96 192 --no-amp --workers 0 --seed "$2"
+        return ;;
+    esac
+    $PY copypaste.py --work "$w" --data "$DATA" --split train --size 192 384 --mix 4 --paste-times $paste \
+      --epochs 10 --workers 1 --seed "$2" --disp-dir "$WORK/disp" --regions-dir "$regions" --no-progress
     OMP_NUM_THREADS=1 $PY swav_dense.py --work "$w" --arch resnet18 --input-size 96 192 --num-prototypes 100 \
-      --pixel-samples 1000 --region-samples 1000 --steps 150 --workers 0 --device cpu --no-amp --log-every 50 \
-      --seed "$4" --no-progress
+      --pixel-samples 1000 --region-samples 1000 --steps 150 --lam "$lam" --workers 0 --device cpu --no-amp \
+      --log-every 50 --seed "$2" --no-progress
     OMP_NUM_THREADS=1 $PY cluster.py --work "$w" --data "$DATA" --dataset toycity --split val --clusters 9 --no-amp
     OMP_NUM_THREADS=1 $PY finetune.py --work "$w" --data "$DATA" --dataset toycity --init swav --arch resnet18 \
-      --fraction 0.25 --iters 60 --batch-size 4 --crop 96 192 --no-amp --workers 0 --seed "$4"
+      --fraction 0.25 --iters 60 --batch-size 4 --crop 96 192 --no-amp --workers 0 --seed "$2"
   }
-  for v in "depth $WORK/regions 2_4" "no-copy-paste $WORK/regions 0_0" \
-           "felzenszwalb $ABL/proposals_felzenszwalb/regions 2_4" "gt $ABL/proposals_gt/regions 2_4"; do
-    set -- $v
-    variant "$1" "$2" "${3/_/ }" 0 > "$ABL/$1_seed0.log" 2>&1 & p0=$!
-    variant "$1" "$2" "${3/_/ }" 1 > "$ABL/$1_seed1.log" 2>&1 & p1=$!
-    wait $p0 && wait $p1 || { echo "pipeline.sh: ablation $1 failed, see $ABL/$1_seed*.log" >&2; exit 1; }
+  NAMES="depth no-copy-paste felzenszwalb gt lam1 released-infomap random-init"
+  for name in $NAMES; do
+    for seed in $SEEDS; do
+      while [ "$(jobs -rp | wc -l)" -ge 2 ]; do sleep 1; done  # two at a time; set -e stops a failing run early
+      ( variant "$name" "$seed" > "$ABL/${name}_seed$seed.log" 2>&1; touch "$ABL/${name}_seed$seed.done" ) &
+    done
   done
-  $PY - "$ABL" <<'PYEOF'
-import json, os, sys
-abl = sys.argv[1]
-print("\n| variant (toy city val) | clustering mIoU | clustering accuracy | fine-tuned mIoU |\n|---|---|---|---|")
-for name in ("depth", "no-copy-paste", "felzenszwalb", "gt"):
-    cell = lambda folder, key: [100 * json.load(open(os.path.join(abl, f"{name}_seed{s}", folder, "metrics.json")))[key]
-                                for s in (0, 1)]  # noqa: E731
-    fmt = lambda xs: f"{sum(xs) / 2:.2f} ({xs[0]:.2f}, {xs[1]:.2f})"  # noqa: E731
-    print(f"| {name} | {fmt(cell('cluster', 'miou'))} | {fmt(cell('cluster', 'pixel_accuracy'))} | "
-          f"{fmt(cell('finetune', 'miou'))} |")
-PYEOF
+  wait
+  for name in $NAMES; do
+    for seed in $SEEDS; do
+      [ -f "$ABL/${name}_seed$seed.done" ] || { echo "pipeline.sh: $name seed $seed failed, see" \
+        "$ABL/${name}_seed$seed.log" >&2; exit 1; }
+    done
+  done
+  $PY report.py ablations "$ABL" --plot docs/ablations.png
 elif [ "$preset" = "cityscapes" ] || [ "$preset" = "cityscapes-ablation" ]; then
   # Cityscapes (PAPER_NOTES.md: 2975 train sequences x 30 frames = 89,250 left images, 500 val, 384 x 768, one
   # GPU). `cityscapes`: the main results, pre-training on the 89,250 sequence frames (leftImg8bit_sequence,

@@ -2632,6 +2632,109 @@ def test_layouts_smoke_preset_kitti(tmp_path_factory, tmp_path):
 
 
 # ==========================================================================================================
+# determinism (issue #17) and report.py
+# ==========================================================================================================
+def _tiny_pipeline(city, work):
+    """Every stage once on the tiny city, at the machine's default thread count, in this process."""
+    import cluster
+    import copypaste
+    import depth
+    import finetune
+    import group
+    import swav_dense
+    data = ["--data", city, "--split", "train"]
+    depth.main(["train", "--work", work, "--data", city, "--steps", "2", "--no-amp", *_DEPTH_TRAIN])
+    depth.main(["predict", "--work", work, *data, "--no-amp", "--no-progress"])
+    group.main(["--work", work, *data, "--size", "64", "128", "--segments", "300", "--no-progress"])
+    copypaste.main(["--work", work, *data, "--size", "64", "128", "--mix", "2", "--paste-times", "1", "1",
+                    "--epochs", "1", "--no-progress"])
+    swav_dense.main(["--work", work, "--steps", "2", "--no-amp", *SWAV_TINY])
+    cluster.main(["--work", work, "--data", city, "--dataset", "toycity", "--clusters", "9", "--device", "cpu",
+                  "--no-amp", "--no-progress"])
+    finetune.main(["--work", work, "--data", city, "--dataset", "toycity", "--init", "swav", "--iters", "2",
+                   "--batch-size", "2", "--crop", "32", "64", "--device", "cpu", "--workers", "0", "--no-amp",
+                   "--no-progress"])
+
+
+def _same_content(a, b, path):
+    """Tensors and arrays bit for bit, in nested dicts and lists; file paths and timings excepted."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for key in a.keys() - {"args", "it_per_s", "s_per_step"}:  # (run arguments name the work folder; speeds)
+            _same_content(a[key], b[key], f"{path}[{key}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same_content(x, y, f"{path}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), path
+    elif isinstance(a, np.ndarray):
+        assert np.array_equal(a, b), path
+    elif not (isinstance(a, str) and ("/" in a or os.sep in a)):  # paths name the work folder
+        assert a == b, (path, a, b)
+
+
+def test_determinism_the_same_command_twice_gives_the_same_bits(tiny_city, tmp_path):
+    """Every stage's outputs (models, checkpoints, disparities, regions, samples, metrics, predictions), twice
+    from scratch with the same commands on this machine at the same thread count: bit for bit the same."""
+    import glob
+    import json
+    from PIL import Image
+    threads = torch.get_num_threads()
+    try:
+        works = [str(tmp_path / name) for name in ("a", "b")]
+        for work in works:
+            _tiny_pipeline(tiny_city, work)
+    finally:
+        torch.set_num_threads(threads)
+    files = sorted(os.path.relpath(p, works[0]) for p in glob.glob(os.path.join(works[0], "**", "*"), recursive=True)
+                   if os.path.isfile(p))
+    assert files == sorted(os.path.relpath(p, works[1]) for p in glob.glob(os.path.join(works[1], "**", "*"),
+                                                                              recursive=True) if os.path.isfile(p))
+    kinds = {os.path.splitext(f)[1] for f in files}
+    assert {".pt", ".npy", ".json", ".jsonl"} <= kinds, kinds
+    for name in files:
+        a, b = (os.path.join(w, name) for w in works)
+        if name.endswith(".pt"):
+            _same_content(torch.load(a, weights_only=False), torch.load(b, weights_only=False), name)
+        elif name.endswith(".npy"):
+            assert np.array_equal(np.load(a), np.load(b)), name
+        elif name.endswith(".png"):
+            assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b))), name
+        elif name.endswith(".json"):
+            _same_content(json.load(open(a)), json.load(open(b)), name)
+        elif name.endswith(".jsonl"):
+            _same_content([json.loads(x) for x in open(a)], [json.loads(x) for x in open(b)], name)
+
+
+def test_report_paired_interval_and_claims(tmp_path):
+    """report.py: the paired t interval by hand (differences 1, 2, 3: mean 2, sd 1, t(0.975, 2) = 4.303), and
+    the claims' verdicts from metrics files laid out as toy-ablations writes them; the plot is written."""
+    from PIL import Image
+    import report
+    mean, low, high = report.paired_interval({0: 11.0, 1: 12.0, 2: 13.0, 3: 99.0}, {0: 10.0, 1: 10.0, 2: 10.0})
+    assert mean == 2.0 and high - mean == pytest.approx(4.302653 / np.sqrt(3), abs=1e-5) and low < 0 < mean
+    assert report.verdict(0.1, 2) == "supported" and report.verdict(-2, -0.1) == "contradicted"
+    assert report.verdict(-1, 1) == "not distinguishable at this scale"
+    for name, level in (("depth", 20.0), ("random-init", 10.0), ("no-copy-paste", 20.0)):
+        for seed in range(3):
+            for folder in ("cluster", "finetune"):
+                os.makedirs(tmp_path / f"{name}_seed{seed}" / folder)
+                value = (level + seed * (1 + (name == "depth")) + (folder == "finetune")) / 100
+                json.dump({"miou": value, "pixel_accuracy": 0.5}, open(tmp_path / f"{name}_seed{seed}" / folder /
+                                                                       "metrics.json", "w"))
+    results = report.read_ablations(str(tmp_path))
+    assert results["depth"][0] == {0: pytest.approx(20.0), 1: pytest.approx(22.0), 2: pytest.approx(24.0)}
+    table = report.ablation_tables(results)
+    assert "| Table 1: ours beats random initialization (clustering mIoU) | +11.00 [" in table
+    assert "supported" in table.split("random initialization (clustering mIoU)")[1].splitlines()[0]
+    line = table.split("Table 4: copy-paste beats none (clustering mIoU)")[1].splitlines()[0]
+    assert "+1.00 [" in line and "not distinguishable" in line   # differences 0, 1, 2: the interval spans 0
+    report.plot_ablations(results, str(tmp_path / "plot.png"))
+    assert Image.open(tmp_path / "plot.png").size[0] > 600
+
+
+# ==========================================================================================================
 # hygiene
 # ==========================================================================================================
 STAGE_FILES = ["toycity.py", "depth.py", "group.py", "copypaste.py", "swav_dense.py", "cluster.py", "finetune.py"]
