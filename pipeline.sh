@@ -2,6 +2,7 @@
 # The six stages in order.
 #   bash pipeline.sh toy                 # embedded toy city, CPU, minutes (DATA, WORK from the environment)
 #   bash pipeline.sh toy-ablations       # after toy: Tables 1, 3 and 4 in miniature, 5 seeds, paired intervals
+#   bash pipeline.sh toy-instance        # after toy: Table 2's instance row in miniature (Mask R-CNN, mask AP)
 #   bash pipeline.sh cityscapes ROOT     # paper scale on one GPU: Tables 1 and 2 (pre-training on 89,250 frames)
 #   bash pipeline.sh cityscapes-ablation ROOT   # Tables 3 and 4 (2975 annotated frames, 100 epochs, 1/16, 6k)
 #   bash pipeline.sh kitti RAW SEMANTICS # KITTI raw drives + data_semantics (5-fold fine-tuning)
@@ -125,6 +126,32 @@ elif [ "$preset" = "toy-ablations" ]; then
     done
   done
   $PY report.py ablations "$ABL" --plot docs/ablations.png
+elif [ "$preset" = "toy-instance" ]; then
+  # Table 2's instance row in miniature, after `bash pipeline.sh toy` (its WORK/swav/model.pt): Mask R-CNN
+  # (finetune.py --task instance) from the swav pre-training and from scratch, seeds 0 and 1, mask AP and AP50 on
+  # toy val (183 cars and 243 persons, most of them tiny: median 21 and 3 pixels). Budget (detectron2's recipe: 24k
+  # iterations of batch 8): the 20 train frames, 100 iterations of batch 2 at the native 192 x 384 only (the
+  # default 0.78..1 scales would shrink the small instances further), lr 0.005 and warmup 20 (0.01 with warmup 40
+  # gave about the same at 80 iterations; an earlier try at 0.01 went NaN), 64 RoIs per image (the mask head's cost
+  # scales with them), fp32; the two seeds side by side, one thread each (~4.5 s an iteration; 18 min in all).
+  # Seed 0 from swav is WORK/finetune_instance, the others WORK/finetune_instance_*.
+  DATA="${DATA:-data/toycity}"
+  WORK="${WORK:-runs/toy}"
+  [ -f "$WORK/swav/model.pt" ] || { echo "pipeline.sh: run 'bash pipeline.sh toy' first" >&2; exit 2; }
+  ARCH=$($PY -c "import sys, torch; print(torch.load(sys.argv[1], weights_only=True)['arch'])" "$WORK/swav/model.pt")
+  instance() {  # init seed
+    local out="$WORK/finetune_instance"; [ "$1" = swav ] || out="${out}_scratch"; [ "$2" = 0 ] || out="${out}_seed$2"
+    OMP_NUM_THREADS=1 $PY finetune.py --work "$WORK" --data "$DATA" --dataset toycity --task instance --init "$1" \
+      --arch "$ARCH" --iters 100 --batch-size 2 --lr 0.005 --warmup-iters 20 --rois-per-image 64 --instance-scales 1 \
+      --no-amp --workers 0 --seed "$2" --no-progress --out "$out" > "$out.log" 2>&1
+  }
+  for init in swav scratch; do
+    instance "$init" 0 & p0=$!
+    instance "$init" 1 & p1=$!
+    wait $p0 && wait $p1 || { echo "pipeline.sh: toy-instance from $init failed, see $WORK/finetune_instance*.log" >&2
+                              exit 1; }
+  done
+  $PY report.py instance "$WORK"
 elif [ "$preset" = "cityscapes" ] || [ "$preset" = "cityscapes-ablation" ]; then
   # Cityscapes (PAPER_NOTES.md: 2975 train sequences x 30 frames = 89,250 left images, 500 val, 384 x 768, one
   # GPU). `cityscapes`: the main results, pre-training on the 89,250 sequence frames (leftImg8bit_sequence,
@@ -269,7 +296,7 @@ elif [ "$preset" = "kitti" ]; then
   $PY finetune.py --work "$WORK" --data "$SEMANTICS" --dataset kitti --init swav --folds 5 $FT_BUDGET --size $SIZE \
     $NO_AMP
 else
-  echo "usage: bash pipeline.sh toy | toy-ablations | cityscapes ROOT | cityscapes-ablation ROOT |" \
+  echo "usage: bash pipeline.sh toy | toy-ablations | toy-instance | cityscapes ROOT | cityscapes-ablation ROOT |" \
     "kitti RAW SEMANTICS" >&2
   exit 2
 fi

@@ -3,6 +3,7 @@ variant, and the 95 % confidence interval of its difference to a reference varia
 seed draws the same labelled subset and initialization in every variant, so differences pair).
 
     python report.py toy WORK          # `bash pipeline.sh toy`'s table
+    python report.py instance WORK     # `bash pipeline.sh toy-instance`'s table
     python report.py ablations ABL     # `bash pipeline.sh toy-ablations`'s tables, claims and docs/ablations.png
 
 Not a stage: it reads the stages' eval.json / metrics.json and writes only the plot. A claim of the paper is
@@ -148,14 +149,41 @@ def toy_table(work):
     return "\n".join(lines)
 
 
+def instance_table(work):
+    """`bash pipeline.sh toy-instance`'s table: mask AP / AP50 overall and per present class of each run, the
+    two seeds' means, and the paired interval of swav - scratch."""
+    def load(init, seed):
+        folder = f"finetune_instance{'' if init == 'swav' else '_scratch'}{'' if seed == 0 else f'_seed{seed}'}"
+        with open(os.path.join(work, folder, "metrics.json")) as f:
+            return json.load(f)
+    runs = {(init, s): load(init, s) for init in ("swav", "scratch") for s in (0, 1)}
+    present = [c for c, v in runs["swav", 0]["ap_per_class"].items() if v is not None]
+    pct = lambda v: "absent" if v is None else f"{100 * v:.2f}"  # noqa: E731
+    cells = lambda get: [f"{pct(get('ap'))} / {pct(get('ap50'))}"] + [  # noqa: E731
+        f"{pct(get('ap_per_class', c))} / {pct(get('ap50_per_class', c))}" for c in present]
+    lines = ["\n| Mask R-CNN (toy city val) | mask AP / AP50 | " + " | ".join(f"{c} AP / AP50" for c in present)
+             + " |", "|---|---|" + "---|" * len(present)]
+    for (init, s), m in runs.items():
+        lines.append(f"| from {init}, seed {s} | " + " | ".join(cells(lambda k, c=None: m[k] if c is None
+                                                                        else m[k][c])) + " |")
+    for init in ("swav", "scratch"):
+        mean = lambda k, c=None: np.mean([runs[init, s][k] if c is None else runs[init, s][k][c]  # noqa: E731
+                                          for s in (0, 1)])
+        lines.append(f"| from {init}, mean of seeds 0 and 1 | " + " | ".join(cells(mean)) + " |")
+    ap50 = {init: {s: 100 * runs[init, s]["ap50"] for s in (0, 1)} for init in ("swav", "scratch")}
+    lines.append("\nAP50 swav - scratch, 95 % interval paired by seed (2 seeds): {:+.2f} [{:+.2f}, {:+.2f}]"
+                 .format(*paired_interval(ap50["swav"], ap50["scratch"])))
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("preset", choices=["toy", "ablations"], help="which preset's outputs to summarize")
-    p.add_argument("folder", help="toy: its WORK; ablations: its WORK/ablations")
+    p.add_argument("preset", choices=["toy", "ablations", "instance"], help="which preset's outputs to summarize")
+    p.add_argument("folder", help="toy and instance: their WORK; ablations: WORK/ablations")
     p.add_argument("--plot", default="docs/ablations.png", help="ablations: where the plot goes")
     args = p.parse_args(argv)
-    if args.preset == "toy":
-        print(toy_table(args.folder))
+    if args.preset in ("toy", "instance"):
+        print((toy_table if args.preset == "toy" else instance_table)(args.folder))
         return
     results = read_ablations(args.folder)
     if "depth" not in results:

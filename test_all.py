@@ -2732,6 +2732,14 @@ def test_report_paired_interval_and_claims(tmp_path):
     assert "+1.00 [" in line and "not distinguishable" in line   # differences 0, 1, 2: the interval spans 0
     report.plot_ablations(results, str(tmp_path / "plot.png"))
     assert Image.open(tmp_path / "plot.png").size[0] > 600
+    for folder, ap50 in (("finetune_instance", 0.10), ("finetune_instance_seed1", 0.12),
+                         ("finetune_instance_scratch", 0.07), ("finetune_instance_scratch_seed1", 0.08)):
+        os.makedirs(tmp_path / folder)
+        json.dump({"ap": ap50 / 2, "ap50": ap50, "ap_per_class": {"car": ap50, "bus": None},
+                   "ap50_per_class": {"car": ap50, "bus": None}}, open(tmp_path / folder / "metrics.json", "w"))
+    table = report.instance_table(str(tmp_path))
+    assert "| from swav, mean of seeds 0 and 1 | 5.50 / 11.00 | 11.00 / 11.00 |" in table and "bus" not in table
+    assert "(2 seeds): +3.50 [" in table   # differences 3 and 4
 
 
 # ==========================================================================================================
