@@ -649,6 +649,9 @@ def record_settings(folder, settings, overwrite, outputs="*.npy"):
     os.makedirs(folder, exist_ok=True)
     remove_stale_temporaries(folder)
     old = checked_read(path, "the same stage", lambda p: json.load(open(p))) if os.path.exists(path) else settings
+    if not os.path.exists(path) and not overwrite and glob.glob(os.path.join(glob.escape(folder), outputs)):
+        print(f"warning: {folder} holds outputs ({outputs}) but no settings.json (another tool, or an older "
+              "version): they are taken as made with these settings; --overwrite redoes them", file=sys.stderr)
     if old != settings and not overwrite and glob.glob(os.path.join(glob.escape(folder), outputs)):
         raise BadInput(f"{folder} holds outputs made with other settings ({settings_diff(old, settings)}): pass "
                        "--overwrite to redo them, or use another --work")

@@ -2042,7 +2042,7 @@ def test_validate_log_cut_to_the_resumed_step_and_stale_temporaries(tmp_path):
     assert not stale.exists() and alive.exists()
 
 
-def test_validate_resume_check_and_settings_record(tmp_path):
+def test_validate_resume_check_and_settings_record(tmp_path, capsys):
     import argparse
     import depth
     args = argparse.Namespace(batch_size=4, lr=0.1, workers=2, force_resume=False)
@@ -2059,6 +2059,14 @@ def test_validate_resume_check_and_settings_record(tmp_path):
         depth.record_settings(str(tmp_path), {"size": [32, 64]}, False)
     depth.record_settings(str(tmp_path), {"size": [32, 64]}, True)
     assert "32" in (tmp_path / "settings.json").read_text()
+    old = tmp_path / "old"   # outputs without settings.json (another tool, an older version): a warning says so
+    old.mkdir()
+    (old / "metrics.json").write_text("{}")
+    capsys.readouterr()
+    depth.record_settings(str(old), {"size": [32, 64]}, False, "metrics.json")
+    assert "but no settings.json" in capsys.readouterr().err
+    depth.record_settings(str(old), {"size": [32, 64]}, False, "metrics.json")
+    assert "warning" not in capsys.readouterr().err
 
 
 # ==========================================================================================================
