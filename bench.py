@@ -453,7 +453,7 @@ def gpu_check(args, amp_dtype=torch.float16, repeat=3):
     scaler = torch.amp.GradScaler(device.type)
     measure("depth", f"batch {b} {h}x{w} resnet18", lambda: (depth.train_step(
         depth_net, pose_net, optimizer, scaler, batch, d_args, amp_dtype), sync()), b)
-    del depth_net, pose_net, optimizer
+    depth_net = pose_net = None  # freed before the next network (a del would hide them from the lambda above)
     # finetune (semantic)
     b = 2 if tiny else 8
     model = finetune.SegmentationNet(arch).to(device, memory_format=torch.channels_last).train()
@@ -496,7 +496,7 @@ def main():
             continue
         rows += fn(args)
     print(f"\nmachine: {machine}")
-    print(f"| stage | what | value | unit |\n|---|---|---|---|")
+    print("| stage | what | value | unit |\n|---|---|---|---|")
     for stage, what, value, unit in rows:
         print(f"| {stage} | {what} | {value:.3g} | {unit} |")
 
