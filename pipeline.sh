@@ -99,17 +99,18 @@ elif [ "$preset" = "toy-ablations" ]; then
         OMP_NUM_THREADS=1 $PY cluster.py --work "$w" --model "$WORK/swav/model.pt" --init-random --seed "$2" \
           --data "$DATA" --dataset toycity --split val --clusters 9 --no-amp
         OMP_NUM_THREADS=1 $PY finetune.py --work "$w" --data "$DATA" --dataset toycity --init scratch \
-          --arch resnet18 --fraction 0.25 --iters 60 --batch-size 4 --crop 96 192 --no-amp --workers 0 --seed "$2"
+          --arch resnet18 --fraction 0.25 --iters 60 --batch-size 4 --crop 96 192 --no-amp --workers 0 --seed "$2" \
+          --resume
         return ;;
     esac
     $PY copypaste.py --work "$w" --data "$DATA" --split train --size 192 384 --mix 4 --paste-times $paste \
       --epochs 10 --workers 1 --seed "$2" --disp-dir "$WORK/disp" --regions-dir "$regions" --no-progress
     OMP_NUM_THREADS=1 $PY swav_dense.py --work "$w" --arch resnet18 --input-size 96 192 --num-prototypes 100 \
       --pixel-samples 1000 --region-samples 1000 --steps 150 --lam "$lam" --workers 0 --device cpu --no-amp \
-      --log-every 50 --seed "$2" --no-progress
+      --log-every 50 --seed "$2" --no-progress --resume
     OMP_NUM_THREADS=1 $PY cluster.py --work "$w" --data "$DATA" --dataset toycity --split val --clusters 9 --no-amp
     OMP_NUM_THREADS=1 $PY finetune.py --work "$w" --data "$DATA" --dataset toycity --init swav --arch resnet18 \
-      --fraction 0.25 --iters 60 --batch-size 4 --crop 96 192 --no-amp --workers 0 --seed "$2"
+      --fraction 0.25 --iters 60 --batch-size 4 --crop 96 192 --no-amp --workers 0 --seed "$2" --resume
   }
   NAMES="depth no-copy-paste felzenszwalb gt lam1 released-infomap random-init"
   for name in $NAMES; do
