@@ -115,6 +115,7 @@ elif [ "$preset" = "toy-ablations" ]; then
   NAMES="depth no-copy-paste felzenszwalb gt lam1 released-infomap random-init"
   for name in $NAMES; do
     for seed in $SEEDS; do
+      [ -f "$ABL/${name}_seed$seed.done" ] && continue  # finished in an earlier, interrupted run
       while [ "$(jobs -rp | wc -l)" -ge 2 ]; do sleep 1; done  # two at a time; set -e stops a failing run early
       ( variant "$name" "$seed" > "$ABL/${name}_seed$seed.log" 2>&1; touch "$ABL/${name}_seed$seed.done" ) &
     done
