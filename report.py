@@ -37,15 +37,19 @@ CLAIMS = [("Table 1: ours beats random initialization (clustering mIoU)", "depth
           ("lambda 0.5 beats lambda 1 (fine-tuned mIoU)", "depth", "lam1", 2)]
 
 
+def mean_interval(values, level=0.95):
+    """(mean, low, high): Student's t interval of the mean of values; low = high = mean with fewer than 2."""
+    v = np.asarray(values, dtype=float)
+    if len(v) < 2:
+        return (float(v.mean()),) * 3 if len(v) else (float("nan"),) * 3
+    half = scipy.stats.t.ppf(0.5 + level / 2, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))
+    return float(v.mean()), float(v.mean() - half), float(v.mean() + half)
+
+
 def paired_interval(values, reference, level=0.95):
     """(mean, low, high) of values - reference over the seeds both hold (dicts seed -> value): Student's t
     interval of the mean paired difference; low = high = mean with fewer than 2 pairs."""
-    diffs = np.array([values[s] - reference[s] for s in sorted(values.keys() & reference.keys())], dtype=float)
-    if len(diffs) < 2:
-        mean = float(diffs.mean()) if len(diffs) else float("nan")
-        return mean, mean, mean
-    half = scipy.stats.t.ppf(0.5 + level / 2, len(diffs) - 1) * diffs.std(ddof=1) / np.sqrt(len(diffs))
-    return float(diffs.mean()), float(diffs.mean() - half), float(diffs.mean() + half)
+    return mean_interval([values[s] - reference[s] for s in sorted(values.keys() & reference.keys())], level)
 
 
 def verdict(low, high):
@@ -103,22 +107,23 @@ def plot_ablations(results, path, reference="depth"):
               "mean; red: ours (the reference of the paired differences)", fill=(90, 90, 90), font=font)
     for i, (_, _, title) in enumerate(METRICS):
         x0 = left + i * (panel_w + 30)
-        values = [v for n, _ in names for v in results[n].get(i, {}).values()]
-        lo, hi = min(values) - 2, max(values) + 2
+        stats = {n: mean_interval(list(results[n].get(i, {}).values())) for n, _ in names}
+        ends = [v for n, _ in names for v in list(results[n].get(i, {}).values()) + list(stats[n][1:])]
+        step = next(s for s in (1, 2, 5, 10, 20) if (max(ends) - min(ends)) / s <= 5)
+        lo, hi = step * np.floor(min(ends) / step - 0.5), step * np.ceil(max(ends) / step + 0.5)
         px = lambda v: x0 + (v - lo) / (hi - lo) * panel_w  # noqa: E731
         draw.text((x0, 8), f"{title} (%)", fill="black", font=font)
         draw.rectangle([x0, top - 4, x0 + panel_w, top + row * len(names)], outline=(180, 180, 180))
-        for tick in np.linspace(lo, hi, 5):
+        for tick in np.arange(lo, hi + step / 2, step):
             draw.text((px(tick) - 8, top + row * len(names) + 6), f"{tick:.0f}", fill=(90, 90, 90), font=font)
         for j, (n, _) in enumerate(names):
-            seeds = np.array(list(results[n].get(i, {}).values()))
-            if not len(seeds):
+            seeds = list(results[n].get(i, {}).values())
+            if not seeds:
                 continue
-            y, color = top + j * row + 15, (200, 40, 40) if n == reference else (40, 80, 200)
-            if len(seeds) > 1:
-                half = scipy.stats.t.ppf(0.975, len(seeds) - 1) * seeds.std(ddof=1) / np.sqrt(len(seeds))
-                draw.line([px(seeds.mean() - half), y, px(seeds.mean() + half), y], fill=color, width=2)
-            draw.line([px(seeds.mean()), y - 9, px(seeds.mean()), y + 9], fill=color, width=3)
+            (mean, low, high), y = stats[n], top + j * row + 15
+            color = (200, 40, 40) if n == reference else (40, 80, 200)
+            draw.line([px(low), y, px(high), y], fill=color, width=2)
+            draw.line([px(mean), y - 9, px(mean), y + 9], fill=color, width=3)
             for v in seeds:
                 draw.ellipse([px(v) - 3, y - 3 + 8, px(v) + 3, y + 3 + 8], fill=(120, 120, 120))
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -146,7 +151,22 @@ def toy_table(work):
                      f"{np.mean(m):.2f} |")
     lines.append("| finetune.py: swav - scratch, 95 % interval paired by seed (2 seeds: wide; toy-ablations has 5) | "
                  "{:+.2f} [{:+.2f}, {:+.2f}] |".format(*paired_interval(miou["swav"], miou["scratch"])))
-    return "\n".join(lines)
+    return "\n".join(lines + table1_lines(os.path.join(work, "ablations")))
+
+
+def table1_lines(abl):
+    """Table 1 with the seeds of toy-ablations: pre-trained (ours) - random initialization, paired by seed, per
+    metric; a pointer to the preset while it has not run."""
+    results = read_ablations(abl) if os.path.isdir(abl) else {}
+    if not {"depth", "random-init"} <= results.keys():
+        return ["| Table 1 with 5 seeds: pre-trained - random init | run `bash pipeline.sh toy-ablations` |"]
+    lines = []
+    for i, (_, _, title) in enumerate(METRICS):
+        pre, random = results["depth"].get(i, {}), results["random-init"].get(i, {})
+        mean, lo, hi = paired_interval(pre, random)
+        lines.append(f"| Table 1 ({len(pre.keys() & random.keys())} seeds of toy-ablations): pre-trained - random "
+                     f"init, {title}, 95 % interval | {mean:+.2f} [{lo:+.2f}, {hi:+.2f}]: {verdict(lo, hi)} |")
+    return lines
 
 
 def instance_table(work):

@@ -2740,6 +2740,10 @@ def test_report_paired_interval_and_claims(tmp_path):
     assert "+1.00 [" in line and "not distinguishable" in line   # differences 0, 1, 2: the interval spans 0
     report.plot_ablations(results, str(tmp_path / "plot.png"))
     assert Image.open(tmp_path / "plot.png").size[0] > 600
+    table1 = report.table1_lines(str(tmp_path))   # the toy summary's Table 1 rows, from the same folders
+    assert "(3 seeds of toy-ablations): pre-trained - random init, clustering mIoU" in table1[0]
+    assert "+11.00 [" in table1[0] and table1[0].endswith("supported |")
+    assert "run `bash pipeline.sh toy-ablations`" in report.table1_lines(str(tmp_path / "absent"))[0]
     for folder, ap50 in (("finetune_instance", 0.10), ("finetune_instance_seed1", 0.12),
                          ("finetune_instance_scratch", 0.07), ("finetune_instance_scratch_seed1", 0.08)):
         os.makedirs(tmp_path / folder)
