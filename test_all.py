@@ -2734,9 +2734,9 @@ def test_report_paired_interval_and_claims(tmp_path):
     results = report.read_ablations(str(tmp_path))
     assert results["depth"][0] == {0: pytest.approx(20.0), 1: pytest.approx(22.0), 2: pytest.approx(24.0)}
     table = report.ablation_tables(results)
-    assert "| Table 1: ours beats random initialization (clustering mIoU) | +11.00 [" in table
-    assert "supported" in table.split("random initialization (clustering mIoU)")[1].splitlines()[0]
-    line = table.split("Table 4: copy-paste beats none (clustering mIoU)")[1].splitlines()[0]
+    assert "| Table 1: pre-training (ours) beats random initialization, clustering mIoU | +11.00 [" in table
+    assert "supported" in table.split("random initialization, clustering mIoU")[1].splitlines()[0]
+    line = table.split("Table 4: copy-paste beats none (M 0), clustering mIoU")[1].splitlines()[0]
     assert "+1.00 [" in line and "not distinguishable" in line   # differences 0, 1, 2: the interval spans 0
     report.plot_ablations(results, str(tmp_path / "plot.png"))
     assert Image.open(tmp_path / "plot.png").size[0] > 600
