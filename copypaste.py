@@ -10,7 +10,7 @@ swav_dense.py (which imports `CopyPasteDataset` / `augment_canvas`, or reads the
 | WORK/disp/<stem>.npy (`depth.py predict`) | float32 (h, w)           | disparity, larger = nearer, any scale (read) |
 | WORK/regions/<stem>.npy (`group.py`)      | int (h, w)               | region ids, any resolution, any ids (read)   |
 | WORK/samples/epoch_EEE/NNNNNN.pt          | dict, see `build_sample` | one sample of 2M canvases (written)          |
-| WORK/samples/args.json, preview/NNNNNN.png| JSON, RGB PNG            | the settings; the canvases, copies outlined  |
+| WORK/samples/settings.json, preview/*.png | JSON, RGB PNG            | the settings; the canvases, copies outlined  |
 
 A sample (a plain dict, `torch.load(weights_only=True)`): images uint8 (2M, 3, H, W) the canvases before the
 per-canvas training augmentation; labels int32 (2M, H, W) r * T + s (region r, global over the M sources, slot
@@ -40,7 +40,6 @@ Choices and deviations (stated plainly)
 """
 import argparse
 import glob
-import json
 import math
 import os
 import re
@@ -56,8 +55,8 @@ from PIL import Image
 from tqdm import tqdm
 
 import depth
-from depth import (BadInput, atomic_write, load_npy, nonnegative_int, positive_int, ranged, remove_stale_temporaries,
-                   run_main)
+from depth import (BadInput, atomic_write, load_npy, nonnegative_int, positive_int, ranged, record_settings,
+                   remove_stale_temporaries, run_main)
 
 # ----------------------------------------------------------------------------------------------------------
 # Paper constants (Sec 3.3; released code LeungTsang/CPCDR where the paper is silent)
@@ -472,13 +471,13 @@ def run(args):
                                height_jitter=args.height_jitter, seed=args.seed)
     # ===== settings: finished samples are skipped, so they must have been made with the same ones =====
     out = os.path.join(args.work, "samples")
-    config = {k: v for k, v in vars(args).items() if k != "shard"}  # the same for every shard
-    config.update(slots=2 + sum(args.paste_times), num_images=len(paths), samples_per_epoch=len(dataset))
-    check_sample_settings(out, config, args.overwrite)
+    defining = ("mix", "paste_times", "size", "no_photometric", "height_jitter", "seed")  # not --shard: all write it
+    record_settings(out, {**{k: vars(args)[k] for k in defining}, "num_images": len(paths)}, args.overwrite,
+                    "epoch_*/*.pt")
     if args.overwrite:
         remove_samples(out, len(dataset), args.shard)
     mine = depth.shard_of(range(len(dataset)), args.shard)  # --shard i/n, or torchrun's RANK / WORLD_SIZE
-    print(f"[copypaste] {len(paths)} images, M {args.mix}, T {config['slots']}, {len(dataset)} samples/epoch "
+    print(f"[copypaste] {len(paths)} images, M {args.mix}, T {2 + sum(args.paste_times)}, {len(dataset)} samples/epoch "
           f"({len(mine)} in this shard) x {args.epochs} epochs at {args.size[0]}x{args.size[1]} -> {out}", flush=True)
     # ===== samples: built by DataLoader workers, written here =====
     start, made = time.time(), 0
@@ -492,8 +491,7 @@ def run(args):
         dataset.set_epoch(epoch)
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, todo), batch_size=None,
                                              num_workers=args.workers if todo else 0)
-        for k, sample in zip(todo, loader):  # args.json with the first sample, once its inputs were read
-            made or atomic_write(os.path.join(out, "args.json"), lambda f: f.write(json.dumps(config).encode()))
+        for k, sample in zip(todo, loader):
             atomic_write(os.path.join(folder, f"{k:06d}.pt"), lambda f: torch.save(sample, f))
             made += 1
             bar.update()
@@ -521,21 +519,6 @@ def remove_samples(out, count, shard):
     for path, k in found.items():
         if k in owned:
             os.remove(path)
-
-
-def check_sample_settings(out, config, overwrite):
-    """Stop when OUT holds samples made with other settings (OUT/args.json), unless overwrite."""
-    os.makedirs(out, exist_ok=True)
-    if overwrite or not os.path.exists(os.path.join(out, "args.json")) or not glob.glob(
-            os.path.join(out, "epoch_*", "*.pt")):
-        return
-    with open(os.path.join(out, "args.json")) as f:
-        old = json.load(f)
-    defining = ("mix", "paste_times", "size", "no_photometric", "height_jitter", "seed", "num_images")
-    changed = ", ".join(f"{k} {old.get(k)} -> {config[k]}" for k in defining if old.get(k) != config[k])
-    if changed:
-        raise SystemExit(f"{out} holds samples made with other settings ({changed}): pass --overwrite to "
-                         "replace them, or another --work")
 
 
 def get_args_parser():

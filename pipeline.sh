@@ -73,7 +73,7 @@ if [ "$preset" = "toy" ]; then
   $PY report.py toy "$WORK"
 elif [ "$preset" = "toy-ablations" ]; then
   # Tables 1, 3 and 4 in miniature, after `bash pipeline.sh toy`, each variant with the seeds $SEEDS (default
-  # 0-4), two runs side by side at one thread each: ours (depth regions, M 4, E 2 4, lambda 0.5) against no
+  # 0-4), $JOBS runs side by side (default 2) at one thread each: ours (depth regions, M 4, E 2 4, lambda 0.5) against no
   # copy-paste (--paste-times 0 0), felzenszwalb and gt proposals, lambda 1, the released InfoMap setting
   # (--preferred-modules 10) and random initialization; each pre-trained as the toy swav run, then clustered and
   # fine-tuned as in the toy run. report.py prints each variant's mean, std and the 95 % interval of its
@@ -82,6 +82,7 @@ elif [ "$preset" = "toy-ablations" ]; then
   WORK="${WORK:-runs/toy}"
   ABL="$WORK/ablations"
   SEEDS="${SEEDS:-0 1 2 3 4}"
+  JOBS="${JOBS:-2}"  # one per core
   [ -d "$WORK/disp" ] && [ -d "$WORK/regions" ] || { echo "pipeline.sh: run 'bash pipeline.sh toy' first" >&2; exit 2; }
   for method in felzenszwalb gt; do
     $PY group.py --work "$ABL/proposals_$method" --data "$DATA" --split train --size 192 384 --method "$method" \
@@ -116,7 +117,7 @@ elif [ "$preset" = "toy-ablations" ]; then
   for name in $NAMES; do
     for seed in $SEEDS; do
       [ -f "$ABL/${name}_seed$seed.done" ] && continue  # finished in an earlier, interrupted run
-      while [ "$(jobs -rp | wc -l)" -ge 2 ]; do sleep 1; done  # two at a time; set -e stops a failing run early
+      while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do sleep 1; done  # set -e stops a failing run early
       ( variant "$name" "$seed" > "$ABL/${name}_seed$seed.log" 2>&1; touch "$ABL/${name}_seed$seed.done" ) &
     done
   done
@@ -128,6 +129,7 @@ elif [ "$preset" = "toy-ablations" ]; then
     done
   done
   $PY report.py ablations "$ABL" --plot docs/ablations.png
+  $PY report.py toy "$WORK"  # the toy table again, now with Table 1 from these seeds
 elif [ "$preset" = "toy-instance" ]; then
   # Table 2's instance row in miniature, after `bash pipeline.sh toy` (its WORK/swav/model.pt): Mask R-CNN
   # (finetune.py --task instance) from the swav pre-training and from scratch, seeds 0 and 1, mask AP and AP50 on

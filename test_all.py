@@ -1147,7 +1147,7 @@ def test_copypaste_cli_end_to_end(tiny_city, tmp_path, capsys):
     try:
         copypaste.run(copypaste.get_args_parser().parse_args(args[1:]))
         assert "skipped 2" in capsys.readouterr().out and os.path.getmtime(files[0]) == mtime
-        with pytest.raises(SystemExit, match="seed 3 -> 4"):  # samples of other settings are never mixed in
+        with pytest.raises(depth.BadInput, match="seed 3 -> 4"):  # samples of other settings are never mixed in
             copypaste.run(copypaste.get_args_parser().parse_args(args[1:-1] + ["4"]))
         os.remove(glob.glob(os.path.join(work, "disp", "*.npy"))[0])
         with pytest.raises(FileNotFoundError, match="depth.py predict"):
