@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The six stages in order.
 #   bash pipeline.sh toy                 # embedded toy city, CPU, minutes (DATA, WORK from the environment)
-#   bash pipeline.sh toy-ablations       # after toy: Tables 1, 3 and 4 in miniature, 5 seeds, paired intervals
+#   bash pipeline.sh toy-ablations       # after toy: Tables 1-4 in miniature, 5 seeds, paired intervals (~2 h)
 #   bash pipeline.sh toy-instance        # after toy: Table 2's instance row in miniature (Mask R-CNN, mask AP)
 #   bash pipeline.sh cityscapes ROOT     # paper scale on one GPU: Tables 1 and 2 (pre-training on 89,250 frames)
 #   bash pipeline.sh cityscapes-ablation ROOT   # Tables 3 and 4 (2975 annotated frames, 100 epochs, 1/16, 6k)
@@ -72,9 +72,9 @@ if [ "$preset" = "toy" ]; then
   # ===== results (toy) =====
   $PY report.py toy "$WORK"
 elif [ "$preset" = "toy-ablations" ]; then
-  # Tables 1, 3 and 4 in miniature, after `bash pipeline.sh toy`, each variant with the seeds $SEEDS (default
-  # 0-4), $JOBS runs side by side (default 2) at one thread each: ours (depth regions, M 4, E 2 4, lambda 0.5) against no
-  # copy-paste (--paste-times 0 0), felzenszwalb and gt proposals, lambda 1, the released InfoMap setting
+  # Tables 1 to 4 in miniature, after `bash pipeline.sh toy`, each variant with the seeds $SEEDS (default 0-4),
+  # $JOBS runs side by side (default 2) at one thread each: ours (depth regions, M 4, E 2 4, lambda 0.5) against
+  # no copy-paste (--paste-times 0 0), felzenszwalb and gt proposals, lambda 1, the released InfoMap setting
   # (--preferred-modules 10) and random initialization; each pre-trained as the toy swav run, then clustered and
   # fine-tuned as in the toy run. report.py prints each variant's mean, std and the 95 % interval of its
   # difference to ours paired by seed, one line per claim of the paper, and draws docs/ablations.png.
