@@ -164,10 +164,11 @@ def table1_lines(abl):
     if not {"depth", "random-init"} <= results.keys():
         return ["| Table 1 with 5 seeds: pre-trained - random init | run `bash pipeline.sh toy-ablations` |"]
     lines = []
-    for i, (_, _, title) in enumerate(METRICS):
-        pre, random = results["depth"].get(i, {}), results["random-init"].get(i, {})
-        mean, lo, hi = paired_interval(pre, random)
-        lines.append(f"| Table 1 ({len(pre.keys() & random.keys())} seeds of toy-ablations): pre-trained - random "
+    for i, (folder, _, title) in enumerate(METRICS):
+        pre, scratch = results["depth"].get(i, {}), results["random-init"].get(i, {})
+        mean, lo, hi = paired_interval(pre, scratch)
+        table = "Table 1" if folder == "cluster" else "Table 2"  # clustering, or fine-tuning from scratch
+        lines.append(f"| {table} ({len(pre.keys() & scratch.keys())} seeds of toy-ablations): pre-trained - random "
                      f"init, {title}, 95 % interval | {mean:+.2f} [{lo:+.2f}, {hi:+.2f}]: {verdict(lo, hi)} |")
     return lines
 
