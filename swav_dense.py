@@ -25,8 +25,7 @@ target of a point is its group's mean code; Eqn 6 the cross-entropy -sum_k qbar_
         # paper: ResNet-50, K 1000, 25 epochs of M = 8 samples, one GPU, AMP
     python swav_dense.py --work runs/toy --arch resnet18 --input-size 96 192 --num-prototypes 100 \
         --pixel-samples 1000 --region-samples 1000 --steps 150 --workers 0 --device cpu --no-amp   # CPU, minutes
-    torchrun --nnodes N --nproc_per_node G swav_dense.py ARGS   # DDP: global batch --batch-samples x N G, --lr as
-        # given; Sinkhorn over all processes, equal to one process on the whole batch; rank 0 writes; --freeze-bn
+    torchrun --nnodes N --nproc_per_node G swav_dense.py ARGS  # DDP: batch N G x --batch-samples, one Sinkhorn
 
 Departures from the paper / released code:
 - Region groups are label // T (the released code divides by M, right only when T = M = 8).
@@ -34,10 +33,9 @@ Departures from the paper / released code:
 - The FPN is torchvision's (detectron2's in the released code: same structure). The semantic head upsamples to
   the exact size of the next finer level (= bilinear x2 when H and W are multiples of 32, as in detectron2).
 - SGD groups: backbone (ResNet + FPN), head, projector, prototypes; weight decay on all parameters.
-- Features are sampled with grid_sample's border padding (the released code pads with zeros; after the L2
-  normalization the two agree). Sinkhorn subtracts the maximum of S / eps before exp (the same codes).
-- Eqn 6 sums the log-probabilities per group first, then takes the dot product with the group's mean code
-  (the same sum, without an N x K target matrix).
+- Features: grid_sample with border padding (released: zeros; the same after the L2 normalization). Sinkhorn
+  subtracts the maximum of S / eps before exp (the same codes). Eqn 6 sums the log-probabilities per group, then
+  takes the dot product with the group's mean code (the same sum, without an N x K target matrix).
 - --input-size (not in the paper) feeds smaller canvas images on CPU; labels and matrices stay exact.
 """
 import argparse

@@ -2797,6 +2797,21 @@ def test_hygiene_stages_import_only_earlier_stages():
                 assert order.get(root, -1) <= order[name[:-3]], f"{name} imports the later stage {root}"
 
 
+def test_hygiene_docstrings_functions_and_lines_short():
+    """Issue #13's shape: a stage's module docstring <= 40 lines, no function over 60, no line over 120 chars."""
+    import ast
+    for name, (tree, path) in stage_trees().items():
+        doc = tree.body[0]
+        lines = doc.end_lineno - doc.lineno + 1
+        assert lines <= 40, f"{name}: module docstring of {lines} lines"
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                assert node.end_lineno - node.lineno + 1 <= 60, f"{name}: {node.name} is over 60 lines"
+        with open(path, encoding="utf-8") as f:
+            long = [i for i, line in enumerate(f, 1) if len(line.rstrip("\n")) > 120]
+        assert not long, f"{name}: lines {long} are over 120 characters"
+
+
 def test_hygiene_plumbing_copies_identical():
     """A helper defined in several stage files (seed, device, image loading...) is the same code in each."""
     import ast
