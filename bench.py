@@ -471,7 +471,7 @@ STAGES = ["depth", "group", "copypaste", "swav_dense", "cluster", "finetune"]
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stages", nargs="+", default=STAGES, choices=STAGES)
+    p.add_argument("--stages", nargs="+", default=STAGES, choices=STAGES, help="the stages to time")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--device", default="cpu", help="cpu or cuda (GPU rows)")
     p.add_argument("--data", default="runs/bench/toycity", help="toy city rendered at paper size if absent")

@@ -243,7 +243,7 @@ elif [ "$preset" = "cityscapes" ] || [ "$preset" = "cityscapes-ablation" ]; then
         --out "$WORK/finetune_kitti" $NO_AMP
     fi
   else
-    # Table 3: proposals colour-only (Felzenszwalb, the stand-in for owt-ucm) / ours / ground truth, M 8;
+    # Table 3: proposals color-only (Felzenszwalb, the stand-in for owt-ucm) / ours / ground truth, M 8;
     # Table 4: M 0 (no copy-paste), 2, 4, 8 with our proposals; lambda 0.5; one pre-training each
     for method in felzenszwalb gt; do
       $PY group.py --work "$WORK/proposals_$method" --data "$DATA" $FRAMES --size $SIZE --method "$method" \
