@@ -25,7 +25,7 @@ target of a point is its group's mean code; Eqn 6 the cross-entropy -sum_k qbar_
         # paper: ResNet-50, K 1000, 25 epochs of M = 8 samples, one GPU, AMP
     python swav_dense.py --work runs/toy --arch resnet18 --input-size 96 192 --num-prototypes 100 \
         --pixel-samples 1000 --region-samples 1000 --steps 150 --workers 0 --device cpu --no-amp   # CPU, minutes
-    torchrun --nnodes N --nproc_per_node G swav_dense.py ARGS  # DDP: batch N G x --batch-samples, one Sinkhorn
+    torchrun --nnodes N --nproc_per_node G swav_dense.py ARGS  # global batch N G x --batch-samples, --lr as given
 
 Departures from the paper / released code:
 - Region groups are label // T (the released code divides by M, right only when T = M = 8).
